@@ -1,0 +1,52 @@
+"""DiT / SiT family: facebookresearch DiT, willisma SiT, the REPA/SRA SiT, LightningDiT-like models.
+
+Facts relied on (DiT and SiT upstream ``models.py``): blocks in ``model.blocks``, each returning a
+``(B, N, D)`` tensor with no extra tokens; ``forward(x, t, y)``; class labels dropped for CFG inside
+the forward by ``y_embedder`` (``LabelEmbedder.token_drop``: dropped labels become the null id
+``num_classes``) before ``y_embedder.embedding_table`` is applied. The teacher must see the labels
+the student actually used, so the input of ``embedding_table`` is watched and handed to the teacher
+(which runs in eval mode and drops nothing itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..registry import Adapter, register_adapter
+
+
+class DiTAdapter(Adapter):
+    name = "dit"
+
+    def matches(self, model: nn.Module) -> bool:
+        return (
+            isinstance(getattr(model, "blocks", None), nn.ModuleList)
+            and hasattr(model, "x_embedder")
+            and hasattr(model, "t_embedder")
+        )
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+        return output if isinstance(output, Tensor) else output[0]
+
+    def watch(self, model: nn.Module) -> dict:
+        table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+        if isinstance(table, nn.Embedding):
+            return {"y": (table, lambda args, kwargs: args[0] if args else kwargs["input"])}
+        return {}
+
+    def teacher_inputs(self, model: nn.Module, args: tuple, kwargs: dict, watched: dict) -> tuple[tuple, dict]:
+        if "y" not in watched:
+            return args, kwargs
+        if args:  # forward(x, t, y, ...): y is the first conditioning argument
+            return (watched["y"], *args[1:]), kwargs
+        if "y" in kwargs:
+            return args, {**kwargs, "y": watched["y"]}
+        return args, kwargs
+
+
+register_adapter(DiTAdapter())

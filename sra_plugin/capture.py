@@ -1,0 +1,136 @@
+"""Forward hooks: keep a block's tokens from the user's own forward, and stop a pass early.
+
+Hook hygiene, in one place:
+- ``copy.deepcopy(model)`` copies registered hooks, so every hook checks that the module it fires on
+  is the one it was registered on.
+- With non-reentrant gradient checkpointing, blocks run again during backward; calls made while
+  autograd is running a backward pass are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .registry import Adapter
+
+__all__ = ["StopForward", "attach", "run_until", "StudentCapture"]
+
+
+class StopForward(BaseException):
+    """Raised by a hook to end a forward pass right after the block it needs.
+
+    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+def _in_backward() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def attach(module: nn.Module, fn: Callable[..., Any], *, pre: bool = False) -> RemovableHandle:
+    """Register ``fn`` as a forward (``pre=True``: pre-forward, with kwargs) hook that only fires on
+    ``module`` itself (not on deep copies that inherited the hook) and never during backward."""
+
+    if pre:
+        def pre_hook(fired_on: nn.Module, args: tuple, kwargs: dict) -> None:
+            if fired_on is module and not _in_backward():
+                fn(args, kwargs)
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(fired_on: nn.Module, args: tuple, output: Any) -> None:
+        if fired_on is module and not _in_backward():
+            fn(output)
+
+    return module.register_forward_hook(hook)
+
+
+def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t: Any,
+              args: tuple, kwargs: dict) -> Tensor:
+    """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs."""
+    found: list[Tensor] = []
+
+    def stop(output: Any) -> None:
+        found.append(adapter.tokens(output, model))
+        raise StopForward
+
+    handle = attach(block, stop)
+    try:
+        adapter.forward(model, x, t, *args, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise RuntimeError(
+            f"block {type(block).__name__} never ran during the forward of {type(model).__name__}: "
+            f"adapter {adapter.name!r} names a block the forward does not use"
+        )
+    return found[0]
+
+
+class StudentCapture:
+    """Keeps the tokens of one block from the model's training forward (grad enabled, training mode).
+
+    A record holds the forward's noisy input (to check it later against ``x_t``), the block's tokens
+    and whatever the adapter watches. ``take`` hands the record over and forgets it.
+    """
+
+    def __init__(self, model: nn.Module, block: nn.Module, adapter: Adapter) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.record: dict[str, Any] | None = None
+        self.forced = False  # set while SRA runs the student pass itself
+        self.forwards_seen = 0
+        self.handles: list[RemovableHandle] = [attach(model, self._start, pre=True), attach(block, self._keep)]
+        for name, (module, read) in adapter.watch(model).items():
+            self.handles.append(attach(module, self._watcher(name, read), pre=True))
+
+    def _capturing(self) -> bool:
+        return self.forced or (self.model.training and torch.is_grad_enabled())
+
+    def _start(self, args: tuple, kwargs: dict) -> None:
+        self.forwards_seen += 1
+        if self._capturing():
+            self.record = {"input": self.adapter.sample_input(args, kwargs)}
+
+    def _keep(self, output: Any) -> None:
+        if self._capturing():
+            if self.record is None:
+                self.record = {"input": None}
+            self.record["tokens"] = self.adapter.tokens(output, self.model)
+
+    def _watcher(self, name: str, read: Callable[[tuple, dict], Any]) -> Callable[[tuple, dict], None]:
+        def remember(args: tuple, kwargs: dict) -> None:
+            if self._capturing() and self.record is not None:
+                self.record.setdefault("watched", {})[name] = read(args, kwargs)
+        return remember
+
+    def take(self, x: Tensor) -> dict[str, Any] | None:
+        """The record of the last training forward if it ran on ``x``; the record is dropped either way."""
+        record, self.record = self.record, None
+        if record is None or "tokens" not in record:
+            return None
+        seen = record["input"]
+        if seen is x:
+            return record
+        if (
+            isinstance(seen, Tensor)
+            and seen.shape == x.shape
+            and seen.device == x.device
+            and torch.equal(seen.to(x.dtype), x)
+        ):
+            return record
+        return None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.record = None
