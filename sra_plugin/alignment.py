@@ -158,6 +158,11 @@ class SelfRepresentationAlignment(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if x_t.shape != x_s.shape:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)} and x_s {tuple(x_s.shape)}: they must match")
+        if x_s.dtype != x_t.dtype or x_s.device != x_t.device:
+            raise ValueError(
+                f"x_s has dtype {x_s.dtype} on {x_s.device} but x_t has {x_t.dtype} on {x_t.device}: "
+                "build both from the same x0 and noise"
+            )
         for name, value in (("t", t), ("s", s)):
             if not isinstance(value, (Tensor, numbers.Real)) or isinstance(value, bool):
                 raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")

@@ -1,0 +1,466 @@
+"""Shared pieces of the digits demo and the quality benchmark: data, model presets, one training run
+with or without SRA, an Euler sampler with classifier-free guidance, a linear probe, and a small
+digit classifier for a Frechet distance. Everything runs on a laptop CPU; nothing is downloaded.
+
+Conventions are those of the REPA/SRA SiT: ``x_t = (1 - t) x0 + t noise`` (t = 1 is noise), the model
+predicts the velocity ``noise - x0``, and the label ``num_classes`` is the null label for CFG.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from examples.models import SiT
+from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
+from sra_plugin.teacher import ema_copy, update_ema_
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 16
+
+# name: (hidden size, depth, heads, default student block, default teacher block). Block pairs keep
+# the paper's SiT-B ratio (3 -> 8 of 12): an early block aligned to one about two thirds deep.
+MODEL_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (64, 4, 2, 1, 3),
+    "small": (128, 6, 4, 2, 4),
+    "base": (192, 8, 6, 2, 6),
+}
+LOSSES = ("smooth_l1", "cosine", "mse", "l1")
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Digits:
+    """scikit-learn's bundled digits, upscaled to 16x16 and scaled to [-1, 1], split once and for all."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def load_digits_16(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
+    """The 1,797 8x8 digits as (N, 1, 16, 16) float tensors in [-1, 1] with int64 labels.
+
+    The train/test split is stratified and fixed by ``split_seed`` so every run and seed sees the
+    same held-out digits.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} is not accepted: use a number in (0, 1)")
+    data = load_digits()
+    x = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = x.clamp(0, 1) * 2 - 1
+    y = torch.from_numpy(data.target.astype(np.int64))
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=test_fraction, random_state=split_seed, stratify=data.target
+    )
+    idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
+    return Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_sit(model_size: str = "small", class_dropout_prob: float = 0.1) -> SiT:
+    """The reference SiT (patch 2, 1 channel, 10 classes) in one of ``MODEL_SIZES``."""
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size={model_size!r} is not accepted: use one of {sorted(MODEL_SIZES)}")
+    hidden, depth, heads, _, _ = MODEL_SIZES[model_size]
+    return SiT(
+        input_size=IMAGE_SIZE, patch_size=2, in_channels=1, hidden_size=hidden, depth=depth,
+        num_heads=heads, num_classes=NUM_CLASSES, class_dropout_prob=class_dropout_prob,
+    )
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``student_layer``/``teacher_layer`` None: the preset's pair."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    model_size: str = "small"
+    student_layer: int | None = None
+    teacher_layer: int | None = None
+    loss: str = "smooth_l1"
+    weight: float = 0.2
+    ema_decay: float = 0.999
+    max_gap: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not accepted: use an int >= 1")
+        if self.model_size not in MODEL_SIZES:
+            raise ValueError(f"model_size={self.model_size!r} is not accepted: use one of {sorted(MODEL_SIZES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not accepted: use one of {list(LOSSES)}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight={self.weight!r} is not accepted: use a finite number >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r} is not accepted: use a number in [0, 1)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} is not accepted: use a finite number > 0")
+        depth = MODEL_SIZES[self.model_size][1]
+        s, t = self.layers()
+        for name, value in (("student_layer", s), ("teacher_layer", t)):
+            if not 1 <= value <= depth:
+                raise ValueError(
+                    f"{name}={value!r} is out of range for model_size={self.model_size!r} ({depth} blocks): "
+                    f"use a block number in 1..{depth}"
+                )
+        if t <= s:
+            raise ValueError(f"teacher_layer={t} must be a later block than student_layer={s}")
+
+    def layers(self) -> tuple[int, int]:
+        _, _, _, s, t = MODEL_SIZES[self.model_size]
+        return (self.student_layer or s, self.teacher_layer or t)
+
+
+@dataclass
+class RunResult:
+    """What one run leaves behind: the EMA model (the one to sample from), per-step losses, timing."""
+
+    ema: nn.Module
+    model: nn.Module
+    diff_loss: list[float] = field(default_factory=list)
+    align_loss: list[float] = field(default_factory=list)
+    cos_sim: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    sra: SelfRepresentationAlignment | None = None
+
+
+def check_device(device: str) -> torch.device:
+    """A torch.device that exists here, or a ValueError that says which ones do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not accepted: use 'cpu', 'cuda' or 'cuda:N' ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} is not available: no CUDA device here; use 'cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} is not available: no MPS device here; use 'cpu'")
+    return dev
+
+
+def train(
+    cfg: TrainConfig,
+    data: Digits,
+    use_sra: bool,
+    progress: bool = True,
+    desc: str | None = None,
+    log_every: int = 10,
+) -> RunResult:
+    """Train the SiT on the training digits with flow matching, with or without SRA.
+
+    Both variants start from the same initial weights and see the same batches, times, noise and
+    label drops (all drawn from generators seeded by ``cfg.seed``), and both keep an EMA with the
+    same decay; with SRA that EMA is ``sra.teacher``, so the only difference is the SRA term.
+    """
+    device = check_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_sit(cfg.model_size).to(device)
+    sra = None
+    if use_sra:
+        s_layer, t_layer = cfg.layers()
+        sra = SelfRepresentationAlignment(
+            model, student_layer=s_layer, teacher_layer=t_layer, ema_decay=cfg.ema_decay,
+            loss=cfg.loss, weight=cfg.weight,
+        ).to(device)
+        ema = sra.teacher
+        params = [*model.parameters(), *sra.head.parameters()]
+    else:
+        ema = ema_copy(model)
+        params = list(model.parameters())
+    # Reseed after construction: the SRA head consumed random numbers the plain run did not.
+    torch.manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)  # batches, t and noise, on the CPU for reproducibility
+    gap_gen = torch.Generator().manual_seed(cfg.seed + 3)  # the teacher's s, kept apart from the rest
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    path, gap = LinearPath(), NoiseGap(max_gap=cfg.max_gap)
+    x_all, y_all = data.x_train, data.y_train
+    result = RunResult(ema=ema, model=model, sra=sra)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=desc or ("SRA" if use_sra else "baseline"), dynamic_ncols=True)
+    model.train()
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(y_all), (cfg.batch_size,), generator=gen)
+        x0, y = x_all[idx], y_all[idx]
+        t = torch.rand(cfg.batch_size, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        if use_sra:
+            s = gap.sample(t, generator=gap_gen)
+        x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
+        x_t = path(x0, noise, t)
+        pred = model(x_t, t, y)
+        diff = F.mse_loss(pred, path.velocity(x0, noise))
+        loss = diff
+        if sra is not None:
+            x_s = path(x0, noise, s.to(device))
+            loss = loss + sra(model, x_t, x_s, t, s.to(device), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if sra is not None:
+            sra.update_teacher()
+        else:
+            update_ema_(ema, model, cfg.ema_decay)
+        result.diff_loss.append(float(diff))
+        if sra is not None:
+            m = sra.metrics
+            result.align_loss.append(m["align_loss"])
+            result.cos_sim.append(m["cos_sim"])
+        if not math.isfinite(result.diff_loss[-1]):
+            raise FloatingPointError(f"diffusion loss became {result.diff_loss[-1]} at step {step}: lower the lr")
+        if bar is not None:
+            bar.update(1)
+            if step % log_every == 0 or step == cfg.steps - 1:
+                post = {"diff": f"{np.mean(result.diff_loss[-log_every:]):.4f}"}
+                if sra is not None:
+                    post["align"] = f"{np.mean(result.align_loss[-log_every:]):.4f}"
+                    post["cos"] = f"{np.mean(result.cos_sim[-log_every:]):.3f}"
+                bar.set_postfix(post)
+    result.seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    ema.eval()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@torch.no_grad()
+def euler_sample(
+    model: nn.Module,
+    labels: Tensor,
+    num_steps: int = 50,
+    cfg_scale: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Integrate the learned velocity from t = 1 (noise) to t = 0 (data) with Euler steps.
+
+    Classifier-free guidance: ``v = v_null + cfg_scale * (v_label - v_null)`` with the null label
+    ``num_classes``; ``cfg_scale=1`` is plain conditional sampling (one forward per step).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} is not accepted: use an int >= 1")
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale={cfg_scale!r} is not accepted: use a finite number >= 0")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = labels.shape[0]
+    x = torch.randn((n, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator).to(device)
+    labels = labels.to(device)
+    null = torch.full_like(labels, NUM_CLASSES)
+    times = torch.linspace(1.0, 0.0, num_steps + 1)
+    for i in range(num_steps):
+        t, t_next = float(times[i]), float(times[i + 1])
+        tt = torch.full((n,), t, device=device)
+        if cfg_scale == 1.0:
+            v = model(x, tt, labels)
+        else:
+            v_cond, v_null = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+            v = v_null + cfg_scale * (v_cond - v_null)
+        x = x + (t_next - t) * v
+    model.train(was_training)
+    return x.clamp(-1, 1).cpu()
+
+
+def class_grid_labels(per_class: int) -> Tensor:
+    """Labels 0..9, each repeated ``per_class`` times: row r of a grid is digit r."""
+    return torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def heldout_diffusion_loss(model: nn.Module, data: Digits, seed: int = 1234, repeats: int = 4) -> float:
+    """Velocity MSE of ``model`` on the held-out digits, on a fixed grid of t and fixed noise."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    path = LinearPath()
+    x0, y = data.x_test, data.y_test
+    total, count = 0.0, 0
+    for r in range(repeats):
+        t = (torch.arange(len(y)) + (r + 0.5) / repeats) % len(y) / len(y)  # evenly spread over [0, 1)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = path(x0, noise, t)
+        pred = model(x_t.to(device), t.to(device), y.to(device)).cpu()
+        total += float(F.mse_loss(pred, path.velocity(x0, noise), reduction="sum"))
+        count += x0.numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def block_features(model: nn.Module, x0: Tensor, layer: int, t: float, seed: int = 4321, batch: int = 512) -> Tensor:
+    """Mean-pooled tokens of block ``layer`` (1-based) on ``x0`` noised to time ``t`` with fixed noise.
+
+    The label is the null label, so the features carry only what the block read from the image.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = LinearPath()(x0, noise, torch.full((len(x0),), float(t)))
+    found: list[Tensor] = []
+    handle = model.blocks[layer - 1].register_forward_hook(lambda m, a, out: found.append(out.mean(dim=1).cpu()))
+    try:
+        for i in range(0, len(x0), batch):
+            xb = x_t[i : i + batch].to(device)
+            n = len(xb)
+            model(xb, torch.full((n,), float(t), device=device), torch.full((n,), NUM_CLASSES, device=device))
+    finally:
+        handle.remove()
+    model.train(was_training)
+    return torch.cat(found)
+
+
+def linear_probe(model: nn.Module, data: Digits, layer: int, t: float = 0.5) -> float:
+    """Accuracy of a logistic regression fit on block ``layer`` features of the training digits and
+    scored on the held-out digits (both noised to ``t``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    f_train = block_features(model, data.x_train, layer, t).numpy()
+    f_test = block_features(model, data.x_test, layer, t, seed=8765).numpy()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    probe.fit(f_train, data.y_train.numpy())
+    return float(probe.score(f_test, data.y_test.numpy()))
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN for 16x16 digits; ``features`` (128-d) is the space of the Frechet distance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        )
+        self.head = nn.Linear(128, NUM_CLASSES)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def _shift(x: Tensor, gen: torch.Generator) -> Tensor:
+    # Random translations of up to 1 pixel, padded with the background value -1.
+    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
+    x = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    return x[:, :, 1 + dy : 1 + dy + IMAGE_SIZE, 1 + dx : 1 + dx + IMAGE_SIZE]
+
+
+def train_classifier(data: Digits, epochs: int = 15, seed: int = 0) -> tuple[DigitClassifier, float]:
+    """Train the CNN on the training digits; return it and its held-out accuracy."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    clf = DigitClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    n = len(data.y_train)
+    for _ in range(epochs):
+        clf.train()
+        for idx in torch.randperm(n, generator=gen).split(64):
+            loss = F.cross_entropy(clf(_shift(data.x_train[idx], gen)), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return clf.eval(), classifier_accuracy(clf, data.x_test, data.y_test)
+
+
+@torch.no_grad()
+def classifier_accuracy(clf: DigitClassifier, x: Tensor, y: Tensor) -> float:
+    clf.eval()
+    return float((clf(x).argmax(1) == y).float().mean())
+
+
+def load_or_train_classifier(path: str | Path, data: Digits, epochs: int = 15, seed: int = 0) -> tuple[DigitClassifier, float]:
+    """The classifier saved at ``path`` if it is there and was trained the same way; else train and save it."""
+    path = Path(path)
+    meta = {"epochs": epochs, "seed": seed, "n_train": len(data.y_train), "arch": "DigitClassifier-v1"}
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("meta") == meta:
+            clf = DigitClassifier()
+            clf.load_state_dict(saved["state_dict"])
+            clf.eval()
+            return clf, classifier_accuracy(clf, data.x_test, data.y_test)
+    clf, acc = train_classifier(data, epochs=epochs, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": meta, "state_dict": clf.state_dict(), "test_accuracy": acc}, path)
+    return clf, acc
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fit to feature sets ``a`` and ``b`` (rows are samples)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(cov_a)) * 1e-6
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+@torch.no_grad()
+def classifier_features(clf: DigitClassifier, x: Tensor) -> np.ndarray:
+    clf.eval()
+    return torch.cat([clf.features(xb) for xb in x.split(512)]).numpy().astype(np.float64)
+
+
+def sample_quality(
+    clf: DigitClassifier, samples: Tensor, labels: Tensor, reference: Tensor
+) -> dict[str, float]:
+    """Frechet distance of ``samples`` to ``reference`` in the classifier's feature space, and the
+    classifier's accuracy on the samples against the labels they were drawn for."""
+    fd = frechet_distance(classifier_features(clf, samples), classifier_features(clf, reference))
+    return {"frechet": fd, "class_accuracy": classifier_accuracy(clf, samples, labels)}
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["student_layer"], d["teacher_layer"] = cfg.layers()
+    return d
+
+
+def smooth(values: list[float], window: int) -> np.ndarray:
+    """Running mean over ``window`` steps (shorter at the start)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+Progress = Callable[[str], None]

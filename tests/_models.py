@@ -1,0 +1,40 @@
+"""Tiny reference backbones for tests: the examples' DiT and SiT at test size, with adaLN gates
+randomised so that every block does something from the first step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from examples.models import DiT, SiT
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2, num_classes=10)
+
+
+def randomise_gates(model: nn.Module, std: float = 0.05) -> nn.Module:
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "adaLN_modulation"):
+                nn.init.normal_(module.adaLN_modulation[-1].weight, std=std)
+                nn.init.normal_(module.adaLN_modulation[-1].bias, std=std)
+    return model
+
+
+def tiny_sit(seed: int = 0, **overrides) -> SiT:
+    torch.manual_seed(seed)
+    return randomise_gates(SiT(**{**TINY, **overrides}))
+
+
+def tiny_dit(seed: int = 0, **overrides) -> DiT:
+    torch.manual_seed(seed)
+    return randomise_gates(DiT(**{**TINY, **overrides}))
+
+
+def batch(model: nn.Module, n: int = 4, seed: int = 1, discrete: bool = False):
+    """x0, noise, t, y for ``model``: continuous t in (0, 1) or DDPM steps."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, model.in_channels, 8, 8, generator=g)
+    noise = torch.randn(n, model.in_channels, 8, 8, generator=g)
+    t = torch.randint(200, 1000, (n,), generator=g) if discrete else torch.rand(n, generator=g) * 0.8 + 0.2
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x0, noise, t, y
