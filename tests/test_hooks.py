@@ -64,7 +64,7 @@ def expected_loss(sra: SelfRepresentationAlignment, model, x_t, x_s, t, s, y) ->
 
 
 def test_deepcopy_after_sra_never_feeds_or_disturbs_the_capture():
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     ema = copy.deepcopy(model)  # how users make their EMA, here after sra exists: it inherits our hooks
     assert any(len(m._forward_hooks) for m in ema.modules())
@@ -90,7 +90,7 @@ def test_deepcopy_after_sra_never_feeds_or_disturbs_the_capture():
 
 
 def test_owned_teacher_carries_no_hooks():
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     before = hooks_of(model)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     assert all(ids == ((),) * 7 for ids in hooks_of(sra.teacher).values())
@@ -100,7 +100,7 @@ def test_owned_teacher_carries_no_hooks():
 
 
 def test_remove_and_context_manager_leave_nothing_behind():
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     model.blocks[0].register_forward_hook(lambda m, a, o: None)  # the user's own hook stays
     before = hooks_of(model)
     forward_before = {name: m.forward for name, m in model.named_modules()}
@@ -111,7 +111,7 @@ def test_remove_and_context_manager_leave_nothing_behind():
         assert hooks_of(model) != before
     assert hooks_of(model) == before
     assert {name: m.forward for name, m in model.named_modules()} == forward_before  # no wrapped forward
-    assert type(model).forward is type(tiny_sit()).forward
+    assert type(model).forward is type(tiny_sit(class_dropout_prob=0.0)).forward
     # Removed: a training forward is no longer captured, and removing twice is harmless.
     model(x_t, t, y)
     assert sra._capture.record is None
@@ -120,7 +120,7 @@ def test_remove_and_context_manager_leave_nothing_behind():
 
 
 def test_two_layer_pairs_on_one_model_are_independent():
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     first = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     second = SelfRepresentationAlignment(model, student_layer=3, teacher_layer=6, loss="smooth_l1", weight=0.5)
     x_t, x_s, t, s, y = step_inputs(model)
@@ -138,7 +138,7 @@ def test_two_layer_pairs_on_one_model_are_independent():
 
 @pytest.mark.parametrize("how", ["eval", "no_grad", "inference_mode"])
 def test_sampling_forwards_are_not_captured_and_hold_nothing(how):
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     x_t, x_s, t, s, y = step_inputs(model)
     probe = torch.randn_like(x_t)
@@ -170,7 +170,7 @@ def test_sampling_forwards_are_not_captured_and_hold_nothing(how):
 
 
 def test_features_of_another_input_are_never_used():
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     x_t, x_s, t, s, y = step_inputs(model)
     for other in (torch.randn_like(x_t), x_t[:2], x_t + 1e-3):
@@ -185,7 +185,7 @@ def test_features_of_another_input_are_never_used():
 
 
 def test_fallback_pass_warns_once_and_stops_early():
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     x_t, x_s, t, s, y = step_inputs(model)
     ran = []
@@ -206,7 +206,7 @@ def test_gradient_checkpointing_recompute_is_ignored():
     """Non-reentrant checkpointing re-runs blocks during backward: those calls must not set a record."""
     from torch.utils.checkpoint import checkpoint
 
-    model = tiny_sit()
+    model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     x_t, x_s, t, s, y = step_inputs(model)
     calls = []
