@@ -6,6 +6,13 @@ the forward by ``y_embedder`` (``LabelEmbedder.token_drop``: dropped labels beco
 ``num_classes``) before ``y_embedder.embedding_table`` is applied. The teacher must see the labels
 the student actually used, so the input of ``embedding_table`` is watched and handed to the teacher
 (which runs in eval mode and drops nothing itself).
+
+Variants checked against their upstream code: the REPA / SRA SiT returns ``(x, zs)`` from its
+forward (only block outputs matter here, and those are tensors); LightningDiT has the same
+attribute names and ``forward(x, t=None, y=None)``, but its ``use_checkpoint=True`` wraps every
+block in a reentrant checkpoint (``checkpoint(block, x, c, feat_rope, use_reentrant=True)``), where
+the student block's tokens carry no gradient: SRA raises a ``RuntimeError`` then, so train
+LightningDiT with ``use_checkpoint=False`` or change those calls to ``use_reentrant=False``.
 """
 
 from __future__ import annotations

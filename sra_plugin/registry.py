@@ -188,8 +188,9 @@ def _candidate_containers(model: nn.Module) -> list[tuple[str, int, str]]:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
             classes = {type(child).__name__ for child in module}
             if len(classes) == 1:
-                found.append((path, len(module), classes.pop()))
-    return sorted(found, key=lambda row: -row[1])
+                found.append((path, len(module), classes.pop(), any(True for _ in module[0].children())))
+    # Blocks are composite modules; a list of bare layers (projections, embeddings) ranks after them.
+    return [row[:3] for row in sorted(found, key=lambda row: (not row[3], -row[1]))]
 
 
 def unknown_model_error(model: nn.Module) -> ValueError:
@@ -198,12 +199,16 @@ def unknown_model_error(model: nn.Module) -> ValueError:
     if rows:
         table = "\n".join(f"  {path:<40} {count:>4} x {name}" for path, count, name in rows)
         path = rows[0][0]
+        module = type(model).__module__
+        where = f"    from {module} import {cls}\n" if module not in ("__main__", "builtins") else ""
         hint = (
             f"Candidate block containers (path, count, block class):\n{table}\n"
             "Declare the most likely one, then create SelfRepresentationAlignment again:\n\n"
-            "    from sra_plugin import register_adapter\n"
+            f"    from sra_plugin import register_adapter\n{where}"
             f"    register_adapter(\n        {cls.lower()!r},\n        matches={cls},\n        blocks={path!r},\n"
-            "        tokens=lambda output, model: output,  # image tokens (B, N, D) of a block's output\n"
+            "        # image tokens (B, N, D) of a block's output: e.g. output[0] if it is a tuple,\n"
+            "        # output[:, k:] if its first k tokens are not image tokens (class, registers, text)\n"
+            "        tokens=lambda output, model: output,\n"
             "        forward=lambda model, x, t, *args, **kwargs: model(x, t, *args, **kwargs),\n    )\n"
         )
     else:

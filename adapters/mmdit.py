@@ -1,0 +1,37 @@
+"""MMDiT in the style of the Stable Diffusion 3 reference code (Stability-AI ``mmditx.py``).
+
+Facts relied on: blocks in ``model.joint_blocks``; each ``JointBlock`` is called as
+``block(context, x, c=c_mod)`` and returns ``(context, x)``, with ``context = None`` from the last
+block (its context half is ``pre_only``). Register tokens, if any, are prepended to the context
+stream, so the image stream ``x`` (the second element) holds exactly the image tokens.
+``forward(x, t, y=None, context=None)`` with ``t = sigma * 1000``; nothing is dropped inside the
+model, so the teacher gets the conditioning exactly as passed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..registry import Adapter, register_adapter
+
+
+class MMDiTAdapter(Adapter):
+    name = "mmdit"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(getattr(model, "joint_blocks", None), nn.ModuleList) and hasattr(model, "x_embedder")
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.joint_blocks)
+
+    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+        return output[1]
+
+    def dim(self, model: nn.Module, block: nn.Module) -> int:
+        qkv = getattr(getattr(getattr(block, "x_block", None), "attn", None), "qkv", None)
+        return int(qkv.in_features) if isinstance(qkv, nn.Linear) else super().dim(model, block)
+
+
+register_adapter(MMDiTAdapter())
