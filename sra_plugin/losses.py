@@ -23,7 +23,8 @@ def smooth_l1(pred: Tensor, target: Tensor) -> Tensor:
 
 def cosine(pred: Tensor, target: Tensor) -> Tensor:
     """``1 - cos(pred_n, target_n)`` per token, over the feature axis (the paper's patch-wise loss)."""
-    return 1 - F.cosine_similarity(pred, target, dim=-1)
+    # cos(a, a) can round to just above 1 in float32; the loss must not go below 0.
+    return (1 - F.cosine_similarity(pred, target, dim=-1)).clamp_min(0)
 
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:

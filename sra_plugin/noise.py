@@ -37,7 +37,9 @@ class NoiseGap:
     Paper, Sec. 3.2: "we gradually decrease the noise level of the teacher input ... the interval
     between the two noise levels is sampled dynamically". Here ``s = clamp(t - max_gap * U(0, 1), lo, hi)``
     with ``U`` drawn per element, and the teacher is never noisier than the student: where the clamp
-    would push ``s`` past ``t`` (``t`` outside ``[lo, hi]``) ``s = t``.
+    would push ``s`` past ``t`` (``t`` outside ``[lo, hi]``) ``s = t``. Only the data-side bound is
+    applied, so a ``t`` beyond the noise end still moves by at most ``max_gap``. Casting back to
+    ``t``'s dtype rounds towards ``t``, so rounding never widens the gap or leaves the range.
 
     ``discrete=True`` is for integer steps (DDPM): ``s = t - randint(0, max_gap)``, so ``t - s < max_gap``.
     ``noise_at="lo"`` is for codebases where small ``t`` is pure noise; then ``s >= t``.
@@ -81,6 +83,12 @@ class NoiseGap:
             raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t has dtype {t.dtype}: use a real floating or integer tensor")
+        if not self.discrete and not t.is_floating_point():
+            # A fractional gap on whole steps would round back to t: the teacher would get no gap.
+            raise TypeError(
+                f"t has integer dtype {t.dtype} but NoiseGap(discrete=False): for integer steps use "
+                f"NoiseGap(max_gap=<steps>, lo=1, hi=<T - 1>, discrete=True), or pass a floating t"
+            )
         work = _work_dtype(t)
         tw = t.to(work)
         if self.discrete:
@@ -91,19 +99,22 @@ class NoiseGap:
         else:
             u = torch.rand(t.shape, generator=generator, device=t.device, dtype=work)
             gap = u * self.max_gap
+        # Clamping to the far end too would move a t beyond it by more than max_gap.
         if self.noise_at == "hi":
-            s = torch.minimum((tw - gap).clamp(self.lo, self.hi), tw)
+            s = torch.minimum((tw - gap).clamp_min(self.lo), tw)
         else:
-            s = torch.maximum((tw + gap).clamp(self.lo, self.hi), tw)
-        s = s.to(t.dtype)
-        if not (t.is_floating_point() and torch.finfo(t.dtype).bits < 32):
-            return s
-        # In half precision lo/hi may not be representable: never let rounding leave the range or
-        # the ordering that t itself respects.
-        in_range = (t >= self.lo) & (t <= self.hi)
-        bad = in_range & ((s < self.lo) | (s > self.hi))
-        bad |= (s > t) if self.noise_at == "hi" else (s < t)
-        return torch.where(bad, t, s)
+            s = torch.maximum((tw + gap).clamp_max(self.hi), tw)
+        # Round towards t, not to nearest: a rounded s could lie past max_gap or outside [lo, hi].
+        if not t.is_floating_point():
+            s = s.ceil() if self.noise_at == "hi" else s.floor()
+            info = torch.iinfo(t.dtype)
+            return s.clamp(info.min, info.max).to(t.dtype)
+        out = s.to(t.dtype)
+        if t.dtype == work:
+            return out
+        back = out.to(work)
+        away = back < s if self.noise_at == "hi" else back > s
+        return torch.where(away, torch.nextafter(out, t), out)
 
 
 def _expand(coef: Tensor, like: Tensor) -> Tensor:
@@ -158,7 +169,8 @@ class CosinePath(_ContinuousPath):
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         tau = self._tau(t)
-        return torch.cos(0.5 * math.pi * tau), torch.sin(0.5 * math.pi * tau)
+        # sin of the complement, not cos: cos(pi / 2) is 6e-17 in floating point, so x_1 would not be the noise.
+        return torch.sin(0.5 * math.pi * (1 - tau)), torch.sin(0.5 * math.pi * tau)
 
 
 class DDPMPath:
