@@ -173,16 +173,22 @@ class SelfRepresentationAlignment(nn.Module):
                 raise ValueError(f"{name} has batch size {b} but x_t has {batch}: give one time per sample")
 
     def _student_tokens(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
+        pending = self._capture.record
         record = self._capture.take(x_t)
         if record is not None:
             return record["tokens"], record.get("watched", {})
         if not self._warned:
             self._warned = True
             hint = ""
-            if model is not self._student and hasattr(model, "_orig_mod") and self._capture.forwards_seen == 0:
+            # A compiled model runs its top-level hooks eagerly but the blocks' hooks only if they
+            # existed when it was traced: a forward seen without the block's tokens means that.
+            block_skipped = pending is not None and "tokens" not in pending and not pending.get("no_grad_block")
+            compiled = hasattr(model, "_orig_mod") or getattr(self._student, "_compiled_call_impl", None) is not None
+            if compiled and (self._capture.forwards_seen == 0 or block_skipped):
                 hint = (
                     " The model was compiled before SelfRepresentationAlignment was created, so the compiled "
-                    "forward ignores its hooks: create sra first, then call torch.compile(model)."
+                    "forward ignores its hooks: create sra first, then call torch.compile(model) "
+                    "(or call torch._dynamo.reset() once after creating sra)."
                 )
             warnings.warn(
                 "SelfRepresentationAlignment found no student features from a training forward on this x_t "
@@ -262,6 +268,10 @@ class SelfRepresentationAlignment(nn.Module):
         return {"step": self.step, **self._identity()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._check_extra_state(state)
+        self.step = int(state["step"])
+
+    def _check_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError(f"state dict has no SRA extra state (got {type(state).__name__})")
         mine = self._identity()
@@ -269,7 +279,21 @@ class SelfRepresentationAlignment(nn.Module):
         if theirs != mine:
             diff = ", ".join(f"{k}: saved {theirs[k]!r}, here {mine[k]!r}" for k in mine if theirs[k] != mine[k])
             raise ValueError(f"cannot load this SRA state dict into a differently configured one ({diff})")
-        self.step = int(state["step"])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # torch sets this module's extra state before loading its children (so a wrong layer pair
+        # or head name raises before the head or teacher change) but reports shape mismatches only
+        # after copying everything else: check every shape first, so a wrong state changes nothing.
+        if prefix + "_extra_state" in state_dict:
+            self._check_extra_state(state_dict[prefix + "_extra_state"])
+        wrong = [
+            f"{key[len(prefix):]}: saved {tuple(state_dict[key].shape)}, here {tuple(value.shape)}"
+            for key, value in self.state_dict(prefix=prefix).items()
+            if isinstance(value, Tensor) and isinstance(state_dict.get(key), Tensor) and state_dict[key].shape != value.shape
+        ]
+        if wrong:
+            raise ValueError(f"cannot load this SRA state dict: shapes differ ({'; '.join(wrong[:4])})")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ hooks
     def remove(self) -> None:

@@ -51,6 +51,17 @@ def attach(module: nn.Module, fn: Callable[..., Any], *, pre: bool = False) -> R
     return module.register_forward_hook(hook)
 
 
+def _end_stopped_fsdp_forward(model: nn.Module) -> None:
+    """FSDP2 reshards the root's parameters and ends its iteration in post-forward hooks that an
+    early stop skips; without this a teacher's root keeps plain unsharded parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    if isinstance(model, FSDPModule) and hasattr(model, "reset_iter_state") and not torch.is_grad_enabled():
+        model.reset_iter_state()
+
+
 def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t: Any,
               args: tuple, kwargs: dict) -> Tensor:
     """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs."""
@@ -60,19 +71,37 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
         found.append(adapter.tokens(output, model))
         raise StopForward
 
+    # A module compiled in place (``module.compile()``) runs the graph traced at its first call,
+    # which ignores hooks added later (this one): run this pass eagerly.
+    compiled = [(m, m._compiled_call_impl) for m in (model, block) if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
     handle = attach(block, stop)
     try:
         adapter.forward(model, x, t, *args, **kwargs)
     except StopForward:
-        pass
+        _end_stopped_fsdp_forward(model)
     finally:
         handle.remove()
+        for m, call in compiled:
+            m._compiled_call_impl = call
     if not found:
         raise RuntimeError(
             f"block {type(block).__name__} never ran during the forward of {type(model).__name__}: "
             f"adapter {adapter.name!r} names a block the forward does not use"
         )
     return found[0]
+
+
+NO_GRAD_BLOCK = (
+    "the student block ran with gradients disabled inside a training forward that had them enabled, so its "
+    "tokens carry no gradient and SRA would train only the head, not the model. Reentrant gradient "
+    "checkpointing around the block does this: torch.utils.checkpoint.checkpoint(..., use_reentrant=True), "
+    "e.g. LightningDiT's use_checkpoint=True, timm with TIMM_REENTRANT_CKPT=1 or set_reentrant_ckpt(True), "
+    "diffusers' enable_gradient_checkpointing(gradient_checkpointing_func=...) with use_reentrant=True. "
+    "Use non-reentrant checkpointing (use_reentrant=False, the default of diffusers and timm), or keep "
+    "the student block out of the checkpointed region."
+)
 
 
 class StudentCapture:
@@ -87,7 +116,7 @@ class StudentCapture:
         self.adapter = adapter
         self.record: dict[str, Any] | None = None
         self.forced = False  # set while SRA runs the student pass itself
-        self.forwards_seen = 0
+        self.forwards_seen = 0  # 0 until the model's forward first ran with our hooks (compile-order hint)
         self.handles: list[RemovableHandle] = [attach(model, self._start, pre=True), attach(block, self._keep)]
         for name, (module, read) in adapter.watch(model).items():
             self.handles.append(attach(module, self._watcher(name, read), pre=True))
@@ -96,11 +125,21 @@ class StudentCapture:
         return self.forced or (self.model.training and torch.is_grad_enabled())
 
     def _start(self, args: tuple, kwargs: dict) -> None:
-        self.forwards_seen += 1
+        # Set, never read here: torch.compile guards on values a hook reads, so a counter would
+        # make it recompile the model's forward (seen: a second graph at step 2).
+        self.forwards_seen = 1
         if self._capturing():
-            self.record = {"input": self.adapter.sample_input(args, kwargs)}
+            self.record = {"input": self.adapter.sample_input(args, kwargs), "grad": torch.is_grad_enabled()}
 
     def _keep(self, output: Any) -> None:
+        record = self.record
+        if record is not None and record.get("grad") and "tokens" not in record and not torch.is_grad_enabled():
+            # The forward began with grad on but the block ran with it off (inside a reentrant
+            # checkpoint): its tokens can carry no gradient, so SRA would train only the head.
+            if self.forced:
+                raise RuntimeError(NO_GRAD_BLOCK)
+            record["no_grad_block"] = True
+            return
         if self._capturing():
             if self.record is None:
                 self.record = {"input": None}
@@ -115,19 +154,20 @@ class StudentCapture:
     def take(self, x: Tensor) -> dict[str, Any] | None:
         """The record of the last training forward if it ran on ``x``; the record is dropped either way."""
         record, self.record = self.record, None
-        if record is None or "tokens" not in record:
+        if record is None:
             return None
         seen = record["input"]
-        if seen is x:
-            return record
-        if (
+        same = seen is x or (
             isinstance(seen, Tensor)
             and seen.shape == x.shape
             and seen.device == x.device
             and torch.equal(seen.to(x.dtype), x)
-        ):
-            return record
-        return None
+        )
+        if not same:
+            return None
+        if record.get("no_grad_block"):
+            raise RuntimeError(NO_GRAD_BLOCK)
+        return record if "tokens" in record else None
 
     def remove(self) -> None:
         for handle in self.handles:

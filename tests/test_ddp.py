@@ -1,0 +1,115 @@
+"""DDP: two CPU processes with the gloo backend, ``DDP(model)`` and ``DDP(sra)``, different data per
+rank: after several steps student, head and teacher are identical on both ranks. The same run without
+``DDP(sra)`` lets the heads drift apart (so the check can fail)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
+
+WORLD, STEPS = 2, 4
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(rank: int, wrap_sra: bool, sra_first: bool) -> dict:
+    from tests._models import tiny_sit
+
+    # Different initial weights per rank on purpose: DDP must broadcast rank 0's model, head and teacher.
+    model = tiny_sit(seed=rank, depth=4)
+    if sra_first:  # sra built on the bare model, before DDP: its teacher copies this rank's weights
+        sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=0.5)
+        ddp_model = DDP(model)
+    else:
+        ddp_model = DDP(model)
+        sra = SelfRepresentationAlignment(ddp_model, student_layer=2, teacher_layer=3, ema_decay=0.5)
+    with torch.no_grad():
+        for p in sra.head.parameters():
+            p.add_(0.1 * rank)
+    sra_call = DDP(sra) if wrap_sra else sra  # what accelerator.prepare(model, sra, optimizer) does
+    opt = torch.optim.AdamW([*ddp_model.parameters(), *sra.head.parameters()], lr=1e-3)
+    losses = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 * step + rank)  # different data per rank
+        x0 = torch.randn(4, 4, 8, 8, generator=g)
+        noise = torch.randn(4, 4, 8, 8, generator=g)
+        t = torch.rand(4, generator=g) * 0.8 + 0.2
+        y = torch.randint(0, 10, (4,), generator=g)
+        s = NoiseGap().sample(t, generator=g)
+        x_t, x_s = LinearPath().pair(x0, noise, t, s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the DDP forward feeds the capture: no fallback pass
+            pred = ddp_model(x_t, t, y)
+            align = sra_call(ddp_model, x_t, x_s, t, s, y)
+        (F.mse_loss(pred, noise - x0) + align).backward()
+        opt.step()
+        opt.zero_grad()
+        # Keep a name for the bare object: DDP(sra) hides its methods (sra_call.module is the same object).
+        assert not wrap_sra or sra_call.module is sra
+        sra.update_teacher()
+        losses.append(align.detach())
+    return {"model": model.state_dict(), "head": sra.head.state_dict(), "teacher": sra.teacher.state_dict(),
+            "step": sra.step, "losses": torch.stack(losses)}
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {name: train(rank, **kwargs) for name, kwargs in RUNS.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+RUNS = {
+    "ddp_sra": dict(wrap_sra=True, sra_first=True),
+    "plain_sra": dict(wrap_sra=False, sra_first=False),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    """One spawn of two processes runs every configuration (process start-up dominates the time)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_model_and_ddp_sra_stay_identical_across_ranks(ranks):
+    r0, r1 = (r["ddp_sra"] for r in ranks)
+    assert r0["step"] == r1["step"] == STEPS
+    assert not torch.equal(r0["losses"], r1["losses"])  # the ranks did see different data
+    assert identical(r0["model"], r1["model"]), "student differs between ranks"
+    assert identical(r0["head"], r1["head"]), "head differs between ranks"
+    assert identical(r0["teacher"], r1["teacher"]), "teacher differs between ranks"
+    print(f"ddp: {WORLD} ranks x {STEPS} steps: student, head, teacher bit-identical; "
+          f"SRA losses rank 0 {r0['losses'].tolist()}, rank 1 {r1['losses'].tolist()}")
+
+
+def test_without_ddp_sra_the_heads_drift_apart(ranks):
+    r0, r1 = (r["plain_sra"] for r in ranks)
+    assert identical(r0["model"], r1["model"])  # DDP(model) alone keeps the student in step
+    assert not identical(r0["head"], r1["head"])
