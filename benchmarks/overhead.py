@@ -1,0 +1,719 @@
+"""Cost of SRA per training step, against a plain step and the reference loop, in one interleaved run.
+
+Three kinds of step, each on its own copy of the same model, with its own AdamW, timed in turn
+(the order rotates every round) and summarised by medians over the rounds:
+
+- ``plain``: forward, diffusion loss, backward, optimizer step, EMA update (every DiT/SiT run has one).
+- ``sra``: the same plus ``sra(model, x_t, x_s, t, s, ...)`` (teacher pass stopped after block L_t,
+  student tokens from the user's own forward) and ``sra.update_teacher()`` in place of the EMA update
+  (the owned teacher is the EMA).
+- ``reference``: the loop of the SRA reference code: the EMA teacher runs its full forward (every
+  block and the final layer) under ``no_grad``; student and teacher features are read by forward
+  hooks; the same head and smooth-L1 loss.
+
+The floor is ``1 + L_t / (3 * depth)``: the teacher pass costs ``L_t / depth`` of a forward, and a
+forward is about a third of forward + backward. SRA and the reference also pay for the projection
+head (about a third of one block: +0.01 to +0.03 here). The optimizer step and the EMA update cost
+the same in all three kinds, so the whole-step ratio sits a little under the forward+backward ratio.
+
+On CPU the default is one torch thread and process CPU time as the clock: on a shared machine the
+load of other processes then hardly enters the figures (``--threads N --timer wall`` for elapsed
+time). Ratios are medians over the rounds of a step's time over the plain step's time in the same
+round. AdamW is fused where torch has it (CPU and CUDA), in all three kinds alike.
+
+Peak memory is the most a step adds over what was resident before it: on CPU the kernel's peak RSS
+(``VmHWM``, reset before the step through ``/proc/self/clear_refs``; ``ru_maxrss`` elsewhere), on GPU
+``torch.cuda.max_memory_allocated``. Growth is the resident memory after the last of a few further
+steps minus that after the first.
+
+    python benchmarks/overhead.py                      # CPU sizes, a few minutes on 2 cores
+    python benchmarks/overhead.py --device cuda        # SiT-XL/2, 32x32 latents, bf16, batch 32, blocks 8->20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a fresh clone: `examples` lives at the root
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+import sra_plugin  # noqa: E402
+from sra_plugin import Adapter, DDPMPath, LinearPath, NoiseGap, SelfRepresentationAlignment, register_adapter, resolve_adapter  # noqa: E402
+from sra_plugin.heads import MLPHead  # noqa: E402
+from sra_plugin.losses import alignment_loss, smooth_l1  # noqa: E402
+from sra_plugin.teacher import ema_copy, update_ema_  # noqa: E402
+
+KINDS = ("plain", "sra", "reference")
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------- workloads
+@dataclass
+class Batch:
+    x0: Tensor
+    noise: Tensor
+    t: Tensor  # the time the model is called with
+    x_t: Tensor
+    target: Tensor
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+class Workload:
+    """How one backbone family is trained: its batch, its call, its diffusion loss, its teacher time."""
+
+    family = "?"
+
+    def __init__(self, model: nn.Module, batch: int, latent: int, channels: int) -> None:
+        self.batch, self.latent, self.channels = batch, latent, channels
+
+    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def diffusion_loss(self, pred: Tensor, b: Batch) -> Tensor:
+        return F.mse_loss(pred.float(), b.target)
+
+    def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
+        """``(x_s, s)``: the teacher's input and time, from the same x0 and noise."""
+        raise NotImplementedError
+
+    def _noise(self, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+        shape = (self.batch, self.channels, self.latent, self.latent)
+        return torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device)
+
+
+class SiTWorkload(Workload):
+    """SiT in the REPA/SRA convention: linear path, t = 0 data, velocity target, class labels."""
+
+    family = "sit"
+    path = LinearPath()
+    gap = NoiseGap(max_gap=0.2)
+
+    def __init__(self, model: nn.Module, batch: int, latent: int, channels: int) -> None:
+        super().__init__(model, batch, latent, channels)
+        self.num_classes = model.y_embedder.num_classes
+
+    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
+        x0, noise = self._noise(gen, device)
+        t = torch.rand(self.batch, generator=gen).to(device)
+        y = torch.randint(0, self.num_classes, (self.batch,), generator=gen).to(device)
+        return Batch(x0, noise, t, self.path(x0, noise, t), self.path.velocity(x0, noise), args=(y,))
+
+    def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
+        return model(x, t, *b.args)
+
+    def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
+        s = self.gap.sample(b.t)
+        return self.path(b.x0, b.noise, s), s
+
+
+class DiTWorkload(SiTWorkload):
+    """DiT: DDPM integer steps, epsilon target on the first half of the (learn_sigma) output."""
+
+    family = "dit"
+    path = DDPMPath.linear()
+    gap = NoiseGap(max_gap=200, lo=1, hi=999, discrete=True)
+
+    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
+        x0, noise = self._noise(gen, device)
+        t = torch.randint(0, 1000, (self.batch,), generator=gen).to(device)
+        y = torch.randint(0, self.num_classes, (self.batch,), generator=gen).to(device)
+        return Batch(x0, noise, t, self.path(x0, noise, t), noise, args=(y,))
+
+    def diffusion_loss(self, pred: Tensor, b: Batch) -> Tensor:
+        return F.mse_loss(pred[:, : self.channels].float(), b.target)
+
+
+class SD3Workload(Workload):
+    """diffusers SD3 MMDiT: rectified flow in sigma, ``timestep = sigma * 1000``, text tokens and pooled vector."""
+
+    family = "sd3"
+    path = LinearPath()
+    gap = NoiseGap(max_gap=0.2)
+    text_tokens = 16
+
+    def __init__(self, model: nn.Module, batch: int, latent: int, channels: int) -> None:
+        super().__init__(model, batch, latent, channels)
+        self.joint_dim = model.config.joint_attention_dim
+        self.pooled_dim = model.config.pooled_projection_dim
+
+    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
+        x0, noise = self._noise(gen, device)
+        sigma = torch.rand(self.batch, generator=gen).to(device)
+        ehs = torch.randn(self.batch, self.text_tokens, self.joint_dim, generator=gen).to(device)
+        pooled = torch.randn(self.batch, self.pooled_dim, generator=gen).to(device)
+        return Batch(x0, noise, sigma * 1000, self.path(x0, noise, sigma), self.path.velocity(x0, noise),
+                     kwargs={"encoder_hidden_states": ehs, "pooled_projections": pooled})
+
+    def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
+        return model(hidden_states=x, timestep=t, return_dict=False, **b.kwargs)[0]
+
+    def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
+        s = self.gap.sample(b.t / 1000)
+        return self.path(b.x0, b.noise, s), s * 1000
+
+
+class _SD3BenchmarkAdapter(Adapter):
+    """Used only when no adapter in ``sra_plugin.adapters`` matches ``SD3Transformer2DModel``."""
+
+    name = "sd3-benchmark"
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ == "SD3Transformer2DModel"
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.transformer_blocks)
+
+    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+        return output[1]  # (encoder_hidden_states, hidden_states)
+
+    def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
+        return model(x, *args, timestep=t, return_dict=False, **kwargs)
+
+    def dim(self, model: nn.Module, block: nn.Module) -> int:
+        return int(model.inner_dim)
+
+    def sample_input(self, args: tuple, kwargs: dict) -> Tensor | None:
+        return args[0] if args else kwargs.get("hidden_states")
+
+
+def _sd3_adapter(model: nn.Module) -> tuple[Adapter, str]:
+    try:
+        adapter = resolve_adapter(model)
+        return adapter, f"sra_plugin.adapters ({adapter.name})"
+    except ValueError:
+        return register_adapter(_SD3BenchmarkAdapter()), "minimal adapter in benchmarks/overhead.py"
+
+
+# ---------------------------------------------------------------------------------------- configurations
+@dataclass
+class Config:
+    name: str
+    family: str
+    build: Callable[[], nn.Module]
+    student_layer: int
+    teacher_layer: int
+    batch: int
+    latent: int
+    channels: int = 4
+    amp: torch.dtype | None = None
+    target: float | None = None  # None: floor + 0.03
+    note: str = ""
+
+
+def _sit(size: str, latent: int, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from examples.models import SiT_models
+
+        return SiT_models[f"SiT-{size}/2"](input_size=latent, num_classes=1000, **kw)
+    return build
+
+
+def _dit(size: str, latent: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from examples.models import DiT_models
+
+        return DiT_models[f"DiT-{size}/2"](input_size=latent, num_classes=1000)
+    return build
+
+
+def _sd3(latent: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        # A small random MMDiT: 12 joint blocks of width 384 (6 heads of 64), 16 text tokens.
+        return SD3Transformer2DModel(
+            sample_size=latent, patch_size=2, in_channels=4, out_channels=4, num_layers=12,
+            attention_head_dim=64, num_attention_heads=6, joint_attention_dim=256,
+            caption_projection_dim=384, pooled_projection_dim=128, pos_embed_max_size=max(latent // 2, 16),
+        )
+    return build
+
+
+def configs() -> dict[str, Config]:
+    cpu = {
+        # SiT-B/2: the paper's pair for SiT-B, 3 -> 8 of 12. SiT-S uses the same pair (not given in the paper).
+        "SiT-S/2": Config("SiT-S/2", "sit", _sit("S", 8), 3, 8, batch=16, latent=8),
+        "SiT-B/2": Config("SiT-B/2", "sit", _sit("B", 8), 3, 8, batch=8, latent=8),
+        # DiT-XL's 8 -> 16 of 28 scaled to 12 blocks: 3 -> 7.
+        "DiT-S/2": Config("DiT-S/2", "dit", _dit("S", 8), 3, 7, batch=16, latent=8),
+        "SD3-MMDiT": Config("SD3-MMDiT", "sd3", _sd3(8), 3, 8, batch=16, latent=8),
+    }
+    gpu = {
+        "SiT-XL/2": Config("SiT-XL/2", "sit", _sit("XL", 32), 8, 20, batch=32, latent=32, amp=torch.bfloat16, target=1.26),
+    }
+    return {**cpu, **gpu}
+
+
+DEFAULTS = {"cpu": ["SiT-S/2", "SiT-B/2", "DiT-S/2", "SD3-MMDiT"], "cuda": ["SiT-XL/2"]}
+WORKLOADS = {"sit": SiTWorkload, "dit": DiTWorkload, "sd3": SD3Workload}
+
+
+# ---------------------------------------------------------------------------------------- memory
+class Memory:
+    """Peak and resident memory: CUDA allocator statistics, or the process RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._libc = None
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "ru_maxrss"
+        if not self.cuda and sys.platform.startswith("linux"):
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.method = "RSS high-water mark (VmHWM)"
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                pass
+
+    def _status(self, key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(key)
+
+    def settle(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        elif self._libc is not None:
+            self._libc.malloc_trim(0)  # hand freed heap back, so the next step's peak is its own
+
+    def resident(self) -> int:
+        self.settle()
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        if self.method.startswith("RSS"):
+            return self._status("VmRSS:")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def start(self) -> int:
+        before = self.resident()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method.startswith("RSS"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return before
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.method.startswith("RSS"):
+            return self._status("VmHWM:")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------- the three steps
+def _adamw(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as DiT/SiT train (lr 1e-4, no weight decay), fused where torch has it: the same in every kind."""
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class Bench:
+    def __init__(self, cfg: Config, device: torch.device, seed: int = 0) -> None:
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(seed)
+        base = cfg.build().to(device).train()
+        self.work: Workload = WORKLOADS[cfg.family](base, cfg.batch, cfg.latent, cfg.channels)
+        self.adapter_note = ""
+        adapter = None
+        if cfg.family == "sd3":
+            adapter, self.adapter_note = _sd3_adapter(base)
+        else:
+            self.adapter_note = f"sra_plugin.adapters ({resolve_adapter(base).name})"
+        self.ema_decay = 0.9999
+        self.clock: Callable[[], float] = time.perf_counter
+        self.forward_done = 0.0
+        self.models = {"plain": base, "sra": copy.deepcopy(base), "reference": copy.deepcopy(base)}
+        # The EMA the user keeps anyway: updated by the plain and reference steps, teacher of the reference.
+        self.ema = ema_copy(base)
+        self.sra = SelfRepresentationAlignment(
+            self.models["sra"], student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer,
+            ema_decay=self.ema_decay, adapter=adapter,
+        ).to(device)
+        self.adapter = self.sra.adapter
+        self.depth = self.sra.depth
+        dim = self.adapter.dim(base, self.adapter.blocks(base)[cfg.student_layer - 1])
+        self.ref_head = MLPHead(dim, dim).to(device)
+        self.ref_head.load_state_dict(self.sra.head.state_dict())
+        self.features: dict[str, Tensor] = {}
+        self._hooks = [
+            self.adapter.blocks(self.models["reference"])[cfg.student_layer - 1].register_forward_hook(self._grab("student")),
+            self.adapter.blocks(self.ema)[cfg.teacher_layer - 1].register_forward_hook(self._grab("teacher")),
+        ]
+        params = {
+            "plain": list(base.parameters()),
+            "sra": [*self.models["sra"].parameters(), *self.sra.head.parameters()],
+            "reference": [*self.models["reference"].parameters(), *self.ref_head.parameters()],
+        }
+        self.opt = {k: _adamw(p, device) for k, p in params.items()}
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.params = sum(p.numel() for p in base.parameters())
+        self.watch: weakref.ref | None = None
+        self.student_calls = 0
+        self._watch_hook = self.adapter.blocks(self.models["sra"])[cfg.student_layer - 1].register_forward_hook(self._watch)
+
+    def _grab(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self.features[name] = self.adapter.tokens(output, module)
+        return hook
+
+    def _watch(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.student_calls += 1
+        self.watch = weakref.ref(self.adapter.tokens(output, module))
+
+    def hot_path_check(self) -> dict[str, Any]:
+        """One SRA step, counted: student block calls, teacher blocks run, teacher tokens without grad."""
+        ran: list[bool] = []
+        hooks = [blk.register_forward_hook(lambda m, a, o: ran.append(self.adapter.tokens(o, m).requires_grad))
+                 for blk in self.adapter.blocks(self.sra.teacher)]
+        self.student_calls = 0
+        try:
+            self.step("sra", self.batch())
+        finally:
+            for h in hooks:
+                h.remove()
+        return {
+            "student_block_calls": self.student_calls,
+            "teacher_blocks_run": len(ran),
+            "teacher_grad": any(ran),
+            "ok": self.student_calls == 1 and len(ran) == self.cfg.teacher_layer and not any(ran),
+        }
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.cfg.amp)
+
+    def batch(self) -> Batch:
+        return self.work.make_batch(self.gen, self.device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # Each step returns the time its optimizer + EMA part started (the rest is forward + backward).
+    def step(self, kind: str, b: Batch) -> float:
+        return getattr(self, f"_{kind}")(b)
+
+    def _finish(self, kind: str, loss: Tensor) -> float:
+        loss.backward()
+        self.sync()
+        mid = self.clock()
+        self.opt[kind].step()
+        self.opt[kind].zero_grad(set_to_none=True)
+        if kind == "sra":
+            self.sra.update_teacher()
+        else:
+            update_ema_(self.ema, self.models[kind], self.ema_decay)
+        return mid
+
+    def _plain(self, b: Batch) -> float:
+        model = self.models["plain"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+        self.sync()
+        self.forward_done = self.clock()
+        return self._finish("plain", loss)
+
+    def _sra(self, b: Batch) -> float:
+        model = self.models["sra"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            x_s, s = self.work.teacher_pair(b)
+            loss = loss + self.sra(model, b.x_t, x_s, b.t, s, *b.args, **b.kwargs)
+        return self._finish("sra", loss)
+
+    def _reference(self, b: Batch) -> float:
+        model = self.models["reference"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            x_s, s = self.work.teacher_pair(b)
+            with torch.no_grad():
+                self.work.predict(self.ema, x_s, s, b)  # every block and the final layer
+            student, teacher = self.features.pop("student"), self.features.pop("teacher")
+            loss = loss + 0.2 * alignment_loss(smooth_l1, self.ref_head(student), teacher)
+        return self._finish("reference", loss)
+
+    def timed(self, kind: str, b: Batch) -> tuple[float, float, float, float]:
+        """(whole step, forward + backward, forward of a plain step) in seconds of ``self.clock``, and
+        the whole step in wall seconds."""
+        self.sync()
+        wall, start = time.perf_counter(), self.clock()
+        mid = self.step(kind, b)
+        self.sync()
+        end = self.clock()
+        return end - start, mid - start, self.forward_done - start, time.perf_counter() - wall
+
+    def user_ema_check(self, memory: Memory) -> dict[str, Any]:
+        """With the user's EMA as teacher, SRA adds only its head: no copy of the weights."""
+        model = self.models["plain"]
+        before = memory.resident()
+        probe = SelfRepresentationAlignment(model, student_layer=self.cfg.student_layer,
+                                            teacher_layer=self.cfg.teacher_layer, teacher=self.ema,
+                                            adapter=self.adapter)
+        added = memory.resident() - before
+        state_bytes = sum(v.numel() * v.element_size() for v in probe.state_dict().values() if isinstance(v, Tensor))
+        head_bytes = sum(p.numel() * p.element_size() for p in probe.head.parameters())
+        shares = probe.teacher is self.ema and probe.ema is None
+        probe.remove()
+        del probe
+        return {
+            "teacher_is_user_ema": shares,
+            "state_bytes": state_bytes,
+            "head_bytes": head_bytes,
+            "resident_added_MiB": round(added / MiB, 1),
+            "weights_MiB": round(self.params * 4 / MiB, 1),
+            "no_weight_copy": shares and state_bytes == head_bytes,
+        }
+
+
+# ---------------------------------------------------------------------------------------- running
+def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, growth_steps: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    memory = Memory(device)
+    t0 = time.perf_counter()
+    bench = Bench(cfg, device)
+    bench.clock = clock
+    for _ in range(warmup):
+        b = bench.batch()
+        for kind in KINDS:
+            bench.step(kind, b)
+    step: dict[str, list[float]] = {k: [] for k in KINDS}
+    fwbw: dict[str, list[float]] = {k: [] for k in KINDS}
+    wall: dict[str, list[float]] = {k: [] for k in KINDS}
+    forward_share: list[float] = []
+    for r in range(repeats):
+        b = bench.batch()
+        order = KINDS[r % 3:] + KINDS[: r % 3]
+        gc.collect()
+        for kind in order:
+            whole, part, forward, seconds = bench.timed(kind, b)
+            step[kind].append(whole)
+            fwbw[kind].append(part)
+            wall[kind].append(seconds)
+            if kind == "plain":
+                forward_share.append(forward / whole)
+
+    # Memory, after the timing so that nothing runs beside the timed steps.
+    # The first step of each kind gives its peak; the resident memory after each of them its growth.
+    peak, growth = {}, {}
+    for kind in KINDS:
+        before = memory.start()
+        bench.step(kind, bench.batch())
+        top = memory.peak()
+        peak[kind] = {"added_MiB": (top - before) / MiB, "peak_MiB": top / MiB}
+        resident = [memory.resident()]
+        for _ in range(growth_steps - 1):
+            bench.step(kind, bench.batch())
+            resident.append(memory.resident())
+        growth[kind] = (resident[-1] - resident[0]) / MiB
+    released = bench.watch is not None and bench.watch() is None and bench.sra._capture.record is None
+    hot_path = bench.hot_path_check()
+    ema_check = bench.user_ema_check(memory)
+
+    def ratios(times: dict[str, list[float]]) -> dict[str, float]:
+        # Median over rounds of the ratio within a round: slow drifts of the machine's load cancel.
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out = {}
+        for k in ("sra", "reference"):
+            per_round = [a / p for a, p in zip(times[k], times["plain"])]
+            out[k] = statistics.median(per_round)
+            out[f"{k}_q1"], _, out[f"{k}_q3"] = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [out[k]] * 3
+            out[f"{k}_of_medians"] = med[k] / med["plain"]
+        return out
+
+    floor = 1 + cfg.teacher_layer / (3 * bench.depth)
+    share = statistics.median(forward_share)  # forward / whole plain step, measured (the floor assumes ~1/3)
+    target = cfg.target if cfg.target is not None else floor + 0.03
+    r_step, r_fwbw = ratios(step), ratios(fwbw)
+    result = {
+        "config": cfg.name,
+        "params_M": round(bench.params / 1e6, 1),
+        "depth": bench.depth,
+        "student_layer": cfg.student_layer,
+        "teacher_layer": cfg.teacher_layer,
+        "batch": cfg.batch,
+        "latent": cfg.latent,
+        "tokens": (cfg.latent // 2) ** 2,
+        "dtype": str(cfg.amp).replace("torch.", "") if cfg.amp else "float32",
+        "adapter": bench.adapter_note,
+        "floor": floor,
+        "plain_forward_share": share,
+        "floor_measured_share": 1 + cfg.teacher_layer / bench.depth * share,
+        "target": target,
+        "median_s": {k: statistics.median(v) for k, v in step.items()},
+        "median_fwbw_s": {k: statistics.median(v) for k, v in fwbw.items()},
+        "ratio": r_step,
+        "ratio_fwbw": r_fwbw,
+        "target_met": r_step["sra"] <= target and r_step["sra"] < r_step["reference"],
+        "memory_method": memory.method,
+        "peak": peak,
+        "growth_MiB": growth,
+        "growth_steps": growth_steps,
+        "student_tokens_released": released,
+        "hot_path": hot_path,
+        "user_ema_teacher": ema_check,
+        "times_s": step,
+        "fwbw_times_s": fwbw,
+        "wall_times_s": wall,
+        "wall_s": time.perf_counter() - t0,
+    }
+    for h in [*bench._hooks, bench._watch_hook]:
+        h.remove()
+    bench.sra.remove()
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("config", "blocks", "batch", "plain ms", "SRA ms", "ref ms", "SRA/plain", "ref/plain",
+            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref", "target")
+    rows = []
+    for r in results:
+        m, ratio, fb, p = r["median_s"], r["ratio"], r["ratio_fwbw"], r["peak"]
+        rows.append((
+            r["config"], f"{r['student_layer']}->{r['teacher_layer']}/{r['depth']}", str(r["batch"]),
+            f"{m['plain'] * 1e3:.0f}", f"{m['sra'] * 1e3:.0f}", f"{m['reference'] * 1e3:.0f}",
+            f"{ratio['sra']:.3f} ({ratio['sra_q1']:.2f}-{ratio['sra_q3']:.2f})",
+            f"{ratio['reference']:.3f} ({ratio['reference_q1']:.2f}-{ratio['reference_q3']:.2f})",
+            f"{r['floor']:.3f} ({r['floor_measured_share']:.3f})",
+            f"{fb['sra']:.3f}/{fb['reference']:.3f}",
+            "/".join(f"{p[k]['added_MiB']:.0f}" for k in KINDS),
+            f"{'met' if r['target_met'] else 'MISSED'} (<= {r['target']:.3f})",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    all_configs = configs()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds of the three steps (default 9)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1 on CPU, 3 on CUDA)")
+    parser.add_argument("--growth-steps", type=int, default=3, help="steps of each kind for the memory-growth check (default 3)")
+    parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"any of {', '.join(all_configs)} (default: by device)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="where to write the results (default benchmarks/results/overhead-<device>.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU, see --timer)")
+    parser.add_argument("--timer", choices=("auto", "cpu", "wall"), default="auto",
+                        help="cpu: process CPU time, which other processes' load on a shared machine hardly moves "
+                             "(needs --threads 1); wall: elapsed time. auto (default): cpu on CPU with one thread, else wall")
+    args = parser.parse_args(argv)
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device={args.device!r} is not accepted ({exc}): use cpu, cuda or cuda:N")
+    if device.type not in DEFAULTS:
+        parser.error(f"--device={args.device!r} is not accepted: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device={args.device!r}: CUDA is not available here")
+    if args.warmup is None:
+        args.warmup = 1 if device.type == "cpu" else 3
+    for name, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--growth-steps", args.growth_steps, 2)):
+        if value < least:
+            parser.error(f"{name}={value} is not accepted: use an integer >= {least}")
+    names = args.configs or DEFAULTS[device.type]
+    unknown = [n for n in names if n not in all_configs]
+    if unknown:
+        parser.error(f"--configs {' '.join(unknown)} not known: use any of {', '.join(all_configs)}")
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads={threads} is not accepted: use an integer >= 1")
+        torch.set_num_threads(threads)
+    timer = args.timer
+    if timer == "auto":
+        timer = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    if timer == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        parser.error(f"--timer=cpu is not accepted with --device={args.device} and {torch.get_num_threads()} threads: "
+                     "use it on CPU with --threads 1, or --timer wall")
+    clock = time.process_time if timer == "cpu" else time.perf_counter
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    command = "python " + " ".join([os.path.relpath(__file__, Path.cwd()) if Path(__file__).is_relative_to(Path.cwd()) else __file__, *(argv if argv is not None else sys.argv[1:])])
+    where = machine(device)
+    timer_text = "process CPU time" if timer == "cpu" else "wall-clock time"
+    print(f"# {command}\n# {where}; sra-plugin {sra_plugin.__version__}; repeats {args.repeats}, warmup {args.warmup}; "
+          f"timer: {timer_text}", flush=True)
+    results = []
+    start = time.perf_counter()
+    for name in names:
+        result = run_config(all_configs[name], device, args.repeats, args.warmup, args.growth_steps, clock)
+        results.append(result)
+        print(f"#   {name}: {result['wall_s']:.0f} s, adapter {result['adapter']}", flush=True)
+    total = time.perf_counter() - start
+    print()
+    print(table(results))
+    print()
+    print(f"ms: median {timer_text} of a step over {args.repeats} interleaved rounds. Ratios: median over the rounds of "
+          "the step's time over the plain step's time in the same round (quartiles in brackets). Floor: 1 + L_t/(3 depth); "
+          "in brackets 1 + (L_t/depth) x (the plain step's measured forward share of its time). fw+bw: forward + backward only (no optimizer "
+          "step or EMA update). Peak: the most a step adds to the memory resident before it "
+          f"({results[0]['memory_method']}).")
+    for r in results:
+        growth = ", ".join(f"{k} {v:+.1f}" for k, v in r["growth_MiB"].items())
+        ema = r["user_ema_teacher"]
+        hp = r["hot_path"]
+        print(f"{r['config']}: memory growth over {r['growth_steps']} steps (MiB) {growth}; student tokens freed after "
+              f"the step: {r['student_tokens_released']}; per SRA step: student block ran {hp['student_block_calls']}x, "
+              f"teacher ran {hp['teacher_blocks_run']} of {r['depth']} blocks, teacher grad {hp['teacher_grad']}; "
+              f"user EMA as teacher adds {ema['state_bytes'] / MiB:.2f} MiB of state (the head) for "
+              f"{ema['weights_MiB']:.0f} MiB of weights, no weight copy: {ema['no_weight_copy']}")
+    print(f"total {total:.0f} s")
+
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats, "warmup": args.warmup,
+                               "total_s": total, "results": results}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["target_met"] and r["hot_path"]["ok"] and r["student_tokens_released"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
