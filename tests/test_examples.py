@@ -1,0 +1,232 @@
+"""The examples and the quality benchmark, each in a very short mode with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from examples import digits as D
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data() -> D.Digits:
+    return D.load_digits_16()
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _finite_numbers(obj) -> list[float]:
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _finite_numbers(x)]
+    if isinstance(obj, float):
+        return [obj]
+    return []
+
+
+def test_digits_data(data: D.Digits) -> None:
+    assert data.x_train.shape == (1437, 1, 16, 16) and data.x_test.shape == (360, 1, 16, 16)
+    assert data.x_train.min() >= -1 and data.x_train.max() <= 1 and data.x_train.max() > 0.9
+    assert sorted(torch.bincount(data.y_test).tolist())[0] >= 35  # stratified: every digit held out
+    again = D.load_digits_16()
+    assert torch.equal(again.x_test, data.x_test)  # the split is fixed
+
+
+def test_train_digits_writes_pictures_and_metrics(tmp_path: Path, keep_threads) -> None:
+    from examples import train_digits
+
+    out = tmp_path / "demo"
+    metrics = train_digits.main([
+        "--steps", "4", "--model-size", "tiny", "--sample-steps", "2", "--per-class", "2",
+        "--no-classifier", "--quiet", "--out", str(out),
+    ])
+    import matplotlib.image as mpimg
+
+    for name in ("samples.png", "loss_curves.png"):
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
+        assert img[..., :3].std() > 0.05  # not a blank canvas
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["runs"].keys() == {"without SRA", "with SRA"} == metrics["runs"].keys()
+    assert saved["config"]["student_layer"] == 2 and saved["config"]["teacher_layer"] == 4
+    sra_run, plain = saved["runs"]["with SRA"], saved["runs"]["without SRA"]
+    assert "align_loss_last10pct" in sra_run and "align_loss_last10pct" not in plain
+    assert 0.0 <= sra_run["probe_accuracy_block2_t0.5"] <= 1.0
+    assert all(math.isfinite(v) for v in _finite_numbers(saved["runs"]))
+
+
+def test_train_digits_rejects_bad_flags(capsys) -> None:
+    from examples import train_digits
+
+    for argv, word in ((["--steps", "0"], "--steps"), (["--model-size", "huge"], "--model-size"),
+                       (["--ema-decay", "1.5"], "--ema-decay"), (["--loss", "dot"], "--loss")):
+        with pytest.raises(SystemExit):
+            train_digits.parse_args(argv)
+        assert word in capsys.readouterr().err
+
+
+def test_train_config_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="teacher_layer"):
+        D.TrainConfig(model_size="tiny", student_layer=4, teacher_layer=2)
+    with pytest.raises(ValueError, match="student_layer=9"):
+        D.TrainConfig(model_size="tiny", student_layer=9, teacher_layer=10)
+    with pytest.raises(ValueError, match="model_size='huge'"):
+        D.TrainConfig(model_size="huge")
+    with pytest.raises(ValueError, match="device='nope'"):
+        D.check_device("nope")
+
+
+def test_runs_from_one_seed_differ_only_by_the_sra_term(data: D.Digits) -> None:
+    cfg = dict(steps=3, model_size="tiny", batch_size=8, seed=3)
+    plain = D.train(D.TrainConfig(**cfg), data, use_sra=False, progress=False)
+    zero = D.train(D.TrainConfig(**cfg, weight=0.0), data, use_sra=True, progress=False)
+    with_sra = D.train(D.TrainConfig(**cfg), data, use_sra=True, progress=False)
+    assert plain.diff_loss[0] == zero.diff_loss[0] == with_sra.diff_loss[0]  # same init and first batch
+    # With a zero SRA weight the whole trajectory, EMA included, is the plain run's.
+    for a, b in zip(plain.ema.state_dict().values(), zero.ema.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert plain.diff_loss[1:] != with_sra.diff_loss[1:]  # and the SRA term does change it
+    assert len(with_sra.align_loss) == 3 and not plain.align_loss
+
+
+def test_euler_sampler_shapes_range_and_determinism() -> None:
+    torch.manual_seed(0)
+    model = D.build_sit("tiny")
+    for p in model.parameters():  # adaLN-zero starts at a zero output: give it something to integrate
+        torch.nn.init.normal_(p, std=0.1)
+    labels = D.class_grid_labels(2)
+    a = D.euler_sample(model, labels, num_steps=3, generator=torch.Generator().manual_seed(1))
+    b = D.euler_sample(model, labels, num_steps=3, generator=torch.Generator().manual_seed(1))
+    c = D.euler_sample(model, labels, num_steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (20, 1, 16, 16) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="cfg_scale=-1"):
+        D.euler_sample(model, labels, cfg_scale=-1.0)
+    with pytest.raises(ValueError, match="num_steps=0"):
+        D.euler_sample(model, labels, num_steps=0)
+
+
+def test_frechet_distance() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 6))
+    assert abs(D.frechet_distance(a, a)) < 1e-4
+    # Shifting every feature by 2 adds 6 * 2**2 = 24; doubling the spread adds 6 * (2 - 1)**2 = 6.
+    assert D.frechet_distance(a, a + 2.0) == pytest.approx(24.0, rel=1e-3)
+    assert D.frechet_distance(a, 2.0 * a) == pytest.approx(6.0, rel=0.05)
+
+
+def test_classifier_is_saved_and_reused(tmp_path: Path, data: D.Digits, monkeypatch) -> None:
+    small = D.Digits(data.x_train[:256], data.y_train[:256], data.x_test, data.y_test)
+    path = tmp_path / "clf.pt"
+    clf, acc = D.load_or_train_classifier(path, small, epochs=2)
+    assert path.exists() and acc > 0.3  # well above 10% chance after two epochs on 256 digits
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the saved classifier should have been reused")
+
+    monkeypatch.setattr(D, "train_classifier", no_training)
+    again, acc2 = D.load_or_train_classifier(path, small, epochs=2)
+    assert acc2 == acc
+    for a, b in zip(clf.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(AssertionError, match="reused"):  # a different recipe is not reused
+        D.load_or_train_classifier(path, small, epochs=3)
+
+
+def test_quality_benchmark_short(tmp_path: Path, keep_threads, capsys) -> None:
+    from benchmarks import quality
+
+    out = tmp_path / "q.json"
+    result = quality.main([
+        "--seeds", "0", "1", "--steps", "2", "--model-size", "tiny", "--per-class", "3", "--sample-steps", "1",
+        "--workers", "1", "--threads", "1", "--classifier", str(tmp_path / "clf.pt"), "--classifier-epochs", "1",
+        "--json", str(out), "--samples-dir", str(tmp_path / "grids"),
+    ])
+    saved = json.loads(out.read_text())
+    assert len(saved["runs"]) == 4 and {(r["seed"], r["variant"]) for r in saved["runs"]} == {
+        (s, v) for s in (0, 1) for v in quality.VARIANTS}
+    for metric in ("probe_block2", "probe_block4", "frechet", "class_accuracy", "heldout_diffusion_loss"):
+        entry = saved["summary"][metric]
+        values = [r[metric] for r in saved["runs"] if r["variant"] == "with SRA"]
+        assert entry["with SRA"]["mean"] == pytest.approx(np.mean(values))
+        assert entry["with SRA"]["std"] == pytest.approx(np.std(values, ddof=1))
+    assert saved["table"] == result["table"] and saved["table"] in capsys.readouterr().out
+    assert (tmp_path / "clf.pt").exists()
+    grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
+    assert grids == [f"samples_seed{s}_{v}.png" for s in (0, 1) for v in ("baseline", "sra")]
+
+
+def test_quickstart_runs(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "3"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("done: diffusion")
+    numbers = [float(w.strip(",")) for w in last.split() if w[0].isdigit()]
+    assert len(numbers) == 2 and all(math.isfinite(v) and v > 0 for v in numbers)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_example_one_process(monkeypatch, capsys) -> None:
+    from examples import accelerate_ddp
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    accelerate_ddp.main(["--steps", "2", "--batch-size", "4"])
+    assert "1 rank(s), 2 steps: student, head and teacher agree across ranks" in capsys.readouterr().out
+
+
+def test_ddp_example_two_processes_with_torchrun(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 rank(s), 2 steps: student, head and teacher agree across ranks" in proc.stdout
+
+
+def test_ddp_example_accelerate_flag_without_accelerate() -> None:
+    from examples import accelerate_ddp
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install accelerate"):
+            accelerate_ddp.main(["--steps", "1", "--accelerate"])
+    else:
+        accelerate_ddp.main(["--steps", "1", "--batch-size", "4", "--accelerate"])
+
+
+def test_diffusers_sd3_example(capsys) -> None:
+    from examples import diffusers_sd3
+
+    result = diffusers_sd3.main(["--steps", "2", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "adapter='diffusers-sd3', blocks 2->4 of 6" in out and "step 1:" in out
+    assert math.isfinite(result["diffusion"]) and result["align_loss"] > 0
+    assert result["gap"] > 0  # the teacher saw a less noisy input (timesteps in sigma * 1000)
