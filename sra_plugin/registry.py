@@ -10,7 +10,6 @@ from __future__ import annotations
 import operator
 from typing import Any, Callable, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Adapter", "register_adapter", "resolve_adapter", "registered_adapters"]

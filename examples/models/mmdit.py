@@ -14,13 +14,14 @@ returning ``(context, x)``; the last block's context block is ``pre_only`` and r
 
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import nn
+
+from .dit import FinalLayer, get_2d_sincos_pos_embed
+from .dit import TimestepEmbedder as _DiTTimestepEmbedder
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -36,21 +37,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, -1, dim)
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
+class TimestepEmbedder(_DiTTimestepEmbedder):
+    """DiT's timestep embedder; SD3's forward also takes the compute dtype."""
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
@@ -160,18 +148,6 @@ class JointBlock(nn.Module):
         return block_mixing(*args, context_block=self.context_block, x_block=self.x_block, **kwargs)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class MMDiT(nn.Module):
     """Multimodal diffusion transformer: ``forward(x, t, y=None, context=None)`` with ``t = sigma * 1000``."""
 
@@ -215,7 +191,7 @@ class MMDiT(nn.Module):
         if register_length > 0:
             self.register = nn.Parameter(torch.randn(1, register_length, hidden_size))
         grid = self.pos_embed_max_size
-        self.register_buffer("pos_embed", torch.from_numpy(_sincos_2d(hidden_size, grid)).float().unsqueeze(0))
+        self.register_buffer("pos_embed", torch.from_numpy(get_2d_sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0))
         self.joint_blocks = nn.ModuleList([
             JointBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, pre_only=i == depth - 1, qk_norm=qk_norm)
             for i in range(depth)
@@ -276,14 +252,3 @@ class MMDiT(nn.Module):
             context = self.context_embedder(context)
         x = self.forward_core_with_concat(x, c, context)
         return self.unpatchify(x, hw)
-
-
-def _sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
-    grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)), axis=0)
-
-    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
