@@ -38,3 +38,18 @@ def batch(model: nn.Module, n: int = 4, seed: int = 1, discrete: bool = False):
     t = torch.randint(200, 1000, (n,), generator=g) if discrete else torch.rand(n, generator=g) * 0.8 + 0.2
     y = torch.randint(0, 10, (n,), generator=g)
     return x0, noise, t, y
+
+
+def flow_batch(n: int = 4, seed: int = 0):
+    """One flow-matching batch for a tiny SiT: ``(x_t, x_s, t, s, y, velocity target)``, from one
+    generator so that a seed fixes every draw; t in [0.2, 1), s from the default NoiseGap."""
+    from sra_plugin import LinearPath, NoiseGap
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, 4, 8, 8, generator=g)
+    noise = torch.randn(n, 4, 8, 8, generator=g)
+    t = torch.rand(n, generator=g) * 0.8 + 0.2
+    y = torch.randint(0, 10, (n,), generator=g)
+    s = NoiseGap().sample(t, generator=g)
+    x_t, x_s = LinearPath().pair(x0, noise, t, s)
+    return x_t, x_s, t, s, y, noise - x0

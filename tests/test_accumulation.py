@@ -9,21 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import tiny_sit
+from sra_plugin import SelfRepresentationAlignment
+from tests._models import flow_batch, tiny_sit
 
 BATCH, K = 8, 4
 
 
 def data(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(BATCH, 4, 8, 8, generator=g)
-    noise = torch.randn(BATCH, 4, 8, 8, generator=g)
-    t = torch.rand(BATCH, generator=g) * 0.8 + 0.2
-    y = torch.randint(0, 10, (BATCH,), generator=g)
-    s = NoiseGap().sample(t, generator=g)
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
-    return x_t, x_s, t, s, y, noise - x0
+    return flow_batch(BATCH, seed)
 
 
 def build(loss: str):

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
+from sra_plugin import SelfRepresentationAlignment
 
 WORLD, STEPS = 2, 4
 
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def train(rank: int, wrap_sra: bool, sra_first: bool) -> dict:
-    from tests._models import tiny_sit
+    from tests._models import flow_batch, tiny_sit
 
     # Different initial weights per rank on purpose: DDP must broadcast rank 0's model, head and teacher.
     model = tiny_sit(seed=rank, depth=4)
@@ -47,18 +47,12 @@ def train(rank: int, wrap_sra: bool, sra_first: bool) -> dict:
     opt = torch.optim.AdamW([*ddp_model.parameters(), *sra.head.parameters()], lr=1e-3)
     losses = []
     for step in range(STEPS):
-        g = torch.Generator().manual_seed(100 * step + rank)  # different data per rank
-        x0 = torch.randn(4, 4, 8, 8, generator=g)
-        noise = torch.randn(4, 4, 8, 8, generator=g)
-        t = torch.rand(4, generator=g) * 0.8 + 0.2
-        y = torch.randint(0, 10, (4,), generator=g)
-        s = NoiseGap().sample(t, generator=g)
-        x_t, x_s = LinearPath().pair(x0, noise, t, s)
+        x_t, x_s, t, s, y, target = flow_batch(4, 100 * step + rank)  # different data per rank
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the DDP forward feeds the capture: no fallback pass
             pred = ddp_model(x_t, t, y)
             align = sra_call(ddp_model, x_t, x_s, t, s, y)
-        (F.mse_loss(pred, noise - x0) + align).backward()
+        (F.mse_loss(pred, target) + align).backward()
         opt.step()
         opt.zero_grad()
         # Keep a name for the bare object: DDP(sra) hides its methods (sra_call.module is the same object).

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
+from sra_plugin import SelfRepresentationAlignment
 
 WORLD, STEPS, BATCH = 2, 3, 4
 
@@ -46,14 +46,9 @@ def build():
 
 
 def data(step: int, rank: int):
-    g = torch.Generator().manual_seed(100 * step + rank)
-    x0 = torch.randn(BATCH, 4, 8, 8, generator=g)
-    noise = torch.randn(BATCH, 4, 8, 8, generator=g)
-    t = torch.rand(BATCH, generator=g) * 0.8 + 0.2
-    y = torch.randint(0, 10, (BATCH,), generator=g)
-    s = NoiseGap().sample(t, generator=g)
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
-    return x_t, x_s, t, s, y, noise - x0
+    from tests._models import flow_batch
+
+    return flow_batch(BATCH, 100 * step + rank)
 
 
 def train(model, sra, batches) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import tiny_sit
+from sra_plugin import SelfRepresentationAlignment
+from tests._models import flow_batch, tiny_sit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 6, 3
@@ -30,15 +30,9 @@ def build(seed: int, **sra_kwargs):
 
 def train_step(model, sra, opt, step: int) -> torch.Tensor:
     torch.manual_seed(1000 + step)  # what a resumable loop does: the step decides every random draw
-    g = torch.Generator().manual_seed(step)
-    x0 = torch.randn(4, 4, 8, 8, generator=g)
-    noise = torch.randn(4, 4, 8, 8, generator=g)
-    t = torch.rand(4, generator=g) * 0.8 + 0.2
-    y = torch.randint(0, 10, (4,), generator=g)
-    s = NoiseGap().sample(t, generator=g)
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
+    x_t, x_s, t, s, y, target = flow_batch(4, step)
     pred = model(x_t, t, y)
-    loss = F.mse_loss(pred, noise - x0) + sra(model, x_t, x_s, t, s, y)
+    loss = F.mse_loss(pred, target) + sra(model, x_t, x_s, t, s, y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
