@@ -17,9 +17,7 @@ LightningDiT with ``use_checkpoint=False`` or change those calls to ``use_reentr
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor, nn
+from torch import nn
 
 from ..registry import Adapter, register_adapter
 
@@ -36,9 +34,6 @@ class DiTAdapter(Adapter):
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
-
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
-        return output if isinstance(output, Tensor) else output[0]
 
     def watch(self, model: nn.Module) -> dict:
         table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)

@@ -18,7 +18,8 @@ __all__ = ["Adapter", "register_adapter", "resolve_adapter", "registered_adapter
 class Adapter:
     """How SRA talks to one backbone family. Subclass it for cases the declarative form cannot say.
 
-    Required: ``matches``, ``blocks``, ``tokens``. Optional: ``forward`` (how to call the model),
+    Required: ``matches``, ``blocks``. Optional: ``tokens`` (default: the block's output tensor, or
+    the first element of a tuple output), ``forward`` (how to call the model),
     ``dim`` (feature width of a block's tokens), ``sample_input`` (which argument of a forward call
     is the noisy input), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
     own forward, such as labels dropped for classifier-free guidance).
@@ -35,7 +36,7 @@ class Adapter:
 
     def tokens(self, output: Any, model: nn.Module) -> Tensor:
         """Image tokens ``(B, N, D)`` from a block's output."""
-        raise NotImplementedError
+        return output if isinstance(output, Tensor) else output[0]
 
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         return model(x, t, *args, **kwargs)
@@ -134,12 +135,12 @@ class DeclaredAdapter(Adapter):
     def tokens(self, output: Any, model: nn.Module) -> Tensor:
         if self._tokens is not None:
             return self._tokens(output, model)
-        return output if isinstance(output, Tensor) else output[0]
+        return super().tokens(output, model)
 
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         if self._forward is not None:
             return self._forward(model, x, t, *args, **kwargs)
-        return model(x, t, *args, **kwargs)
+        return super().forward(model, x, t, *args, **kwargs)
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:
         if self._dim is None:
