@@ -36,12 +36,11 @@ pipeline (set them to ``num_classes``) and switch the in-block dropout off::
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from torch import Tensor, nn
 
-from ..registry import Adapter, register_adapter
+from ..registry import Adapter, ModelCall, register_adapter
 
 
 def _is_diffusers(model: nn.Module, class_name: str) -> bool:
@@ -60,16 +59,8 @@ class DiffusersAdapter(Adapter):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.transformer_blocks)
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
-        return output
-
     def dim(self, model: nn.Module, block: nn.Module) -> int:
         return int(model.inner_dim)
-
-    def sample_input(self, args: tuple, kwargs: dict) -> Tensor | None:
-        if isinstance(kwargs.get("hidden_states"), Tensor):
-            return kwargs["hidden_states"]
-        return args[0] if args and isinstance(args[0], Tensor) else None
 
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -90,7 +81,7 @@ class SD3Adapter(DiffusersAdapter):
     name = "diffusers-sd3"
     class_name = "SD3Transformer2DModel"
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         return output[1]
 
 
@@ -98,39 +89,20 @@ class FluxAdapter(DiffusersAdapter):
     name = "diffusers-flux"
     class_name = "FluxTransformer2DModel"
 
-    def __init__(self) -> None:
-        self._image_tokens: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [*model.transformer_blocks, *model.single_transformer_blocks]
 
-    def _note(self, model: nn.Module, hidden_states: Any) -> int | None:
-        if isinstance(hidden_states, Tensor) and hidden_states.dim() == 3:
-            self._image_tokens[model] = int(hidden_states.shape[1])
-            return self._image_tokens[model]
-        return None
-
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         if isinstance(output, (tuple, list)):
             return output[1]
-        n = self._image_tokens.get(model)  # diffusers < 0.35: one [text; image] tensor
-        if n is None:
+        # diffusers < 0.35: one [text; image] tensor; the model's hidden_states (B, N, C) has N image tokens.
+        hidden_states = call.get("hidden_states", 0) if call is not None else None
+        if not (isinstance(hidden_states, Tensor) and hidden_states.dim() == 3):
             raise RuntimeError(
                 "a Flux single block returned one [text; image] tensor, but the number of image tokens is unknown: "
                 "call the model with hidden_states of shape (B, N, C)"
             )
-        return output[:, -n:]
-
-    def watch(self, model: nn.Module) -> dict:
-        # The student's own forward: the input of x_embedder is hidden_states (B, N, C).
-        def read(args: tuple, kwargs: dict) -> int | None:
-            return self._note(model, args[0] if args else kwargs.get("input"))
-
-        return {"image_tokens": (model.x_embedder, read)}
-
-    def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
-        self._note(model, x)
-        return super().forward(model, x, t, *args, **kwargs)
+        return output[:, -hidden_states.shape[1]:]
 
 
 class DiTTransformerAdapter(DiffusersAdapter):

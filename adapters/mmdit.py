@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..registry import Adapter, register_adapter
+from ..registry import Adapter, ModelCall, register_adapter
 
 
 class MMDiTAdapter(Adapter):
@@ -26,7 +26,7 @@ class MMDiTAdapter(Adapter):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.joint_blocks)
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         return output[1]
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:

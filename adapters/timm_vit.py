@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..registry import Adapter, register_adapter
+from ..registry import Adapter, ModelCall, register_adapter
 
 
 def _vit_class() -> type | None:
@@ -36,7 +36,7 @@ class TimmViTAdapter(Adapter):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         return output[:, model.num_prefix_tokens:]
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import Adapter, register_adapter
+from ..registry import Adapter, ModelCall, register_adapter
 
 
 class UViTAdapter(Adapter):
@@ -37,7 +37,7 @@ class UViTAdapter(Adapter):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [*model.in_blocks, model.mid_block, *model.out_blocks]
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         return output[:, model.extras:]
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:

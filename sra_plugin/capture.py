@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .registry import Adapter
+from .registry import Adapter, ModelCall, token_reader
 
 __all__ = ["StopForward", "attach", "run_until", "StudentCapture"]
 
@@ -66,9 +66,14 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
               args: tuple, kwargs: dict) -> Tensor:
     """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs."""
     found: list[Tensor] = []
+    calls: list[ModelCall] = []
+    read_tokens = token_reader(adapter)
+
+    def enter(args: tuple, kwargs: dict) -> None:
+        calls.append(ModelCall(args, kwargs))
 
     def stop(output: Any) -> None:
-        found.append(adapter.tokens(output, model))
+        found.append(read_tokens(output, model, calls[-1] if calls else ModelCall()))
         raise StopForward
 
     # A module compiled in place (``module.compile()``) runs the graph traced at its first call,
@@ -76,13 +81,14 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
     compiled = [(m, m._compiled_call_impl) for m in (model, block) if getattr(m, "_compiled_call_impl", None) is not None]
     for m, _ in compiled:
         m._compiled_call_impl = None
-    handle = attach(block, stop)
+    handles = [attach(model, enter, pre=True), attach(block, stop)]
     try:
         adapter.forward(model, x, t, *args, **kwargs)
     except StopForward:
         _end_stopped_fsdp_forward(model)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for m, call in compiled:
             m._compiled_call_impl = call
     if not found:
@@ -114,6 +120,7 @@ class StudentCapture:
     def __init__(self, model: nn.Module, block: nn.Module, adapter: Adapter) -> None:
         self.model = model
         self.adapter = adapter
+        self._read_tokens = token_reader(adapter)
         self.record: dict[str, Any] | None = None
         self.forced = False  # set while SRA runs the student pass itself
         self.forwards_seen = 0  # 0 until the model's forward first ran with our hooks (compile-order hint)
@@ -129,7 +136,9 @@ class StudentCapture:
         # make it recompile the model's forward (seen: a second graph at step 2).
         self.forwards_seen = 1
         if self._capturing():
-            self.record = {"input": self.adapter.sample_input(args, kwargs), "grad": torch.is_grad_enabled()}
+            call = ModelCall(args, kwargs)
+            first = args[0] if args and isinstance(args[0], Tensor) else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            self.record = {"input": kwargs.get("hidden_states", first) if isinstance(kwargs.get("hidden_states"), Tensor) else first, "grad": torch.is_grad_enabled(), "call": call}
 
     def _keep(self, output: Any) -> None:
         record = self.record
@@ -143,7 +152,7 @@ class StudentCapture:
         if self._capturing():
             if self.record is None:
                 self.record = {"input": None}
-            self.record["tokens"] = self.adapter.tokens(output, self.model)
+            self.record["tokens"] = self._read_tokens(output, self.model, self.record.get("call", ModelCall()))
 
     def _watcher(self, name: str, read: Callable[[tuple, dict], Any]) -> Callable[[tuple, dict], None]:
         def remember(args: tuple, kwargs: dict) -> None:

@@ -7,22 +7,69 @@ registry from the newest registration to the oldest, so a later registration win
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import operator
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "register_adapter", "resolve_adapter", "registered_adapters"]
+__all__ = ["Adapter", "ModelCall", "register_adapter", "resolve_adapter", "registered_adapters", "token_reader"]
+
+
+@dataclass
+class ModelCall:
+    """The inputs of one call of the model's forward, ``model(*args, **kwargs)``, as the model received them.
+
+    Adapters get it in ``tokens(output, model, call)`` so that a block's tokens can depend on the
+    model input (e.g. how many image tokens a merged ``[text; image]`` sequence holds).
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def get(self, name: str, position: int | None = None, default: Any = None) -> Any:
+        """The argument passed as ``name=`` or, failing that, at positional index ``position``."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if position is not None and position < len(self.args):
+            return self.args[position]
+        return default
+
+
+def _takes_call(fn: Callable) -> bool:
+    """Whether a ``tokens`` callable (a function, lambda or bound method) accepts a third argument, the ``ModelCall``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())  # a bound method's signature omits self
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+
+
+def token_reader(adapter: "Adapter") -> Callable[[Any, nn.Module, "ModelCall"], Tensor]:
+    """``adapter.tokens`` as a callable of ``(output, model, call)``, also for an older adapter whose
+    ``tokens`` takes only ``(output, model)``. Resolved once, outside any hook: hooks run inside
+    torch.compile's trace, which should not see signature inspection."""
+    if _takes_call(adapter.tokens):
+        return adapter.tokens
+    return lambda output, model, call: adapter.tokens(output, model)
 
 
 class Adapter:
     """How SRA talks to one backbone family. Subclass it for cases the declarative form cannot say.
 
     Required: ``matches``, ``blocks``. Optional: ``tokens`` (default: the block's output tensor, or
-    the first element of a tuple output), ``forward`` (how to call the model),
-    ``dim`` (feature width of a block's tokens), ``sample_input`` (which argument of a forward call
-    is the noisy input), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
+    the first element of a tuple output), ``forward`` (how to call the model), ``dim`` (feature width
+    of a block's tokens), ``patchify`` (the clean latent in the model's token layout, for
+    ``LatentAlignment``), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
     own forward, such as labels dropped for classifier-free guidance).
+
+    ``tokens(output, model, call)`` also receives the ``ModelCall`` of the model forward the block ran
+    in (its ``args`` and ``kwargs``); an adapter whose ``tokens`` takes only ``(output, model)`` still works.
     """
 
     name: str = "adapter"
@@ -34,33 +81,54 @@ class Adapter:
         """The transformer blocks in execution order; block ``k`` (1-based) is ``blocks(model)[k - 1]``."""
         raise NotImplementedError
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
-        """Image tokens ``(B, N, D)`` from a block's output."""
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
+        """Image tokens ``(B, N, D)`` from a block's output (``call``: the model's inputs in that forward)."""
         return output if isinstance(output, Tensor) else output[0]
 
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         return model(x, t, *args, **kwargs)
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:
-        """Width ``D`` of the tokens that ``block`` produces."""
-        for module in block.modules():
-            if isinstance(module, nn.LayerNorm):
-                return int(module.normalized_shape[-1])
+        """Width ``D`` of the tokens that ``block`` produces: the residual stream's width.
+
+        Read from the block's linear layers: most of them (qkv, the attention output, the MLP's first
+        layer, the modulation) take the residual stream as input, so the most common ``in_features``
+        is its width; a qk-norm or a per-head layer cannot mislead it. Without linear layers: the
+        widest ``LayerNorm``, then ``hidden_size``/``embed_dim``/``inner_dim``/``dim`` on the block,
+        the model or its config, then the output width of the model's patch embedder.
+        """
+        widths = Counter(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
+        if widths:
+            top = max(widths.values())
+            # Ties go to the widest: a block's few narrow inputs are per-head or bottleneck layers.
+            return max(w for w, n in widths.items() if n == top)
+        norms = [int(m.normalized_shape[-1]) for m in block.modules() if isinstance(m, nn.LayerNorm) and m.normalized_shape]
+        if norms:
+            return max(norms)
         for owner in (block, model, getattr(model, "config", None)):
             for attr in ("hidden_size", "embed_dim", "inner_dim", "dim"):
                 value = getattr(owner, attr, None)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    return value
+                if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                    return int(value)
+        for attr in ("x_embedder", "patch_embed", "patch_embedding", "pos_embed"):
+            embedder = getattr(model, attr, None)
+            layers = [m for m in embedder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear))] if isinstance(embedder, nn.Module) else []
+            if layers:
+                last = layers[-1]
+                return int(last.out_features if isinstance(last, nn.Linear) else last.out_channels)
         raise ValueError(
             f"adapter {self.name!r} cannot tell the token width of block {type(block).__name__}: "
             "declare it, e.g. register_adapter(..., dim=768) or override Adapter.dim"
         )
 
-    def sample_input(self, args: tuple, kwargs: dict) -> Tensor | None:
-        """The noisy input ``x`` in a call ``model(*args, **kwargs)``: the first positional tensor."""
-        if args and isinstance(args[0], Tensor):
-            return args[0]
-        return next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        """The clean latent ``x0`` as ``(B, N_img, C*p*p)`` in the model's token order: token ``i`` holds
+        exactly the latent values the model's token ``i`` predicts (the inverse of its unpatchify)."""
+        raise ValueError(
+            f"adapter {self.name!r} ({type(model).__name__}) has no patchify, which LatentAlignment needs: "
+            "declare it, e.g. register_adapter(..., patchify=lambda model, x0: "
+            "einops.rearrange(x0, 'b c (h p) (w q) -> b (h w) (c p q)', p=2, q=2)) or override Adapter.patchify"
+        )
 
     def watch(self, model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[tuple, dict], Any]]]:
         """Values to record during the student's forward: ``name -> (module, read(args, kwargs))``.
@@ -94,9 +162,10 @@ class DeclaredAdapter(Adapter):
         name: str,
         matches: Matcher,
         blocks: BlockSpec,
-        tokens: Callable[[Any, nn.Module], Tensor] | None = None,
+        tokens: Callable[..., Tensor] | None = None,
         forward: Callable[..., Any] | None = None,
         dim: int | Callable[[nn.Module, nn.Module], int] | None = None,
+        patchify: Callable[[nn.Module, Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"name={name!r} is not accepted: use a non-empty string")
@@ -104,15 +173,19 @@ class DeclaredAdapter(Adapter):
             raise TypeError(f"matches={matches!r} is not accepted: use a class, a tuple of classes or callable(model) -> bool")
         if not (isinstance(blocks, (str, list, tuple)) or callable(blocks)):
             raise TypeError(f"blocks={blocks!r} is not accepted: use an attribute path, a list of paths or callable(model) -> blocks")
-        for arg, value in (("tokens", tokens), ("forward", forward)):
+        for arg, value in (("tokens", tokens), ("forward", forward), ("patchify", patchify)):
             if value is not None and not callable(value):
                 raise TypeError(f"{arg}={value!r} is not accepted: use a callable or None")
+        if dim is not None and not callable(dim) and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1):
+            raise TypeError(f"dim={dim!r} is not accepted: use a positive int, callable(model, block) -> int, or None")
         self.name = name
         self._matches = matches
         self._blocks = blocks
         self._tokens = tokens
+        self._tokens_take_call = tokens is not None and _takes_call(tokens)
         self._forward = forward
         self._dim = dim
+        self._patchify = patchify
 
     def matches(self, model: nn.Module) -> bool:
         if isinstance(self._matches, (type, tuple)):
@@ -132,10 +205,12 @@ class DeclaredAdapter(Adapter):
                 found.append(part)
         return found
 
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
-        if self._tokens is not None:
-            return self._tokens(output, model)
-        return super().tokens(output, model)
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
+        if self._tokens is None:
+            return super().tokens(output, model, call)
+        if self._tokens_take_call:
+            return self._tokens(output, model, call if call is not None else ModelCall())
+        return self._tokens(output, model)
 
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         if self._forward is not None:
@@ -147,32 +222,49 @@ class DeclaredAdapter(Adapter):
             return super().dim(model, block)
         return int(self._dim(model, block) if callable(self._dim) else self._dim)
 
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        if self._patchify is None:
+            return super().patchify(model, x0)
+        return self._patchify(model, x0)
+
 
 _REGISTRY: list[Adapter] = []
 
 
-def register_adapter(adapter: str | Adapter, /, **declaration: Any) -> Adapter:
-    """Declare how SRA reads a backbone. A later registration wins over an earlier one.
+def register_adapter(
+    adapter: str | Adapter,
+    /,
+    *,
+    matches: Matcher | None = None,
+    blocks: BlockSpec | None = None,
+    tokens: Callable[..., Tensor] | None = None,
+    forward: Callable[..., Any] | None = None,
+    dim: int | Callable[[nn.Module, nn.Module], int] | None = None,
+    patchify: Callable[[nn.Module, Tensor], Tensor] | None = None,
+) -> Adapter:
+    """Declare how SRA reads a backbone. A later registration wins over an earlier one; registering a
+    name again replaces the earlier entry of that name.
 
     Either ``register_adapter(MyAdapter())`` with an ``Adapter`` subclass, or the declarative form::
 
         register_adapter("my-net", matches=MyNet, blocks="layers",
                          tokens=lambda output, model: output[0][:, model.num_registers:])
+
+    ``tokens`` may also take a third argument, the ``ModelCall`` of the model's forward.
     """
+    declared = {k: v for k, v in dict(matches=matches, blocks=blocks, tokens=tokens, forward=forward, dim=dim, patchify=patchify).items() if v is not None}
     if isinstance(adapter, Adapter):
-        if declaration:
-            raise TypeError(f"register_adapter got an Adapter instance and keywords {sorted(declaration)}: pass one or the other")
+        if declared:
+            raise TypeError(f"register_adapter got an Adapter instance and keywords {sorted(declared)}: pass one or the other")
         entry = adapter
     elif isinstance(adapter, str):
-        unknown = set(declaration) - {"matches", "blocks", "tokens", "forward", "dim"}
-        if unknown:
-            raise TypeError(f"register_adapter got unknown keywords {sorted(unknown)}: accepted are matches, blocks, tokens, forward, dim")
-        missing = {"matches", "blocks"} - set(declaration)
+        missing = {"matches", "blocks"} - set(declared)
         if missing:
             raise TypeError(f"register_adapter({adapter!r}, ...) needs {sorted(missing)}")
-        entry = DeclaredAdapter(adapter, **declaration)
+        entry = DeclaredAdapter(adapter, **declared)
     else:
         raise TypeError(f"register_adapter got {adapter!r}: pass an Adapter instance or a name and keywords")
+    _REGISTRY[:] = [a for a in _REGISTRY if a.name != entry.name]
     _REGISTRY.append(entry)
     return entry
 
