@@ -1,15 +1,22 @@
-"""Forward hooks: keep a block's tokens from the user's own forward, and stop a pass early.
+"""Forward hooks: keep a block's tokens from the user's own forward, decide whether they may be reused,
+and stop a pass early.
 
 Hook hygiene, in one place:
-- ``copy.deepcopy(model)`` copies registered hooks, so every hook checks that the module it fires on
-  is the one it was registered on.
+- ``copy.deepcopy(model)`` and pickling copy registered hooks: ours copy as inert hooks, and every
+  hook also checks that the module it fires on is the one it was registered on.
+- A hook holds its capture weakly: once the capture's owner is gone, its hooks do nothing (and the
+  owner's finalizer removes them).
 - With non-reentrant gradient checkpointing, blocks run again during backward; calls made while
   autograd is running a backward pass are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .registry import Adapter, ModelCall, token_reader
 
-__all__ = ["StopForward", "attach", "run_until", "StudentCapture"]
+__all__ = ["StopForward", "attach", "run_until", "probe_call", "StudentCapture", "Captured", "Decision"]
 
 
 class StopForward(BaseException):
@@ -33,22 +40,60 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def attach(module: nn.Module, fn: Callable[..., Any], *, pre: bool = False) -> RemovableHandle:
-    """Register ``fn`` as a forward (``pre=True``: pre-forward, with kwargs) hook that only fires on
-    ``module`` itself (not on deep copies that inherited the hook) and never during backward."""
+def attach(module: nn.Module, fn: Callable[..., Any], *, pre: bool = False, prepend: bool = False) -> RemovableHandle:
+    """Register ``fn`` as a forward hook (``fn(output)``) or pre-forward hook (``pre=True``: ``fn(args, kwargs)``)
+    that only fires on ``module`` itself (not on deep copies that inherited it) and never during backward.
+    For hooks that live only for one pass; lasting hooks are ``_Hook`` objects."""
 
     if pre:
         def pre_hook(fired_on: nn.Module, args: tuple, kwargs: dict) -> None:
             if fired_on is module and not _in_backward():
                 fn(args, kwargs)
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
 
     def hook(fired_on: nn.Module, args: tuple, output: Any) -> None:
         if fired_on is module and not _in_backward():
             fn(output)
 
-    return module.register_forward_hook(hook)
+    return module.register_forward_hook(hook, prepend=prepend)
+
+
+def _inert_hook(*args: Any) -> None:
+    """What a copied or unpickled capture hook becomes: it does nothing."""
+    return None
+
+
+def _make_inert() -> Callable[..., None]:
+    return _inert_hook
+
+
+class _Hook:
+    """A lasting capture hook: calls ``capture.<method>(*rest)`` when fired on ``module``, outside backward.
+
+    Holds the capture and the module weakly, so that it keeps neither alive; copies and pickles of a
+    model carry it as an inert function, so ``torch.save(model)`` and ``copy.deepcopy(model)`` work.
+    """
+
+    def __init__(self, capture: "StudentCapture", method: str, module: nn.Module, *bound: Any) -> None:
+        self._capture = weakref.ref(capture)
+        self._module = weakref.ref(module)
+        self._method = method
+        self._bound = bound
+
+    def __call__(self, fired_on: nn.Module, *rest: Any) -> None:
+        if fired_on is not self._module() or _in_backward():
+            return None
+        capture = self._capture()
+        if capture is not None:
+            getattr(capture, self._method)(*self._bound, *rest)
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_make_inert, ())
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _inert_hook
 
 
 def _end_stopped_fsdp_forward(model: nn.Module) -> None:
@@ -60,6 +105,20 @@ def _end_stopped_fsdp_forward(model: nn.Module) -> None:
         return
     if isinstance(model, FSDPModule) and hasattr(model, "reset_iter_state") and not torch.is_grad_enabled():
         model.reset_iter_state()
+
+
+@contextmanager
+def _eager(*modules: nn.Module) -> Iterator[None]:
+    """Run modules compiled in place (``module.compile()``) eagerly: their compiled call runs the graph
+    traced at the first call, which ignores hooks added later."""
+    compiled = [(m, m._compiled_call_impl) for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, call in compiled:
+            m._compiled_call_impl = call
 
 
 def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t: Any,
@@ -76,27 +135,43 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
         found.append(read_tokens(output, model, calls[-1] if calls else ModelCall()))
         raise StopForward
 
-    # A module compiled in place (``module.compile()``) runs the graph traced at its first call,
-    # which ignores hooks added later (this one): run this pass eagerly.
-    compiled = [(m, m._compiled_call_impl) for m in (model, block) if getattr(m, "_compiled_call_impl", None) is not None]
-    for m, _ in compiled:
-        m._compiled_call_impl = None
-    handles = [attach(model, enter, pre=True), attach(block, stop)]
-    try:
-        adapter.forward(model, x, t, *args, **kwargs)
-    except StopForward:
-        _end_stopped_fsdp_forward(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, call in compiled:
-            m._compiled_call_impl = call
+    with _eager(model, block):
+        handles = [attach(model, enter, pre=True), attach(block, stop)]
+        try:
+            adapter.forward(model, x, t, *args, **kwargs)
+        except StopForward:
+            _end_stopped_fsdp_forward(model)
+        finally:
+            for handle in handles:
+                handle.remove()
     if not found:
         raise RuntimeError(
             f"block {type(block).__name__} never ran during the forward of {type(model).__name__}: "
             f"adapter {adapter.name!r} names a block the forward does not use"
         )
     return found[0]
+
+
+def probe_call(model: nn.Module, adapter: Adapter, x: Tensor, t: Any, args: tuple, kwargs: dict) -> ModelCall:
+    """The inputs ``model``'s forward would receive from ``adapter.forward(model, x, t, *args, **kwargs)``,
+    found without running it: a first pre-forward hook records them and stops the call."""
+    seen: list[ModelCall] = []
+
+    def record(args: tuple, kwargs: dict) -> None:
+        seen.append(ModelCall(args, kwargs))
+        raise StopForward
+
+    with _eager(model):
+        handle = attach(model, record, pre=True, prepend=True)
+        try:
+            adapter.forward(model, x, t, *args, **kwargs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+    if not seen:
+        raise RuntimeError(f"adapter {adapter.name!r} did not call {type(model).__name__} in its forward")
+    return seen[0]
 
 
 NO_GRAD_BLOCK = (
@@ -110,73 +185,161 @@ NO_GRAD_BLOCK = (
 )
 
 
-class StudentCapture:
-    """Keeps the tokens of one block from the model's training forward (grad enabled, training mode).
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
 
-    A record holds the forward's noisy input (to check it later against ``x_t``), the block's tokens
-    and whatever the adapter watches. ``take`` hands the record over and forgets it.
+
+def _same(a: Any, b: Any) -> bool:
+    """The same object, or equal values (tensors: same shape, dtype, device and elements)."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor)
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable == are the same only if identical
+        return False
+
+
+@dataclass
+class Captured:
+    """What the student's training forward left: its inputs, the block's tokens, what the adapter watches."""
+
+    call: ModelCall
+    versions: list[tuple[Tensor, int]]  # every input tensor and its version counter at the forward
+    grad: bool = True  # grad mode when the forward began
+    tokens: Tensor | None = None
+    tokens_version: int = -1  # -1: not read (inside a compiled graph)
+    watched: dict[str, Any] = field(default_factory=dict)
+    no_grad_block: bool = False
+
+
+@dataclass
+class Decision:
+    """``StudentCapture.take``'s answer: the captured forward to reuse, or why the student must run again."""
+
+    captured: Captured | None
+    cause: str = ""  # a short key, one warning per key
+    reason: str = ""  # the sentence for the warning
+
+
+class StudentCapture:
+    """Keeps the tokens of one block from the model's training forward (grad enabled, training mode)
+    and decides, for an SRA call, whether they may be reused: only if that forward ran on the same
+    inputs (``x_t``, ``t``, conditioning: the same objects or equal values) and nothing changed the
+    inputs or the tokens in place since. ``take`` hands the record over and forgets it.
     """
 
     def __init__(self, model: nn.Module, block: nn.Module, adapter: Adapter) -> None:
         self.model = model
         self.adapter = adapter
         self._read_tokens = token_reader(adapter)
-        self.record: dict[str, Any] | None = None
+        self.record: Captured | None = None
         self.forced = False  # set while SRA runs the student pass itself
+        self.paused = False  # set while a probe or a teacher pass runs on the student's modules
         self.forwards_seen = 0  # 0 until the model's forward first ran with our hooks (compile-order hint)
-        self.handles: list[RemovableHandle] = [attach(model, self._start, pre=True), attach(block, self._keep)]
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._signature = None
+        self.handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(_Hook(self, "_start", model), with_kwargs=True),
+            block.register_forward_hook(_Hook(self, "_keep", block)),
+        ]
+        self._watched: dict[str, Callable[[tuple, dict], Any]] = {}
         for name, (module, read) in adapter.watch(model).items():
-            self.handles.append(attach(module, self._watcher(name, read), pre=True))
+            self._watched[name] = read
+            self.handles.append(module.register_forward_pre_hook(_Hook(self, "_watch", module, name), with_kwargs=True))
 
     def _capturing(self) -> bool:
-        return self.forced or (self.model.training and torch.is_grad_enabled())
+        return not self.paused and (self.forced or (self.model.training and torch.is_grad_enabled()))
 
+    # -------------------------------------------------------------- hooks
     def _start(self, args: tuple, kwargs: dict) -> None:
         # Set, never read here: torch.compile guards on values a hook reads, so a counter would
         # make it recompile the model's forward (seen: a second graph at step 2).
         self.forwards_seen = 1
         if self._capturing():
             call = ModelCall(args, kwargs)
-            first = args[0] if args and isinstance(args[0], Tensor) else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-            self.record = {"input": kwargs.get("hidden_states", first) if isinstance(kwargs.get("hidden_states"), Tensor) else first, "grad": torch.is_grad_enabled(), "call": call}
+            versions = [] if torch.compiler.is_compiling() else [(v, v._version) for v in _tensors((args, kwargs))]
+            self.record = Captured(call, versions, torch.is_grad_enabled())
 
-    def _keep(self, output: Any) -> None:
+    def _keep(self, args: tuple, output: Any) -> None:
+        if self.paused:
+            return
         record = self.record
-        if record is not None and record.get("grad") and "tokens" not in record and not torch.is_grad_enabled():
+        if record is not None and record.grad and record.tokens is None and not torch.is_grad_enabled():
             # The forward began with grad on but the block ran with it off (inside a reentrant
             # checkpoint): its tokens can carry no gradient, so SRA would train only the head.
             if self.forced:
                 raise RuntimeError(NO_GRAD_BLOCK)
-            record["no_grad_block"] = True
+            record.no_grad_block = True
             return
         if self._capturing():
-            if self.record is None:
-                self.record = {"input": None}
-            self.record["tokens"] = self._read_tokens(output, self.model, self.record.get("call", ModelCall()))
+            if record is None:
+                record = self.record = Captured(ModelCall(), [], torch.is_grad_enabled())
+            tokens = self._read_tokens(output, self.model, record.call)
+            record.tokens = tokens
+            record.tokens_version = -1 if torch.compiler.is_compiling() else tokens._version
 
-    def _watcher(self, name: str, read: Callable[[tuple, dict], Any]) -> Callable[[tuple, dict], None]:
-        def remember(args: tuple, kwargs: dict) -> None:
-            if self._capturing() and self.record is not None:
-                self.record.setdefault("watched", {})[name] = read(args, kwargs)
-        return remember
+    def _watch(self, name: str, args: tuple, kwargs: dict) -> None:
+        if self._capturing() and self.record is not None:
+            self.record.watched[name] = self._watched[name](args, kwargs)
 
-    def take(self, x: Tensor) -> dict[str, Any] | None:
-        """The record of the last training forward if it ran on ``x``; the record is dropped either way."""
+    # -------------------------------------------------------------- decisions
+    def _arguments(self, call: ModelCall) -> dict[str, Any]:
+        if self._signature is not None:
+            try:
+                bound = self._signature.bind_partial(*call.args, **call.kwargs)
+                bound.apply_defaults()
+                return dict(bound.arguments)
+            except TypeError:
+                pass
+        return {**{f"argument {i}": v for i, v in enumerate(call.args)}, **call.kwargs}
+
+    def take(self, expected: Callable[[], ModelCall]) -> Decision:
+        """The record of the last training forward if it may stand for a call with the inputs
+        ``expected()`` returns; the record is dropped either way."""
         record, self.record = self.record, None
         if record is None:
-            return None
-        seen = record["input"]
-        same = seen is x or (
-            isinstance(seen, Tensor)
-            and seen.shape == x.shape
-            and seen.device == x.device
-            and torch.equal(seen.to(x.dtype), x)
-        )
-        if not same:
-            return None
-        if record.get("no_grad_block"):
+            return Decision(None, "no-forward", "found no training forward since the last call")
+        if record.no_grad_block:
             raise RuntimeError(NO_GRAD_BLOCK)
-        return record if "tokens" in record else None
+        if record.tokens is None:
+            return Decision(None, "no-tokens", "the last training forward did not run the student block with its hooks")
+        self.paused = True
+        try:
+            mine = self._arguments(expected())
+        finally:
+            self.paused = False
+        seen = self._arguments(record.call)
+        for name in dict.fromkeys([*seen, *mine]):
+            if name not in seen or name not in mine or not _same(seen[name], mine[name]):
+                return Decision(
+                    None, f"argument:{name}",
+                    f"the last training forward ran with a different {name!r} than this call (another time, "
+                    "input or conditioning, e.g. an extra forward in between); its features are not used",
+                )
+        changed = [v for v, version in record.versions if v._version != version]
+        if changed or (record.tokens_version >= 0 and record.tokens._version != record.tokens_version):
+            what = "an input of the forward" if changed else "the block's output"
+            return Decision(None, "in-place", f"{what} was changed in place after the forward, so the captured features are stale")
+        return Decision(record)
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -1,4 +1,19 @@
-"""The EMA teacher: an owned copy of the student, or the EMA model the user already keeps."""
+"""The EMA teacher: an EMA that SRA owns, or the EMA model the user already keeps.
+
+The owned EMA (``EMATeacher``) follows the fine-tuning world's constraints:
+
+- it averages only the parameters that require grad. When every parameter trains (training from
+  scratch), it is a full copy of the model, as in the paper's code. When some are frozen (LoRA,
+  partial training), it holds only the trainable ones; frozen parameters and buffers are the
+  student's own tensors, and the teacher pass runs the student's modules with the EMA values in place
+  of the trainable parameters (swapped as module attributes for the pass, never written into the
+  student's tensors);
+- its state is float32 (``ema_dtype``) whatever the model's dtype, cast to each parameter's dtype
+  for the pass: a bf16 EMA with decay 0.9999 barely moves, since most updates round away;
+- it starts from the weights in use at its first use (ema-pytorch's ``initted``), so weights loaded
+  into the model after SRA was built are the teacher's starting point; ``initted`` is a buffer, so it
+  survives checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +23,19 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["ema_copy", "update_ema_", "check_same_structure", "eval_mode"]
+__all__ = ["EMATeacher", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
 
 
-def ema_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode, to be the EMA teacher."""
+def ema_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode (floating parameters in ``dtype`` if given), to be an EMA teacher."""
     teacher = copy.deepcopy(model)
     teacher.requires_grad_(False)
+    if dtype is not None:
+        for p in teacher.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
     return teacher.eval()
 
 
@@ -30,14 +50,19 @@ def _ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[Tensor], li
     return avg_t, avg_s, copy_t, copy_s
 
 
+def _lerp_(targets: list[Tensor], sources: list[Tensor], decay: float) -> None:
+    """``target = decay * target + (1 - decay) * source``, in the targets' dtype, vectorized."""
+    if targets and decay != 1.0:
+        # One pass over the weights (lerp) instead of two (mul_ then add_): ~30% less time per update.
+        torch._foreach_lerp_(targets, [s.detach().to(t.dtype) for t, s in zip(targets, sources)], 1 - decay)
+
+
 @torch.no_grad()
 def update_ema_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """``teacher = decay * teacher + (1 - decay) * student`` over parameters and floating buffers
     (other buffers are copied), vectorized with ``torch._foreach_*``."""
     avg_t, avg_s, copy_t, copy_s = _ema_pairs(teacher, student)
-    if avg_t:
-        # One pass over the weights (lerp) instead of two (mul_ then add_): ~30% less time per update.
-        torch._foreach_lerp_(avg_t, [s.detach().to(t.dtype) for t, s in zip(avg_t, avg_s)], 1 - decay)
+    _lerp_(avg_t, avg_s, decay)
     for t, s in zip(copy_t, copy_s):
         t.copy_(s)
 
@@ -68,11 +93,153 @@ def check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put ``module`` in eval mode and restore every submodule's mode afterwards."""
-    modes = [(m, m.training) for m in module.modules()] if module.training else None
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        if modes is not None:
-            for m, mode in modes:
-                m.training = mode
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def swap_in(model: nn.Module, values: dict[str, Tensor]) -> Iterator[nn.Module]:
+    """Write ``values`` into ``model``'s parameters in place (cast to each one's dtype) and restore the
+    originals exactly on exit. For evaluation and sampling only: never while a graph through the
+    model is alive (its backward would see the swapped values, and raise)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise ValueError(f"the teacher's weights name parameters the model does not have: {unknown[:3]}")
+    with torch.no_grad():
+        saved = {name: params[name].detach().clone() for name in values}
+        try:
+            for name, value in values.items():
+                params[name].copy_(value)
+            yield model
+        finally:
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+SHARED_ABOVE = 0.01
+"""The owned EMA shares the student's weights once frozen parameters hold more than this share of all elements."""
+
+
+def _copy_into(target: Tensor, source: Tensor) -> None:
+    """``target.copy_(source)``, also when FSDP2 has the target sharded (a DTensor) and the source
+    unsharded (a student root keeps its parameters gathered between its forward and backward)."""
+    placements = getattr(target, "placements", None)
+    if placements is not None and getattr(source, "placements", None) is None:
+        from torch.distributed.tensor import distribute_tensor
+
+        source = distribute_tensor(source.detach(), target.device_mesh, placements)
+    target.copy_(source.detach())
+
+
+def _key(name: str) -> str:
+    # Buffer names cannot contain "."; parameter names are dotted identifiers, which never contain "-".
+    return name.replace(".", "-")
+
+
+class EMATeacher(nn.Module):
+    """An EMA of the student's trainable parameters, in ``dtype``, started at first use.
+
+    ``shared=False`` (every parameter trains, or frozen ones hold at most 1% of the elements):
+    ``self.model`` is a full copy of the student, the teacher module. ``shared=True`` (more frozen:
+    LoRA, partial fine-tuning): buffers ``ema.<name>`` hold the EMA of each trainable parameter; the
+    teacher pass uses the student's modules with those values.
+    """
+
+    def __init__(self, student: nn.Module, decay: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        self.decay = float(decay)
+        self.dtype = dtype
+        total = sum(p.numel() for p in student.parameters())
+        frozen = total - sum(p.numel() for _, p in trainable)
+        # A full copy when (nearly) everything trains; a fixed positional table (DiT's frozen
+        # pos_embed) is no reason to give up the teacher module.
+        self.shared = frozen > SHARED_ABOVE * total
+        self.names = [n for n, _ in trainable]
+        object.__setattr__(self, "_student", student)  # the user's model: not a submodule
+        self.register_buffer("initted", torch.tensor(False))
+        self._ready = False  # mirrors ``initted`` without a device sync per step
+        if self.shared:
+            self.model = None
+            self.ema = nn.Module()
+            for name, p in trainable:
+                self.ema.register_buffer(_key(name), p.detach().to(dtype=dtype, copy=True))
+        else:
+            self.model = ema_copy(student, dtype)
+
+    # -------------------------------------------------------------- state
+    def _trainable(self) -> list[tuple[str, Tensor]]:
+        return [(n, p) for n, p in self._student.named_parameters() if p.requires_grad]
+
+    def check_structure(self) -> None:
+        """Raise ``ValueError`` if the student's trainable parameters are not those the EMA was built on."""
+        now = [n for n, _ in self._trainable()]
+        before = self.names
+        if now == before:
+            return
+        added, gone = [n for n in now if n not in set(before)], [n for n in before if n not in set(now)]
+        name = (added or gone or [now[0] if now else "?"])[0]
+        what = "appeared" if added else ("is gone or frozen" if gone else "changed order")
+        raise ValueError(
+            f"the model's trainable parameters changed after SelfRepresentationAlignment was created: {name!r} {what} "
+            f"({len(added)} added, {len(gone)} removed or frozen). Create SelfRepresentationAlignment after adding "
+            "adapters (e.g. peft's get_peft_model) and choosing what to freeze"
+        )
+
+    @torch.no_grad()
+    def init_if_needed(self) -> None:
+        """At first use: check the structure, then start the EMA from the student's current weights."""
+        self.check_structure()
+        if self._ready:
+            return
+        if self.shared:
+            for name, p in self._trainable():
+                _copy_into(getattr(self.ema, _key(name)), p)
+        else:
+            for (_, t), (_, s) in zip([*self.model.named_parameters(), *self.model.named_buffers()],
+                                      [*self._student.named_parameters(), *self._student.named_buffers()]):
+                _copy_into(t, s)
+        self.initted.fill_(True)
+        self._ready = True
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """``ema = decay * ema + (1 - decay) * student`` (after initialising at first use)."""
+        if not self._ready:
+            self.init_if_needed()
+            return
+        self.check_structure()
+        if self.shared:
+            _lerp_([getattr(self.ema, _key(n)) for n in self.names], [p for _, p in self._trainable()], self.decay)
+        else:
+            update_ema_(self.model, self._student, self.decay)
+
+    def values(self) -> dict[str, Tensor]:
+        """The EMA value of every averaged parameter, by the student's parameter name."""
+        if self.shared:
+            return {n: getattr(self.ema, _key(n)) for n in self.names}
+        return dict(self.model.named_parameters())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "initted" in state_dict:
+            self._ready = bool(state_dict[prefix + "initted"])
+
+    # -------------------------------------------------------------- the teacher pass
+    @contextmanager
+    def module_for_pass(self) -> Iterator[nn.Module]:
+        """The module to run the teacher pass on, with the EMA values cast to the student's dtypes."""
+        module = self._student if self.shared else self.model
+        params = dict(self._student.named_parameters())
+        values = {n: v.to(params[n].dtype) for n, v in self.values().items() if v.dtype != params[n].dtype or self.shared}
+        if not values:
+            yield module
+            return
+        with _reparametrize_module(module, values, tie_weights=True, strict=False):
+            yield module

@@ -334,7 +334,7 @@ def test_flux_old_single_blocks_give_the_same_image_tokens() -> None:
         model.train()
         with SelfRepresentationAlignment(model, student_layer=4, teacher_layer=5) as sra:
             case.call(model, x_t, t, args, kwargs)
-            tokens[model] = sra._capture.take(x_t)["tokens"]
+            tokens[model] = sra._capture.record.tokens
     assert tokens[old].shape == (B, N, D)
     assert torch.allclose(tokens[new], tokens[old], atol=1e-5)
 

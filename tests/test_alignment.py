@@ -112,23 +112,34 @@ def test_blocks_run_once_and_teacher_stops_after_its_block(kind):
     assert teacher.counts == [1, 1, 1, 1, 0, 0, 0]
 
 
-def test_missing_capture_runs_student_up_to_its_block_and_warns_once():
+def test_missing_capture_runs_student_up_to_its_block_and_warns_once_per_cause():
     model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     counter = CallCounter([*model.blocks, model.final_layer])
     x_t, x_s, t, s, y = inputs("sit", model)
-    with pytest.warns(RuntimeWarning, match="no student features"):
+    with pytest.warns(RuntimeWarning, match="no student features.*no training forward"):
         sra(model, x_t, x_s, t, s, y)
     assert counter.counts == [1, 1, 0, 0, 0, 0, 0]
+    assert sra.metrics["student_reruns"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same cause again: silent, but still recomputed
+        sra(model, x_t, x_s, t, s, y)
+    assert counter.counts == [2, 2, 0, 0, 0, 0, 0]
     other = x_t + 1  # a forward on another input must not be used for this x_t
     model(other, t, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # second time: silent, but still recomputed
+    with pytest.warns(RuntimeWarning, match="different 'x'"):  # a new cause warns once more
         loss = sra(model, x_t, x_s, t, s, y)
-    assert counter.counts == [3, 3, 1, 1, 1, 1, 1]
+    model(other, t, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sra(model, x_t, x_s, t, s, y)
+    assert sra.metrics["student_reruns"] == 4
+    # 4 partial student passes (2 blocks each) and 2 full forwards on `other` (the teacher is a copy)
+    assert counter.counts == [6, 6, 2, 2, 2, 2, 2]
     # and the recomputed loss is the one of x_t, not of `other`
     model(x_t, t, y)
     torch.testing.assert_close(sra(model, x_t, x_s, t, s, y), loss)
+    assert sra.metrics["student_reruns"] == 4
 
 
 @pytest.mark.parametrize("kind", BUILDERS)
@@ -152,12 +163,16 @@ def test_gradient_reaches_head_and_blocks_up_to_student_layer_only(kind):
 def test_update_teacher_is_the_ema_formula_and_advances_step():
     model = tiny_sit()
     sra = SelfRepresentationAlignment(model, 2, 4, ema_decay=0.9)
+    sra.update_teacher()  # the first use starts the EMA at the model's weights
+    assert sra.step == 1
     before = copy.deepcopy(sra.teacher.state_dict())
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(before[name], value.float(), rtol=0, atol=0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     sra.update_teacher()
-    assert sra.step == 1
+    assert sra.step == 2
     student = model.state_dict()
     for name, value in sra.teacher.state_dict().items():
         if value.is_floating_point():

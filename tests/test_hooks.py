@@ -79,12 +79,12 @@ def test_deepcopy_after_sra_never_feeds_or_disturbs_the_capture():
 
     # The copy's forward between the student's forward and sra(...) must not replace the features.
     model(x_t, t, y)
-    kept = sra._capture.record["tokens"]
+    kept = sra._capture.record.tokens
     ema(other, t, y)
     ema.eval()
     with torch.no_grad():
         ema(other, t, y)
-    assert sra._capture.record["tokens"] is kept
+    assert sra._capture.record.tokens is kept
     loss = no_warning(sra, model, x_t, x_s, t, s, y)
     torch.testing.assert_close(loss, expected_loss(sra, model, x_t, x_s, t, s, y), rtol=1e-5, atol=1e-7)
 
@@ -161,10 +161,10 @@ def test_sampling_forwards_are_not_captured_and_hold_nothing(how):
     assert tokens_seen and tokens_seen[0]() is None  # the block's output is not kept alive by SRA
     # Sampling between the training forward and sra(...) does not drop or replace the capture.
     model(x_t, t, y)
-    kept = sra._capture.record["tokens"]
+    kept = sra._capture.record.tokens
     with torch.no_grad():
         model(probe, t, y)
-    assert sra._capture.record["tokens"] is kept
+    assert sra._capture.record.tokens is kept
     no_warning(sra, model, x_t, x_s, t, s, y)
     assert sra._capture.record is None  # handed over and forgotten: no graph kept past the step
 
@@ -175,7 +175,7 @@ def test_features_of_another_input_are_never_used():
     x_t, x_s, t, s, y = step_inputs(model)
     for other in (torch.randn_like(x_t), x_t[:2], x_t + 1e-3):
         model(other, t[: len(other)], y[: len(other)])
-        sra._warned = False
+        sra._warned.clear()
         with pytest.warns(RuntimeWarning, match="found no student features from a training forward on this x_t"):
             loss = sra(model, x_t, x_s, t, s, y)
         torch.testing.assert_close(loss, expected_loss(sra, model, x_t, x_s, t, s, y), rtol=1e-5, atol=1e-7)
@@ -223,10 +223,10 @@ def test_gradient_checkpointing_recompute_is_ignored():
     model.forward = forward
     # A backward between the forward and sra(...) (e.g. another loss first) keeps the forward's features.
     out = model(x_t, t, y)
-    kept = sra._capture.record["tokens"]
+    kept = sra._capture.record.tokens
     out.square().mean().backward(retain_graph=True)
     assert in_backward == [False, True]  # block 2 did run again during backward
-    assert sra._capture.record["tokens"] is kept
+    assert sra._capture.record.tokens is kept
     loss = no_warning(sra, model, x_t, x_s, t, s, y)
     # After sra(...) took the features, the recompute in backward leaves nothing behind.
     (loss + out.square().mean()).backward()

@@ -86,7 +86,7 @@ def test_declarative_registration_with_paths_forward_and_dim() -> None:
     model.train()
     model(x, t)
     loss = sra(model, x, x, t, s)
-    assert torch.isfinite(loss) and len(calls) == 1 and calls[0] is s  # the teacher went through `forward`
+    assert torch.isfinite(loss) and calls[-1] is s  # the teacher went through `forward`
 
 
 class RegistersAdapter(Adapter):

@@ -89,7 +89,7 @@ def test_sra_state_carries_step_and_identity():
         train_step(model, sra, opt, step)
     state = sra.state_dict()
     assert state["_extra_state"] == {
-        "step": 2, "student_layer": 2, "teacher_layer": 4, "depth": 6, "head": "mlp", "owned_teacher": True,
+        "step": 2, "student_layer": 2, "teacher_layer": 4, "depth": 6, "head": "mlp", "owned_teacher": True, "shared_teacher": False,
     }
     assert {k.split(".")[0] for k in state} == {"_extra_state", "head", "ema"}
 
