@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence, Union
 
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "ModelCall", "register_adapter", "resolve_adapter", "registered_adapters", "token_reader"]
+__all__ = ["Adapter", "ModelCall", "patchify_latent", "register_adapter", "resolve_adapter", "registered_adapters", "token_reader"]
 
 
 @dataclass
@@ -57,6 +57,41 @@ def token_reader(adapter: "Adapter") -> Callable[[Any, nn.Module, "ModelCall"], 
     if _takes_call(adapter.tokens):
         return adapter.tokens
     return lambda output, model, call: adapter.tokens(output, model)
+
+
+def patchify_latent(x0: Tensor, patch_size: int | Sequence[int], *, channels_last: bool = True) -> Tensor:
+    """Cut a latent into non-overlapping patches, one token per patch, row-major over the grid.
+
+    ``x0``: ``(B, C, H, W)`` with ``patch_size`` ``p`` or ``(p, q)``, or a video ``(B, C, F, H, W)``
+    with ``(pt, ph, pw)``. Returns ``(B, N, C * prod(patch))``. Tokens run over the grid row by row
+    (frame by frame for video). Within a token, ``channels_last=True`` orders the values
+    ``(pt, ph, pw, C)``, the layout that DiT/SiT, U-ViT, SD3 and Wan unpatchify from;
+    ``channels_last=False`` orders them ``(C, pt, ph, pw)``, the layout of Flux's packed latents.
+    """
+    sizes = (patch_size,) if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+    grid_dims = x0.dim() - 2
+    if grid_dims not in (2, 3):
+        raise ValueError(f"x0 of shape {tuple(x0.shape)} is not accepted: use (B, C, H, W) or (B, C, F, H, W)")
+    if len(sizes) == 1:
+        sizes = sizes * grid_dims
+    if len(sizes) != grid_dims or any(p < 1 for p in sizes):
+        raise ValueError(f"patch_size={patch_size!r} does not fit x0 of shape {tuple(x0.shape)}: give {grid_dims} positive sizes")
+    b, c, *extent = x0.shape
+    if any(n % p for n, p in zip(extent, sizes)):
+        raise ValueError(f"x0 of shape {tuple(x0.shape)} is not divisible into patches of {sizes}")
+    grid = [n // p for n, p in zip(extent, sizes)]
+    split = [b, c]
+    for g, p in zip(grid, sizes):
+        split += [g, p]
+    x = x0.reshape(split)  # (B, C, g1, p1, g2, p2[, g3, p3])
+    grid_axes = [2 + 2 * i for i in range(grid_dims)]
+    patch_axes = [3 + 2 * i for i in range(grid_dims)]
+    inner = [*patch_axes, 1] if channels_last else [1, *patch_axes]
+    x = x.permute(0, *grid_axes, *inner)
+    n = 1
+    for g in grid:
+        n *= g
+    return x.reshape(b, n, -1)
 
 
 class Adapter:
