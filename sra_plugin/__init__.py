@@ -1,6 +1,7 @@
 """sra-plugin: Self-Representation Alignment (arXiv 2505.02831) for any diffusion transformer, in one line."""
 
 from .alignment import SelfRepresentationAlignment
+from .latent import LatentAlignment
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
 
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SelfRepresentationAlignment",
+    "LatentAlignment",
     "NoiseGap",
     "LinearPath",
     "CosinePath",

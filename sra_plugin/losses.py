@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["smooth_l1", "cosine", "mse", "l1", "build_loss", "alignment_loss", "LOSSES", "SMOOTH_L1_BETA"]
+__all__ = ["smooth_l1", "cosine", "mse", "l1", "build_loss", "alignment_loss", "per_sample", "LOSSES", "SMOOTH_L1_BETA"]
 
 SMOOTH_L1_BETA = 0.05
 """The paper's smooth-L1 beta (SRA, Sec. 4.1)."""
@@ -51,6 +51,18 @@ def build_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tens
     if callable(loss):
         return loss
     raise TypeError(f"loss={loss!r} is not accepted: use one of {', '.join(map(repr, LOSSES))} or callable(pred, target) -> per-token loss")
+
+
+def per_sample(loss_fn: Callable[[Tensor, Tensor], Tensor], pred: Tensor, target: Tensor) -> Tensor:
+    """``loss_fn``'s values averaged over every axis but the batch axis: one loss per sample, ``(B,)``."""
+    values = loss_fn(pred, target)
+    if not isinstance(values, Tensor) or values.dim() == 0 or values.shape[0] != pred.shape[0]:
+        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            f"loss={getattr(loss_fn, '__name__', loss_fn)!r} returned {got} for pred {tuple(pred.shape)}: "
+            "a loss must return per-sample values shaped (B, ...), e.g. (B, N) per token"
+        )
+    return values.reshape(values.shape[0], -1).mean(1)
 
 
 def alignment_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], pred: Tensor, target: Tensor) -> Tensor:

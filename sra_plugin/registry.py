@@ -8,6 +8,7 @@ registry from the newest registration to the oldest, so a later registration win
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import operator
 from collections import Counter
@@ -94,6 +95,10 @@ def patchify_latent(x0: Tensor, patch_size: int | Sequence[int], *, channels_las
     return x.reshape(b, n, -1)
 
 
+PATCH_EMBEDDERS = ("x_embedder", "patch_embed", "pos_embed", "patch_embedding", "img_in", "proj_in")
+"""Attribute names under which models keep their patch embedder (first match wins)."""
+
+
 class Adapter:
     """How SRA talks to one backbone family. Subclass it for cases the declarative form cannot say.
 
@@ -163,6 +168,24 @@ class Adapter:
             f"adapter {self.name!r} ({type(model).__name__}) has no patchify, which LatentAlignment needs: "
             "declare it, e.g. register_adapter(..., patchify=lambda model, x0: "
             "einops.rearrange(x0, 'b c (h p) (w q) -> b (h w) (c p q)', p=2, q=2)) or override Adapter.patchify"
+        )
+
+    def patch_dim(self, model: nn.Module) -> int:
+        """Values per token of ``patchify``'s output (``C * p * p``): by default what the model's patch
+        embedder takes in for one token (a patch convolution's ``in_channels * kernel`` or a token
+        linear's ``in_features``); override it where that is not so."""
+        for attr in PATCH_EMBEDDERS:
+            embedder = getattr(model, attr, None)
+            if not isinstance(embedder, nn.Module):
+                continue
+            layer = next((m for m in embedder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+            if isinstance(layer, nn.Linear):
+                return int(layer.in_features)
+            if layer is not None:
+                return int(layer.in_channels) * math.prod(layer.kernel_size)
+        raise ValueError(
+            f"adapter {self.name!r} cannot tell how many latent values a token of {type(model).__name__} holds: "
+            "pass LatentAlignment(..., target_dim=C * p * p) or override Adapter.patch_dim"
         )
 
     def watch(self, model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[tuple, dict], Any]]]:
