@@ -54,6 +54,7 @@ class SelfRepresentationAlignment(StudentAligner):
         adapter: str | Adapter | None = None,
         check_finite: bool = False,
         ema_dtype: torch.dtype = torch.float32,
+        compile_teacher: bool | dict | None = None,
     ) -> None:
         super().__init__()
         # Everything is validated before anything is created or attached.
@@ -79,6 +80,11 @@ class SelfRepresentationAlignment(StudentAligner):
         if not callable(weight):
             weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
+        if not (compile_teacher is None or isinstance(compile_teacher, (bool, dict))):
+            raise TypeError(
+                f"compile_teacher={compile_teacher!r} is not accepted: use None (compile when the model is compiled), "
+                "True, False, or a dict of torch.compile options"
+            )
         if isinstance(teacher, str):
             if teacher != "ema":
                 raise ValueError(f"teacher={teacher!r} is not accepted: use 'ema' or an nn.Module (the EMA model you keep)")
@@ -110,16 +116,18 @@ class SelfRepresentationAlignment(StudentAligner):
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.head_name = head if isinstance(head, str) else type(head).__name__
         self.check_finite = bool(check_finite)
+        self.compile_teacher = compile_teacher
         self.head = head_module
         # The owned teacher is built before any hook is attached, so a copy carries none of ours.
         self.ema: EMATeacher | None = EMATeacher(student, ema_decay, ema_dtype) if user_teacher is None else None
         object.__setattr__(self, "_user_teacher", user_teacher)
         self._init_student(student)
 
-    _transient = (*StudentAligner._transient, "_teacher_block")
+    _transient = (*StudentAligner._transient, "_teacher_block", "_compiled_blocks")
 
     def _attach(self) -> None:
         super()._attach()
+        object.__setattr__(self, "_compiled_blocks", None)  # built at the first compiled teacher pass
         teacher_module = self._student if self.ema is not None and self.ema.shared else self.teacher
         object.__setattr__(self, "_teacher_block", self.adapter.blocks(teacher_module)[self.teacher_layer - 1])
 
@@ -168,18 +176,43 @@ class SelfRepresentationAlignment(StudentAligner):
         self._check_times(batch, t=t, s=s)
         self._check_sample_weight(sample_weight, batch)
 
-    def _teacher_tokens(self, x_s: Tensor, s: Any, args: tuple, kwargs: dict, watched: dict) -> Tensor:
+    def _teacher_tokens(self, model: nn.Module, x_s: Tensor, s: Any, args: tuple, kwargs: dict, watched: dict) -> Tensor:
         t_args, t_kwargs = self.adapter.teacher_inputs(self._student, args, kwargs, watched)
         if self._user_teacher is not None:
             with torch.no_grad(), eval_mode(self._user_teacher):
                 return run_until(self._user_teacher, self._teacher_block, self.adapter, x_s, s, t_args, t_kwargs)
         capture = self._capture
-        with torch.no_grad(), self.ema.module_for_pass() as module, eval_mode(module):
+        with torch.no_grad(), self.ema.module_for_pass() as module, eval_mode(module), self._compiled_teacher(model):
             capture.paused = True  # a shared-weight pass runs the student's own hooked modules
             try:
                 return run_until(module, self._teacher_block, self.adapter, x_s, s, t_args, t_kwargs)
             finally:
                 capture.paused = False
+
+    def _wants_compiled_teacher(self, model: nn.Module) -> bool:
+        if self.compile_teacher is None:
+            return hasattr(model, "_orig_mod") or getattr(self._student, "_compiled_call_impl", None) is not None
+        return bool(self.compile_teacher) or self.compile_teacher == {}
+
+    @contextmanager
+    def _compiled_teacher(self, model: nn.Module) -> Iterator[None]:
+        """Run the owned teacher copy's blocks before ``L_t`` compiled, when the model is compiled (or
+        ``compile_teacher`` says so). Block ``L_t`` stays eager: the hook that ends the pass is on it.
+        The compiled calls live here, not on the modules, so a copy or a pickle of the teacher carries none."""
+        if self.ema is None or self.ema.shared or not self._wants_compiled_teacher(model):
+            yield
+            return
+        blocks = self.adapter.blocks(self.ema.model)[: self.teacher_layer - 1]
+        if self._compiled_blocks is None:
+            options = self.compile_teacher if isinstance(self.compile_teacher, dict) else {}
+            object.__setattr__(self, "_compiled_blocks", [torch.compile(b._call_impl, **options) for b in blocks])
+        for block, call in zip(blocks, self._compiled_blocks):
+            block._compiled_call_impl = call
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None
 
     def forward(self, model: nn.Module, x_t: Tensor, x_s: Tensor, t: Any, s: Any, *args: Any,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -194,7 +227,7 @@ class SelfRepresentationAlignment(StudentAligner):
         if isinstance(weight, float) and weight == 0.0:
             return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap"))
         student_tokens, watched = self._student_tokens(model, x_t, t, args, kwargs)
-        target = self._teacher_tokens(x_s, s, args, kwargs, watched)
+        target = self._teacher_tokens(model, x_s, s, args, kwargs, watched)
         if self.check_finite:
             for side, layer, value in (("student", self.student_layer, student_tokens), ("teacher", self.teacher_layer, target)):
                 if not bool(torch.isfinite(value).all()):
