@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .capture import Decision, StudentCapture, probe_call, run_until
 from .heads import build_head
 from .layers import resolve_layer
+from . import losses
 from .losses import build_loss
 from .registry import Adapter, resolve_adapter
 from .teacher import EMATeacher, check_same_structure, eval_mode, swap_in
@@ -45,12 +46,6 @@ def _batch_of(value: Any) -> int | None:
 
 def first_float_parameter(model: nn.Module) -> Tensor | None:
     return next((p for p in model.parameters() if p.is_floating_point()), None)
-
-
-def per_sample_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], pred: Tensor, target: Tensor) -> Tensor:
-    """``loss_fn``'s values averaged over everything but the batch axis: one loss per sample, ``(B,)``."""
-    values = loss_fn(pred, target)
-    return values.reshape(values.shape[0], -1).mean(1) if values.dim() > 1 else values
 
 
 class SelfRepresentationAlignment(nn.Module):
@@ -331,7 +326,7 @@ class SelfRepresentationAlignment(nn.Module):
         autocast_off = torch.autocast(device_type=device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
         with autocast_off:
             p, q = pred.float(), target.float()  # once: the loss and the metrics share them
-            per_sample = per_sample_loss(self.loss_fn, p, q)
+            per_sample = losses.per_sample(self.loss_fn, p, q)
             align = per_sample.mean() if sample_weight is None else (sample_weight.float() * per_sample).mean()
             loss = weight * align
             with torch.no_grad():
