@@ -4,6 +4,7 @@ from .alignment import SelfRepresentationAlignment
 from .latent import LatentAlignment
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
+from . import schedules
 
 
 def _import_adapters():
@@ -48,5 +49,6 @@ __all__ = [
     "register_adapter",
     "registered_adapters",
     "resolve_adapter",
+    "schedules",
     "__version__",
 ]

@@ -224,7 +224,7 @@ class SelfRepresentationAlignment(StudentAligner):
         weight = self.current_weight()
         if self.ema is not None:
             self.ema.init_if_needed()
-        if isinstance(weight, float) and weight == 0.0:
+        if self._is_zero(weight):
             return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap"))
         student_tokens, watched = self._student_tokens(model, x_t, t, args, kwargs)
         target = self._teacher_tokens(model, x_s, s, args, kwargs, watched)

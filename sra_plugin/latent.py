@@ -120,7 +120,7 @@ class LatentAlignment(StudentAligner):
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self.step += 1
-        if isinstance(weight, float) and weight == 0.0:
+        if self._is_zero(weight):
             return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "target_norm"))
         tokens, _ = self._student_tokens(model, x_t, t, args, kwargs)
         with torch.no_grad():

@@ -91,6 +91,14 @@ class StudentAligner(nn.Module):
             return check_weight(self.weight(self.step), f"weight({self.step})")
         return self.weight
 
+    @staticmethod
+    def _is_zero(weight: float | Tensor) -> bool:
+        """A weight of 0 skips the step's work: a number, or a CPU tensor (a device tensor is not read,
+        which would cost a sync; its step runs and contributes 0)."""
+        if isinstance(weight, Tensor):
+            return weight.device.type == "cpu" and float(weight) == 0.0
+        return weight == 0.0
+
     def _skipped(self, device: torch.device, names: tuple[str, ...]) -> Tensor:
         """The loss at a step of weight 0: nothing runs; the head stays in the graph (with zero
         gradient) so that ``DDP(...)`` of this module sees every parameter used."""

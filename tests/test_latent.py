@@ -244,3 +244,15 @@ def test_remove_and_dropping_the_object_leave_no_hooks():
 
     gc.collect()
     assert hooked() == 0
+
+
+def test_a_zero_tensor_weight_also_runs_nothing():
+    model = tiny_sit()
+    align = LatentAlignment(model, weight=torch.tensor(0.0))
+    x_t, x0, t, y = data()
+    model(x_t, t, y)
+    calls, handles = count_block_calls(model)
+    loss = align(model, x_t, x0, t, y)
+    for h in handles:
+        h.remove()
+    assert calls == [0] * len(model.blocks) and loss.item() == 0.0
