@@ -158,7 +158,7 @@ class DiffusersAdapter(Adapter):
     def model_input(self, model: nn.Module, call: ModelCall | None) -> Any:
         value = call.get(self.x_key, 0) if call is not None else None
         if value is None:
-            raise RuntimeError(
+            raise ValueError(
                 f"the number of image tokens of {type(model).__name__} comes from its input {self.x_key}=, "
                 "which this forward did not receive"
             )
@@ -211,7 +211,7 @@ class DiffusersAdapter(Adapter):
 def _packed_tokens(adapter: DiffusersAdapter, model: nn.Module, call: ModelCall | None) -> int:
     x = adapter.model_input(model, call)
     if not (isinstance(x, Tensor) and x.dim() == 3):
-        raise RuntimeError(f"{type(model).__name__} expects {adapter.x_key} as packed tokens (B, N, C); got {getattr(x, 'shape', type(x).__name__)}")
+        raise ValueError(f"{type(model).__name__} expects {adapter.x_key} as packed tokens (B, N, C); got {getattr(x, 'shape', type(x).__name__)}")
     return int(x.shape[1])
 
 
@@ -297,7 +297,7 @@ class HiDreamAdapter(DiffusersAdapter):
         sizes = call.get("img_sizes") if call is not None else None
         counts = {int(h) * int(w) for h, w in (sizes.tolist() if isinstance(sizes, Tensor) else sizes or ())}
         if len(counts) != 1:
-            raise RuntimeError(
+            raise ValueError(
                 f"{type(model).__name__} was called with packed hidden_states and img_sizes={sizes!r}: SRA needs "
                 "img_sizes with the same size for every sample"
             )
@@ -344,7 +344,7 @@ class Lumina2Adapter(DiffusersAdapter):
             return output
         mask = call.get("encoder_attention_mask", 3) if call is not None else None
         if not isinstance(mask, Tensor):
-            raise RuntimeError(f"{type(model).__name__}'s image tokens follow the caption, whose length comes from encoder_attention_mask=, which this forward did not receive")
+            raise ValueError(f"{type(model).__name__}'s image tokens follow the caption, whose length comes from encoder_attention_mask=, which this forward did not receive")
         start = mask.sum(dim=1).to(device=output.device, dtype=torch.long)  # each sample's caption length
         index = (start[:, None] + torch.arange(n, device=output.device))[..., None].expand(-1, -1, output.shape[-1])
         return output.gather(1, index)
@@ -370,10 +370,13 @@ class ZImageAdapter(DiffusersAdapter):
         x = self.model_input(model, call)
         images = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0)) if isinstance(x, Tensor) and x.dim() == 5 else None
         if not images or not all(isinstance(i, Tensor) and i.dim() == 4 for i in images):
-            raise RuntimeError(f"{type(model).__name__} x= must be images (C, F, H, W), stacked or in a list, for SRA")
+            raise ValueError(f"{type(model).__name__} x= must be images (C, F, H, W), stacked or in a list, for SRA")
         counts = {_grid_tokens(i, self._patch(model, call)) for i in images}
         if len(counts) != 1:
-            raise RuntimeError(f"{type(model).__name__} got images of different sizes in one batch: SRA needs (B, N, D) tokens, one size per batch")
+            raise ValueError(
+                f"x= holds images of {len(counts)} different sizes ({sorted(counts)} tokens): "
+                f"{type(model).__name__} with SRA needs one image size per batch (tokens (B, N, D))"
+            )
         return counts.pop()
 
     def patch_size(self, model: nn.Module) -> tuple[int, int, int]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sra_plugin.adapters.diffusers as fam
-from sra_plugin import SelfRepresentationAlignment, register_adapter, resolve_adapter
+from sra_plugin import SelfRepresentationAlignment, resolve_adapter
 from sra_plugin.registry import ModelCall, registered_adapters, unknown_model_error
 
 B, T = 2, 5  # batch, text tokens
@@ -423,3 +423,13 @@ def test_readme_backbone_table_matches_the_registry() -> None:
         params = inspect.signature(getattr(diffusers, adapter.class_name).forward).parameters
         for keyword in re.findall(r"(\w+)=", calls[0]):
             assert keyword in params and keyword not in (adapter.x_key, adapter.t_key), (adapter.name, keyword)
+
+
+def test_zimage_batch_of_mixed_sizes_is_refused() -> None:
+    case = CASES["zimage"]
+    model = case.build()
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
+    x = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 4)]
+    with pytest.raises(ValueError, match=r"x= holds images of 2 different sizes"):
+        resolve_adapter(model).num_image_tokens(model, ModelCall((), dict(x=x)))
+    sra.remove()
