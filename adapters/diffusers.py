@@ -382,6 +382,11 @@ class ZImageAdapter(DiffusersAdapter):
     def patch_size(self, model: nn.Module) -> tuple[int, int, int]:
         return self._patch(model)
 
+    def patch_dim(self, model: nn.Module) -> int:
+        # One embedder per patch size, in all_x_embedder["{p}-{pf}"]: the default patch size's.
+        pf, p, _ = self._patch(model)
+        return int(model.all_x_embedder[f"{p}-{pf}"].in_features)
+
     def latent(self, model: nn.Module, x0: Any) -> Tensor:
         if x0.dim() != 5:
             raise ValueError(f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: use (B, C, F, H, W), as its x=")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sra_plugin.adapters.diffusers as fam
-from sra_plugin import SelfRepresentationAlignment, resolve_adapter
+from sra_plugin import LatentAlignment, SelfRepresentationAlignment, resolve_adapter
 from sra_plugin.registry import ModelCall, registered_adapters, unknown_model_error
 
 B, T = 2, 5  # batch, text tokens
@@ -433,3 +433,31 @@ def test_zimage_batch_of_mixed_sizes_is_refused() -> None:
     with pytest.raises(ValueError, match=r"x= holds images of 2 different sizes"):
         resolve_adapter(model).num_image_tokens(model, ModelCall((), dict(x=x)))
     sra.remove()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_latent_alignment_on_every_family(name: str) -> None:
+    """SRA 2 on each family: the head's width comes from the patch embedder and matches patchify, the
+    user's forward is reused, and the loss is the hand-computed one on patchify(x0)."""
+    case = CASES[name]
+    model = case.build().train()
+    align = LatentAlignment(model, layer=1, head="linear", weight=1.0)
+    x0, x_t, _, t, _, cond = inputs(case)
+    target = align.adapter.patchify(model, x0)
+    assert align.target_dim == target.shape[-1]
+    kept = {}
+    def keep(module: nn.Module, args: tuple, output: Any) -> None:
+        kept.setdefault("out", output)
+
+    handle = align.adapter.blocks(model)[0].register_forward_hook(keep)
+    call(case, model, x_t, t, cond)
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = align(model, x_t, x0, t, **cond)
+    tokens = align.adapter.tokens(kept["out"], model, ModelCall((), {align.adapter.x_key: x_t, align.adapter.t_key: t, **cond}))
+    want = F.smooth_l1_loss(align.head(tokens).float(), target.float(), beta=0.05)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert align.student_reruns == 0
+    loss.backward()
+    assert has_grad(align.head)
