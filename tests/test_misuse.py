@@ -185,9 +185,10 @@ def test_case3_bf16_model_without_autocast_gets_a_bf16_head():
     assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_case3_head_is_created_on_the_models_device():
-    model, sra = build(tiny_sit(class_dropout_prob=0.0).to("meta"))  # any device but the CPU default
-    assert {p.device.type for p in sra.head.parameters()} == {"meta"}
+@pytest.mark.parametrize("device", ["meta", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_case3_head_is_created_on_the_models_device(device):
+    model, sra = build(tiny_sit(class_dropout_prob=0.0).to(device))  # any device but the CPU default
+    assert {p.device.type for p in sra.head.parameters()} == {device}
 
 
 def test_case3_teacher_built_before_the_model_is_cast_to_bf16_follows():
