@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import sra_plugin.alignment as alignment_module
+import sra_plugin.losses as losses_module
 import sra_plugin.teacher as teacher_module
 import sra_plugin.wrappers as wrappers_module
 from examples.models import SiT
@@ -250,7 +251,7 @@ BROKEN = {
     "update skips integer buffers": (check_integer_buffers_reach_the_owned_teacher, teacher_module, "update_ema_", update_ema_floats_only),
     "first-use init skips integer buffers": (check_integer_buffers_reach_the_owned_teacher, teacher_module.EMATeacher,
                                              "init_if_needed", init_floats_only),
-    "no autocast guard in the loss": (check_loss_runs_without_autocast, alignment_module, "no_autocast", lambda device_type: nullcontext()),
+    "no autocast guard in the loss": (check_loss_runs_without_autocast, losses_module, "no_autocast", lambda device_type: nullcontext()),
 }
 
 
