@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_real
 from .capture import run_until
 from .heads import build_head
 from .layers import resolve_layer
@@ -73,7 +73,7 @@ class SelfRepresentationAlignment(StudentAligner):
                 f"teacher_layer={teacher_layer!r} (block {teacher_index}) comes before student_layer={student_layer!r} "
                 f"(block {student_index}): the teacher's block must be the same or a later one"
             )
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, numbers.Real) or not 0.0 <= ema_decay <= 1.0:
+        if not is_real(ema_decay) or not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay={ema_decay!r} is not accepted: use a number in [0, 1]")
         if not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point:
             raise TypeError(f"ema_dtype={ema_dtype!r} is not accepted: use a floating torch.dtype (torch.float32 is the default)")
@@ -232,7 +232,7 @@ class SelfRepresentationAlignment(StudentAligner):
             for side, layer, value in (("student", self.student_layer, student_tokens), ("teacher", self.teacher_layer, target)):
                 if not bool(torch.isfinite(value).all()):
                     raise FloatingPointError(f"non-finite {side} features at block {layer} (the {side} side of SRA)")
-        pred = self.head(student_tokens)
+        pred = self.head(self._as_head_input(student_tokens))
         if pred.shape != target.shape:
             raise ValueError(
                 f"head output {tuple(pred.shape)} and teacher tokens {tuple(target.shape)} differ: "
@@ -243,8 +243,8 @@ class SelfRepresentationAlignment(StudentAligner):
             self._metrics = {
                 "loss": loss.detach(),
                 "align_loss": align.detach(),
-                "cos_sim": torch.nn.functional.cosine_similarity(p.detach(), q, dim=-1).mean(),
-                "student_norm": student_tokens.detach().float().norm(dim=-1).mean(),
+                "cos_sim": torch.nn.functional.cosine_similarity(p, q, dim=-1).mean(),
+                "student_norm": student_tokens.float().norm(dim=-1).mean(),
                 "teacher_norm": q.norm(dim=-1).mean(),
                 "weight": weight,
                 "student_reruns": self.student_reruns,

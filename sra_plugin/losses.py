@@ -5,14 +5,14 @@ axis) and ``alignment_loss`` is the mean of that, both computed in float32."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["smooth_l1", "cosine", "cosine_tokens", "mse", "l1", "build_loss", "per_sample", "alignment_loss", "LOSSES", "SMOOTH_L1_BETA"]
+__all__ = ["smooth_l1", "cosine", "cosine_tokens", "mse", "l1", "build_loss", "per_sample", "alignment_loss", "no_autocast", "LOSSES", "SMOOTH_L1_BETA"]
 
 SMOOTH_L1_BETA = 0.05
 """The paper's smooth-L1 beta (SRA, Sec. 4.1)."""
@@ -68,16 +68,20 @@ def build_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tens
     raise TypeError(f"loss={loss!r} is not accepted: use one of {', '.join(map(repr, LOSSES))} or callable(pred, target) -> loss shaped (B, ...)")
 
 
-def _float32(pred: Tensor):
-    device_type = pred.device.type
-    return torch.autocast(device_type=device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+def no_autocast(device_type: str) -> AbstractContextManager:
+    """Autocast switched off on ``device_type`` (nothing to switch where autocast is unavailable): a loss
+    computed inside sees float32 inputs and its matmuls and reductions stay in float32. The one
+    autocast guard of the package."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
 
 
 def per_sample(loss_fn: Callable[[Tensor, Tensor], Tensor], pred: Tensor, target: Tensor) -> Tensor:
     """One loss per sample, ``(B,)``: ``loss_fn``'s values averaged over every non-batch axis, in
     float32 whatever autocast is active. ``loss_fn`` may return ``(B,)``, ``(B, N)``, ``(B, D)`` or
     any ``(B, ...)``; anything else (a scalar, another leading size) is a ``ValueError``."""
-    with _float32(pred):
+    with no_autocast(pred.device.type):
         values = loss_fn(pred.float(), target.float())
         batch = pred.shape[0]
         if not isinstance(values, Tensor) or values.dim() == 0 or values.shape[0] != batch:

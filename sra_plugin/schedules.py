@@ -24,6 +24,8 @@ from typing import Any, Callable, Union
 
 from torch import Tensor
 
+from ._checks import is_real
+
 __all__ = ["Schedule", "paper", "linear", "cosine", "stop_at", "PAPER_CONSTANTS"]
 
 WeightLike = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
@@ -33,7 +35,7 @@ PAPER_CONSTANTS: dict[int, tuple[int, int]] = {256: (149, 1000), 512: (99, 800)}
 
 
 def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}={value!r} is not accepted: use a finite number >= 0")
     return float(value)
 
@@ -54,7 +56,7 @@ def _check_weight_like(name: str, value: Any) -> WeightLike:
         return value
     if callable(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name}={value!r} is not accepted: use a number >= 0, a 0-dim floating tensor or a callable step -> weight")
     return _check_number(name, value)
 

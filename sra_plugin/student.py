@@ -5,15 +5,15 @@ of a loss to one number per sample, and the lifetime of the hooks."""
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 import weakref
-from contextlib import nullcontext
 from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import losses as loss_module
+from ._checks import is_real
 from .capture import Decision, StudentCapture, probe_call, run_until
 from .losses import per_sample
 from .wrappers import unwrap
@@ -32,7 +32,7 @@ def check_weight(weight: Any, where: str) -> float | Tensor:
         if weight.device.type == "cpu" and not (bool(torch.isfinite(weight)) and float(weight) >= 0):
             raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0")
         return weight.detach()
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+    if not is_real(weight) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0 or a 0-dim floating tensor")
     return float(weight)
 
@@ -119,7 +119,7 @@ class StudentAligner(nn.Module):
     @staticmethod
     def _check_times(batch: int | None, **times: Any) -> None:
         for name, value in times.items():
-            if not isinstance(value, (Tensor, numbers.Real)) or isinstance(value, bool):
+            if not (isinstance(value, Tensor) or is_real(value)):
                 raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
             b = _batch_of(value)
             if b is not None and b not in (batch, 1):
@@ -179,8 +179,13 @@ class StudentAligner(nn.Module):
     @staticmethod
     def _float32(like: Tensor) -> Any:
         """A context in which autocast is off on ``like``'s device, so float32 stays float32."""
-        device_type = like.device.type
-        return torch.autocast(device_type=device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+        return loss_module.no_autocast(like.device.type)
+
+    def _as_head_input(self, tokens: Tensor) -> Tensor:
+        """The student's tokens in the head's floating dtype: a model cast after this object was built
+        (``model.to(torch.bfloat16)``) keeps a head in the dtype it was created in."""
+        like = first_float_parameter(self.head)
+        return tokens if like is None or like.dtype == tokens.dtype else tokens.to(like.dtype)
 
     def _reduce(self, pred: Tensor, target: Tensor, weight: float | Tensor,
                 sample_weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from examples import digits as D
+from tests._models import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,16 +182,10 @@ def test_quickstart_runs(monkeypatch, capsys) -> None:
     assert len(numbers) == 2 and all(math.isfinite(v) and v > 0 for v in numbers)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_example_one_process(monkeypatch, capsys) -> None:
     from examples import accelerate_ddp
 
-    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)
     accelerate_ddp.main(["--steps", "2", "--batch-size", "4"])
     assert "1 rank(s), 2 steps: student, head and teacher agree across ranks" in capsys.readouterr().out
@@ -202,7 +196,7 @@ def test_ddp_example_two_processes_with_torchrun(tmp_path: Path) -> None:
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -22,10 +22,24 @@ def test_smooth_l1_uses_beta_005_and_means_over_all_elements():
 
 
 def test_loss_is_float32_under_autocast():
-    pred = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    """A custom loss built on a matmul (which autocast runs in bf16) computes in float32: exact to float32
+    rounding against a float64 reference, where bf16 would be off by about 1e-3 relative."""
+    seen = []
+
+    def matmul_mse(pred, target):
+        diff = pred - target
+        per_token = (diff.unsqueeze(-2) @ diff.unsqueeze(-1)).reshape(diff.shape[:-1]) / diff.shape[-1]
+        seen.append(per_token.dtype)
+        return per_token
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 5, 64, generator=g).to(torch.bfloat16)
+    target = torch.randn(2, 5, 64, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = alignment_loss(build_loss("mse"), pred, pred.float() + 1e-3)
-    assert got.dtype == torch.float32
+        got = alignment_loss(matmul_mse, pred, target)
+    assert seen == [torch.float32] and got.dtype == torch.float32
+    want = (pred.double() - target.double()).pow(2).mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
 
 def test_unknown_loss_names_are_rejected():
