@@ -26,7 +26,12 @@ Peak memory is the most a step adds over what was resident before it: on CPU the
 ``torch.cuda.max_memory_allocated``. Growth is the resident memory after the last of a few further
 steps minus that after the first.
 
-    python benchmarks/overhead.py                      # CPU sizes, a few minutes on 2 cores
+LoRA (needs peft): the same models with peft LoRA of rank 16 on every block's attention linears, base
+frozen. The table gives the bytes SRA holds (its teacher, its head) in full training and with LoRA,
+and the LoRA step's cost: SRA step / plain LoRA step, medians of per-round ratios, order alternating.
+
+    python benchmarks/overhead.py                      # CPU sizes, a few minutes on 2 cores (LoRA table first)
+    python benchmarks/overhead.py --lora-only          # only the LoRA table, ~2 minutes on 2 cores
     python benchmarks/overhead.py --device cuda        # SiT-XL/2, 32x32 latents, bf16, batch 32, blocks 8->20
 """
 
