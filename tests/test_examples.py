@@ -224,3 +224,18 @@ def test_diffusers_sd3_example(capsys) -> None:
     assert "adapter='diffusers-sd3', blocks 2->4 of 6" in out and "step 1:" in out
     assert math.isfinite(result["diffusion"]) and result["align_loss"] > 0
     assert result["gap"] > 0  # the teacher saw a less noisy input (timesteps in sigma * 1000)
+
+
+def test_finetune_lora_example(capsys, keep_threads) -> None:
+    pytest.importorskip("peft")
+    from examples import finetune_lora
+
+    result = finetune_lora.main(["--steps", "12", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "adapter='diffusers-flux', blocks 2->4 of 6" in out and "teacher=shared-weight EMA" in out
+    assert "SRA adds:" in out and "no SRA key, no hook" in out
+    assert result["student_reruns"] == 0 and math.isfinite(result["diffusion"]) and result["align_loss"] > 0
+    # The teacher is the LoRA parameters' EMA in float32: exactly their count in 4-byte floats, nothing of the base.
+    assert result["sra_teacher_bytes"] == result["lora_bytes"] + 1  # + the one-byte "initted" flag
+    assert result["sra_teacher_bytes"] < result["base_bytes"] / 10
+    assert result["export_keys"] and all("lora_" in k for k in result["export_keys"])
