@@ -174,8 +174,6 @@ class SD3Workload(Workload):
                      kwargs={"encoder_hidden_states": ehs, "pooled_projections": pooled})
 
     def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
-        # The call sra(...) makes, with .sample: the capture compares every argument, and an extra
-        # return_dict=False would count as a different call (the student would run again).
         return model(hidden_states=x, timestep=t, **b.kwargs).sample
 
     def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:

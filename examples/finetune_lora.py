@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         x_t, x_s = path.pair(x0, noise, sigma, sigma_s)
         x_t, x_s = x_t.to(dtype), x_s.to(dtype)
         # Flux takes sigma in [0, 1] as its timestep (it scales by 1000 inside): so does the teacher's s.
-        pred = model(hidden_states=x_t, timestep=sigma.to(dtype), **cond).sample
+        pred = model(hidden_states=x_t, timestep=sigma.to(dtype), return_dict=False, **cond)[0]
         diff = F.mse_loss(pred.float(), path.velocity(x0, noise))
         loss = diff + sra(model, x_t, x_s, sigma.to(dtype), sigma_s.to(dtype), **cond)
         opt.zero_grad(set_to_none=True)

@@ -113,6 +113,10 @@ class Adapter:
     """
 
     name: str = "adapter"
+    output_form_arguments: tuple[str, ...] = ("return_dict",)
+    """Forward arguments that change only the form of the model's output, never its features: the
+    capture does not compare them (``model(..., return_dict=False)[0]`` is the same forward as
+    ``model(...).sample``)."""
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

@@ -461,3 +461,16 @@ def test_latent_alignment_on_every_family(name: str) -> None:
     assert align.student_reruns == 0
     loss.backward()
     assert has_grad(align.head)
+
+
+def test_return_dict_false_is_the_same_forward_as_sras() -> None:
+    """Training scripts call ``model(..., return_dict=False)[0]``; the capture must reuse that forward."""
+    case = CASES["flux"]
+    model = case.build().train()
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
+    _, x_t, x_s, t, s, cond = inputs(case)
+    model(hidden_states=x_t, timestep=t, return_dict=False, **cond)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sra(model, x_t, x_s, t, s, **cond)
+    assert sra.student_reruns == 0
