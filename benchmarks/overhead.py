@@ -1,12 +1,14 @@
 """Cost of SRA per training step, against a plain step and the reference loop, in one interleaved run.
 
-Three kinds of step, each on its own copy of the same model, with its own AdamW, timed in turn
+Four kinds of step, each on its own copy of the same model, with its own AdamW, timed in turn
 (the order rotates every round) and summarised by medians over the rounds:
 
 - ``plain``: forward, diffusion loss, backward, optimizer step, EMA update (every DiT/SiT run has one).
 - ``sra``: the same plus ``sra(model, x_t, x_s, t, s, ...)`` (teacher pass stopped after block L_t,
   student tokens from the user's own forward) and ``sra.update_teacher()`` in place of the EMA update
   (the owned teacher is the EMA).
+- ``latent``: the plain step plus ``LatentAlignment`` (SRA 2: the same block's tokens through a head
+  against the patchified clean latent; no teacher pass), with the plain step's EMA update.
 - ``reference``: the loop of the SRA reference code: the EMA teacher runs its full forward (every
   block and the final layer) under ``no_grad``; student and teacher features are read by forward
   hooks; the same head and smooth-L1 loss.
@@ -19,7 +21,7 @@ the same in all three kinds, so the whole-step ratio sits a little under the for
 On CPU the default is one torch thread and process CPU time as the clock: on a shared machine the
 load of other processes then hardly enters the figures (``--threads N --timer wall`` for elapsed
 time). Ratios are medians over the rounds of a step's time over the plain step's time in the same
-round. AdamW is fused where torch has it (CPU and CUDA), in all three kinds alike.
+round. AdamW is fused where torch has it (CPU and CUDA), in all kinds alike.
 
 Peak memory is the most a step adds over what was resident before it: on CPU the kernel's peak RSS
 (``VmHWM``, reset before the step through ``/proc/self/clear_refs``; ``ru_maxrss`` elsewhere), on GPU
@@ -33,6 +35,7 @@ and the LoRA step's cost: SRA step / plain LoRA step, medians of per-round ratio
     python benchmarks/overhead.py                      # CPU sizes, a few minutes on 2 cores (LoRA table first)
     python benchmarks/overhead.py --lora-only          # only the LoRA table, ~2 minutes on 2 cores
     python benchmarks/overhead.py --device cuda        # SiT-XL/2, 32x32 latents, bf16, batch 32, blocks 8->20
+    python benchmarks/overhead.py --compile --configs SiT-S/2   # every model compiled (inductor), teacher blocks too
 """
 
 from __future__ import annotations
@@ -63,12 +66,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import sra_plugin  # noqa: E402
-from sra_plugin import DDPMPath, LinearPath, NoiseGap, SelfRepresentationAlignment, resolve_adapter  # noqa: E402
+from sra_plugin import DDPMPath, LatentAlignment, LinearPath, NoiseGap, SelfRepresentationAlignment, resolve_adapter  # noqa: E402
 from sra_plugin.heads import MLPHead  # noqa: E402
 from sra_plugin.losses import alignment_loss, smooth_l1  # noqa: E402
 from sra_plugin.teacher import ema_copy, update_ema_  # noqa: E402
 
-KINDS = ("plain", "sra", "reference")
+KINDS = ("plain", "sra", "reference", "latent")
+LATENT_TARGET = 1.05  # LatentAlignment (SRA 2) step / plain step
 MiB = 2**20
 
 
@@ -313,7 +317,7 @@ def _adamw(params: list[nn.Parameter], device: torch.device) -> torch.optim.Opti
 
 
 class Bench:
-    def __init__(self, cfg: Config, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, cfg: Config, device: torch.device, seed: int = 0, compile: bool = False) -> None:
         self.cfg, self.device = cfg, device
         torch.manual_seed(seed)
         base = cfg.build().to(device).train()
@@ -322,13 +326,14 @@ class Bench:
         self.ema_decay = 0.9999
         self.clock: Callable[[], float] = time.perf_counter
         self.forward_done = 0.0
-        self.models = {"plain": base, "sra": copy.deepcopy(base), "reference": copy.deepcopy(base)}
+        self.models = {"plain": base, "sra": copy.deepcopy(base), "reference": copy.deepcopy(base), "latent": copy.deepcopy(base)}
         # The EMA the user keeps anyway: updated by the plain and reference steps, teacher of the reference.
         self.ema = ema_copy(base)
         self.sra = SelfRepresentationAlignment(
             self.models["sra"], student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer,
             ema_decay=self.ema_decay,
         ).to(device)
+        self.latent = LatentAlignment(self.models["latent"], layer=cfg.student_layer).to(device)
         self.adapter = self.sra.adapter
         self.depth = self.sra.depth
         dim = self.adapter.dim(base, self.adapter.blocks(base)[cfg.student_layer - 1])
@@ -343,6 +348,7 @@ class Bench:
             "plain": list(base.parameters()),
             "sra": [*self.models["sra"].parameters(), *self.sra.head.parameters()],
             "reference": [*self.models["reference"].parameters(), *self.ref_head.parameters()],
+            "latent": [*self.models["latent"].parameters(), *self.latent.head.parameters()],
         }
         self.opt = {k: _adamw(p, device) for k, p in params.items()}
         self.gen = torch.Generator().manual_seed(seed + 1)
@@ -350,6 +356,14 @@ class Bench:
         self.watch: weakref.ref | None = None
         self.student_calls = 0
         self._watch_hook = self.adapter.blocks(self.models["sra"])[cfg.student_layer - 1].register_forward_hook(self._watch)
+        if compile:
+            # The models are instances of one class: without hook guards the hooked models would reuse the
+            # graph traced on the plain one, which has no hooks (SRA would then re-run its student each step).
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            # After sra and its hooks exist, as the README says; sra then compiles its teacher's blocks too.
+            # The reference loop stays eager: it reads its features by hooks from Python.
+            for kind in ("plain", "sra", "latent"):
+                self.models[kind].compile()
 
     def _grab(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -421,6 +435,13 @@ class Bench:
             x_s, s = self.work.teacher_pair(b)
             loss = loss + self.sra(model, b.x_t, x_s, b.t, s, *b.args, **b.kwargs)
         return self._finish("sra", loss)
+
+    def _latent(self, b: Batch) -> float:
+        model = self.models["latent"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            loss = loss + self.latent(model, b.x_t, b.x0, b.t, *b.args, **b.kwargs)
+        return self._finish("latent", loss)
 
     def _reference(self, b: Batch) -> float:
         model = self.models["reference"]
@@ -625,10 +646,10 @@ def lora_note(results: list[dict[str, Any]], repeats: int, timer_text: str) -> s
 
 # ---------------------------------------------------------------------------------------- running
 def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, growth_steps: int,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+               clock: Callable[[], float] = time.perf_counter, compile: bool = False) -> dict[str, Any]:
     memory = Memory(device)
     t0 = time.perf_counter()
-    bench = Bench(cfg, device)
+    bench = Bench(cfg, device, compile=compile)
     bench.clock = clock
     for _ in range(warmup):
         b = bench.batch()
@@ -640,7 +661,7 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
     forward_share: list[float] = []
     for r in range(repeats):
         b = bench.batch()
-        order = KINDS[r % 3:] + KINDS[: r % 3]
+        order = KINDS[r % len(KINDS):] + KINDS[: r % len(KINDS)]
         gc.collect()
         for kind in order:
             whole, part, forward, seconds = bench.timed(kind, b)
@@ -672,7 +693,7 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         # Median over rounds of the ratio within a round: slow drifts of the machine's load cancel.
         med = {k: statistics.median(v) for k, v in times.items()}
         out = {}
-        for k in ("sra", "reference"):
+        for k in ("sra", "reference", "latent"):
             per_round = [a / p for a, p in zip(times[k], times["plain"])]
             out[k] = statistics.median(per_round)
             out[f"{k}_q1"], _, out[f"{k}_q3"] = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [out[k]] * 3
@@ -693,6 +714,8 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         "latent": cfg.latent,
         "tokens": (cfg.latent // 2) ** 2,
         "dtype": str(cfg.amp).replace("torch.", "") if cfg.amp else "float32",
+        "compiled": compile,
+        "teacher_compiled": bench.sra._compiled_blocks is not None,
         "adapter": bench.adapter_note,
         "floor": floor,
         "plain_forward_share": share,
@@ -703,6 +726,10 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         "ratio": r_step,
         "ratio_fwbw": r_fwbw,
         "target_met": r_step["sra"] <= target and r_step["sra"] < r_step["reference"],
+        "latent_target": LATENT_TARGET,
+        "latent_target_met": r_step["latent"] <= LATENT_TARGET,
+        "latent_reruns": bench.latent.student_reruns,
+        "sra_reruns": bench.sra.student_reruns,
         "memory_method": memory.method,
         "peak": peak,
         "growth_MiB": growth,
@@ -718,12 +745,13 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
     for h in [*bench._hooks, bench._watch_hook]:
         h.remove()
     bench.sra.remove()
+    bench.latent.remove()
     return result
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ("config", "blocks", "batch", "plain ms", "SRA ms", "ref ms", "SRA/plain", "ref/plain",
-            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref", "target")
+            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref/SRA 2", "target", "SRA 2/plain")
     rows = []
     for r in results:
         m, ratio, fb, p = r["median_s"], r["ratio"], r["ratio_fwbw"], r["peak"]
@@ -736,6 +764,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{fb['sra']:.3f}/{fb['reference']:.3f}",
             "/".join(f"{p[k]['added_MiB']:.0f}" for k in KINDS),
             f"{'met' if r['target_met'] else 'MISSED'} (<= {r['target']:.3f})",
+            f"{ratio['latent']:.3f} ({ratio['latent_q1']:.2f}-{ratio['latent_q3']:.2f}) "
+            f"{'met' if r['latent_target_met'] else 'MISSED'} (<= {r['latent_target']:.2f})",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -770,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--no-lora", action="store_true", help="skip the LoRA memory table (needs peft)")
     lora.add_argument("--lora-only", action="store_true", help="only the LoRA memory table and step ratio")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the plain, SRA and SRA 2 models (model.compile(), inductor) after building SRA; the owned "
+                             "teacher's blocks are then compiled too (compile_teacher=None); the reference loop stays eager. "
+                             "Implies --no-lora")
     args = parser.parse_args(argv)
 
     try:
@@ -810,6 +844,10 @@ def main(argv: list[str] | None = None) -> int:
     timer_text = "process CPU time" if timer == "cpu" else "wall-clock time"
     print(f"# {command}\n# {where}; sra-plugin {sra_plugin.__version__}; repeats {args.repeats}, warmup {args.warmup}; "
           f"timer: {timer_text}", flush=True)
+    if args.compile:
+        if args.lora_only:
+            parser.error("--compile measures the full-training steps: it cannot go with --lora-only")
+        args.no_lora = True
     if not args.no_lora:
         try:
             import peft  # noqa: F401
@@ -837,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if lora_ok else 1
     results = []
     for name in names:
-        result = run_config(all_configs[name], device, args.repeats, args.warmup, args.growth_steps, clock)
+        result = run_config(all_configs[name], device, args.repeats, args.warmup, args.growth_steps, clock, compile=args.compile)
         results.append(result)
         print(f"#   {name}: {result['wall_s']:.0f} s, adapter {result['adapter']}", flush=True)
     total = time.perf_counter() - start
@@ -860,12 +898,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{ema['weights_MiB']:.0f} MiB of weights, no weight copy: {ema['no_weight_copy']}")
     print(f"total {total:.0f} s")
 
-    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}.json"
+    suffix = "-compiled" if args.compile else ""
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats, "warmup": args.warmup,
                                "total_s": total, "results": results, "lora": lora_results}, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0 if lora_ok and all(r["target_met"] and r["hot_path"]["ok"] and r["student_tokens_released"] for r in results) else 1
+    return 0 if lora_ok and all(r["target_met"] and r["latent_target_met"] and r["hot_path"]["ok"] and r["student_tokens_released"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -164,7 +164,10 @@ class StudentAligner(nn.Module):
             name = type(self).__name__
             hint = (
                 f" The model was compiled before {name} was created, so the compiled forward ignores its hooks: "
-                f"create {name} first, then call torch.compile(model) (or call torch._dynamo.reset() once after creating it)."
+                f"create {name} first, then call torch.compile(model) (or call torch._dynamo.reset() once after creating it). "
+                "If another instance of this model class was compiled first (an eval or EMA copy), its graph, traced "
+                "without these hooks, is reused, because torch.compile does not guard on hooks by default: set "
+                "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling."
             )
         warnings.warn(
             f"{type(self).__name__} found no student features from a training forward on this x_t: {decision.reason} "
