@@ -239,16 +239,8 @@ class SelfRepresentationAlignment(StudentAligner):
                 "the adapter's tokens or the head do not fit this model"
             )
         loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
-        with torch.no_grad(), self._float32(pred):
-            self._metrics = {
-                "loss": loss.detach(),
-                "align_loss": align.detach(),
-                "cos_sim": torch.nn.functional.cosine_similarity(p, q, dim=-1).mean(),
-                "student_norm": student_tokens.float().norm(dim=-1).mean(),
-                "teacher_norm": q.norm(dim=-1).mean(),
-                "weight": weight,
-                "student_reruns": self.student_reruns,
-            }
+        self._record_metrics(loss, align, p, q, student_tokens, weight, "teacher")
+        with torch.no_grad():
             if isinstance(t, Tensor) or isinstance(s, Tensor):
                 self._metrics["gap"] = (torch.as_tensor(t) - torch.as_tensor(s)).abs().float().mean()
             else:

@@ -135,16 +135,7 @@ class LatentAlignment(StudentAligner):
             raise FloatingPointError(f"non-finite student features at block {self.student_layer}")
         pred = self.head(self._as_head_input(tokens))
         loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
-        with torch.no_grad(), self._float32(pred):
-            self._metrics = {
-                "loss": loss.detach(),
-                "align_loss": align.detach(),
-                "cos_sim": torch.nn.functional.cosine_similarity(p, q, dim=-1).mean(),
-                "student_norm": tokens.float().norm(dim=-1).mean(),
-                "target_norm": q.norm(dim=-1).mean(),
-                "weight": weight,
-                "student_reruns": self.student_reruns,
-            }
+        self._record_metrics(loss, align, p, q, tokens, weight, "target")
         return loss
 
     def _identity(self) -> dict[str, Any]:

@@ -200,6 +200,20 @@ class StudentAligner(nn.Module):
             align = losses.mean() if sample_weight is None else (sample_weight.float() * losses).mean()
             return weight * align, align, p, q
 
+    def _record_metrics(self, loss: Tensor, align: Tensor, p: Tensor, q: Tensor, tokens: Tensor,
+                        weight: float | Tensor, target_name: str) -> None:
+        """The step's figures, kept as tensors (read as floats by ``metrics``, so no device sync here)."""
+        with torch.no_grad(), self._float32(p):
+            self._metrics = {
+                "loss": loss.detach(),
+                "align_loss": align.detach(),
+                "cos_sim": torch.nn.functional.cosine_similarity(p, q, dim=-1).mean(),
+                "student_norm": tokens.float().norm(dim=-1).mean(),
+                f"{target_name}_norm": q.norm(dim=-1).mean(),
+                "weight": weight,
+                "student_reruns": self.student_reruns,
+            }
+
     # ------------------------------------------------------------------ state
     def _identity(self) -> dict[str, Any]:
         """What a saved state must agree on to be loaded here (layers, head, ...)."""
