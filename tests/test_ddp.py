@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sra_plugin import SelfRepresentationAlignment
+from sra_plugin import LatentAlignment, SelfRepresentationAlignment
+from sra_plugin.schedules import stop_at
 from tests._models import free_port
 
 WORLD, STEPS = 2, 4
@@ -23,9 +24,40 @@ WORLD, STEPS = 2, 4
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 
-def train(rank: int, wrap_sra: bool, sra_first: bool) -> dict:
+def train_latent(rank: int) -> dict:
+    """DDP(model) + DDP(LatentAlignment), its weight 0 at steps 2 and 3 (nothing runs then, and DDP
+    must not complain about the head's unused parameters)."""
     from tests._models import flow_batch, tiny_sit
 
+    model = tiny_sit(seed=rank, depth=4)
+    ddp_model = DDP(model)
+    align = LatentAlignment(model, layer=2, weight=stop_at(2, 0.5))
+    with torch.no_grad():
+        for p in align.head.parameters():
+            p.add_(0.1 * rank)
+    align_call = DDP(align)
+    opt = torch.optim.AdamW([*ddp_model.parameters(), *align.head.parameters()], lr=1e-3)
+    losses = []
+    for step in range(STEPS):
+        x_t, _, t, _, y, target = flow_batch(4, 100 * step + rank)
+        x0 = x_t - t.view(-1, 1, 1, 1) * target  # the linear path: x_t = x0 + t * (noise - x0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pred = ddp_model(x_t, t, y)
+            loss = align_call(ddp_model, x_t, x0, t, y)
+        (F.mse_loss(pred, target) + loss).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return {"model": model.state_dict(), "head": align.head.state_dict(), "step": align.step, "losses": torch.stack(losses),
+            "reruns": align.student_reruns}
+
+
+def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool = False) -> dict:
+    from tests._models import flow_batch, tiny_sit
+
+    if latent:
+        return train_latent(rank)
     # Different initial weights per rank on purpose: DDP must broadcast rank 0's model, head and teacher.
     model = tiny_sit(seed=rank, depth=4)
     if sra_first:  # sra built on the bare model, before DDP: its teacher copies this rank's weights
@@ -71,6 +103,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 RUNS = {
     "ddp_sra": dict(wrap_sra=True, sra_first=True),
     "plain_sra": dict(wrap_sra=False, sra_first=False),
+    "latent": dict(latent=True),
 }
 
 
@@ -101,3 +134,11 @@ def test_without_ddp_sra_the_heads_drift_apart(ranks):
     r0, r1 = (r["plain_sra"] for r in ranks)
     assert identical(r0["model"], r1["model"])  # DDP(model) alone keeps the student in step
     assert not identical(r0["head"], r1["head"])
+
+
+def test_ddp_latent_alignment_stays_identical_and_weight_zero_steps_run_nothing(ranks):
+    r0, r1 = (r["latent"] for r in ranks)
+    assert identical(r0["model"], r1["model"]) and identical(r0["head"], r1["head"])
+    assert r0["step"] == r1["step"] == STEPS and r0["reruns"] == r1["reruns"] == 0
+    assert bool((r0["losses"][:2] > 0).all()) and bool((r0["losses"][2:] == 0).all())
+    assert not torch.equal(r0["losses"][:2], r1["losses"][:2])  # different data per rank

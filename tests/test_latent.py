@@ -256,3 +256,22 @@ def test_a_zero_tensor_weight_also_runs_nothing():
     for h in handles:
         h.remove()
     assert calls == [0] * len(model.blocks) and loss.item() == 0.0
+
+
+def test_compiled_model_feeds_the_capture_and_matches_eager():
+    torch._dynamo.reset()
+    eager = tiny_sit(class_dropout_prob=0.0)
+    compiled = copy.deepcopy(eager)
+    torch.manual_seed(0)
+    want_align = LatentAlignment(eager, layer=2)
+    torch.manual_seed(0)
+    got_align = LatentAlignment(compiled, layer=2)
+    compiled.compile(backend="eager")  # after LatentAlignment, as for SRA
+    x_t, x0, t, y = data()
+    eager(x_t, t, y)
+    want = want_align(eager, x_t, x0, t, y)
+    for _ in range(2):
+        compiled(x_t, t, y)
+        got = got_align(compiled, x_t, x0, t, y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_align.student_reruns == 0
