@@ -898,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         ema = r["user_ema_teacher"]
         hp = r["hot_path"]
         print(f"{r['config']}: memory growth over {r['growth_steps']} steps (MiB) {growth}; student tokens freed after "
-              f"the step: {r['student_tokens_released']}; per SRA step: student block ran {hp['student_block_calls']}x (student re-runs {hp['student_reruns']}), "
+              f"the step: {r['student_tokens_released']}; per SRA step: student block ran {hp['student_block_calls'] if hp['student_block_calls'] is not None else 'n/a (compiled)'}x (student re-runs {hp['student_reruns']}), "
               f"teacher ran {hp['teacher_blocks_run']} of {r['depth']} blocks, teacher grad {hp['teacher_grad']}; "
               f"user EMA as teacher adds {ema['state_bytes'] / MiB:.2f} MiB of state (the head) for "
               f"{ema['weights_MiB']:.0f} MiB of weights, no weight copy: {ema['no_weight_copy']}")
