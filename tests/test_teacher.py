@@ -423,3 +423,16 @@ def test_resume_is_bit_exact(mode, save_at, tmp_path):
     if mode == "shared":
         assert any(k.startswith("sra.ema.ema.") for k in state) and not any(k.startswith("sra.ema.model.") for k in state)
     assert len({float(x) for x in straight}) == STEPS
+
+
+def test_a_frozen_positional_table_keeps_the_teacher_module():
+    """A small SiT at 32x32 latents: its fixed pos_embed is a few percent of the weights, which must not
+    switch the owned EMA to the shared-weight (LoRA) mode: sra.teacher stays a module to sample from."""
+    from tests._models import tiny_sit
+
+    model = tiny_sit(input_size=32, depth=4, hidden_size=64)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    share = frozen / sum(p.numel() for p in model.parameters())
+    assert 0.01 < share < 0.1, share  # the case that 0.2.0's first cut got wrong
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
+    assert not sra.ema.shared and isinstance(sra.teacher, torch.nn.Module)
