@@ -271,12 +271,15 @@ def train(
     model = build_sit(cfg.model_size, image_size=data.image_size).to(device)
     s_layer, t_layer = cfg.layers()
     sra = latent = None
+    # One EMA, built and updated the same way in every variant (``update_ema_`` after each step); SRA
+    # gets it as its teacher (``teacher=ema``), so the teacher is the sampling EMA, as in the paper.
+    # (An owned ``teacher="ema"`` would be the same average, but on a small SiT at 32x32 the frozen
+    # sin-cos table is over 1% of the weights and the owned EMA then keeps no separate module.)
+    ema = ema_copy(model)
     if method == "sra":
         sra = SelfRepresentationAlignment(
-            model, student_layer=s_layer, teacher_layer=t_layer, ema_decay=cfg.ema_decay,
-            loss=loss_name, weight=weight,
+            model, student_layer=s_layer, teacher_layer=t_layer, teacher=ema, loss=loss_name, weight=weight,
         ).to(device)
-        ema = sra.teacher
         params = [*model.parameters(), *sra.head.parameters()]
     else:
         if method == "latent":
@@ -285,7 +288,6 @@ def train(
             latent = sra_plugin.LatentAlignment(model, layer=s_layer, head="mlp")
             if isinstance(latent, nn.Module):
                 latent = latent.to(device)
-        ema = ema_copy(model)
         params = [*model.parameters(), *(latent.parameters() if latent is not None else ())]
     # Reseed after construction: the heads consumed random numbers the plain run did not.
     torch.manual_seed(cfg.seed + 1)
@@ -327,10 +329,9 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        update_ema_(ema, model, cfg.ema_decay)
         if sra is not None:
-            sra.update_teacher()
-        else:
-            update_ema_(ema, model, cfg.ema_decay)
+            sra.update_teacher()  # advances sra.step (the teacher is ``ema``, updated above)
         result.diff_loss.append(diff.item())
         metrics = getattr(aligner, "metrics", None) if aligner is not None else None
         if metrics:
