@@ -288,7 +288,10 @@ def train(
             latent = sra_plugin.LatentAlignment(model, layer=s_layer, head="mlp")
             if isinstance(latent, nn.Module):
                 latent = latent.to(device)
-        params = [*model.parameters(), *(latent.parameters() if latent is not None else ())]
+        params = list(model.parameters())
+        if latent is not None:  # its head; never the model's own parameters twice
+            own = {id(p) for p in params}
+            params += [p for p in latent.parameters() if id(p) not in own]
     # Reseed after construction: the heads consumed random numbers the plain run did not.
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # batches, t and noise, on the CPU for reproducibility
