@@ -247,3 +247,26 @@ def test_report_command_line(tiny, tmp_path: Path, capsys) -> None:
     # Teacher = identical weights at the same time and noise: the diagonal is 1.
     np.testing.assert_allclose(np.diag(rep.cka), 1.0, atol=1e-9)
     assert len(saved["student_probe"]) == 5
+
+
+def test_report_imports_no_plotting_or_backbone_code() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, sra_plugin.report; print(sorted(m for m in ('matplotlib', 'sklearn', 'examples') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-m", "sra_plugin.report", "--help"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout
+    assert "--teacher-state-key" in help_text and "--pool" in help_text
+    import ast
+
+    tree = ast.parse((root / "sra_plugin" / "report.py").read_text())
+    for node in ast.walk(tree):  # drop docstrings: only the code counts
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+    code = ast.unparse(tree)
+    assert "adapter.blocks(" in code and "adapter.forward(" in code
+    for word in (".blocks[", "x_embedder", "SiT", "DiT", "transformer_blocks"):  # no backbone knowledge
+        assert word not in code, word
