@@ -1,24 +1,57 @@
-"""diffusers transformers: ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
-``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` (optional extra ``sra-plugin[diffusers]``).
+"""diffusers transformers (optional extra ``sra-plugin[diffusers]``): the image and video models that
+training tools fine-tune. One adapter class, :class:`DiffusersAdapter`, holds what they share; each
+family is a handful of facts on a subclass (its block lists, where its image tokens are, how it is
+called, how it patchifies).
 
 Facts relied on, checked against the diffusers 0.42.1 sources (``models/transformers/``) and, for
 Flux's older single blocks, against the pre-0.35 ``transformer_flux.py``:
 
-- Every model is called with the library's own keywords: ``model(hidden_states=x, timestep=t,
-  **conditioning)``. Users pass the conditioning by keyword, e.g.
-  ``sra(model, x_t, x_s, t, s, encoder_hidden_states=..., pooled_projections=...)``, with ``t`` and
-  ``s`` in the model's own convention: SD3 ``sigma * 1000``; Flux ``sigma`` in [0, 1] (the model
-  multiplies by 1000 itself); DiT and PixArt DDPM steps 0..999.
-- SD3: ``transformer_blocks``, each returning ``(encoder_hidden_states, hidden_states)``; the last
-  block (``context_pre_only``) returns ``None`` for the first. A ControlNet residual is added after
-  the block, so it is not part of the block's tokens.
-- Flux: ``transformer_blocks`` (double stream) then ``single_transformer_blocks``, numbered
-  consecutively. Since 0.35 every block returns ``(encoder_hidden_states, hidden_states)``. Before,
-  single blocks took and returned one ``[text; image]`` tensor; its image tokens are the last
-  ``N`` tokens, ``N`` being the number of image tokens of the model's input ``hidden_states``
-  ``(B, N, C)`` (recorded on each call).
-- DiT and PixArt: ``transformer_blocks`` of ``BasicTransformerBlock``, each returning one
-  ``(B, N, D)`` tensor, no extra tokens.
+Calls. Every model is called with the library's own keywords: ``model(hidden_states=x, timestep=t,
+**conditioning)``, except HiDream (``timesteps=``) and Z-Image (``x=``, ``t=``). ``sra(model, x_t, x_s,
+t, s, **conditioning)`` passes the conditioning by keyword, exactly as the training loop passes it to
+the model, and ``t``/``s`` in the model's own convention (see the README's table).
+
+Blocks, numbered consecutively in the order the forward runs them:
+
+- ``transformer_blocks``: SD3, QwenImage, CogView4, Sana, PixArt, DiT, LTX, CogVideoX, Mochi;
+  then ``single_transformer_blocks``: Flux, Flux2, Chroma, HunyuanImage, HunyuanVideo.
+- AuraFlow: ``joint_transformer_blocks`` then ``single_transformer_blocks``.
+- HiDream: ``double_stream_blocks`` then ``single_stream_blocks`` (each a ``HiDreamBlock`` wrapping
+  ``.block``; the wrapper is what the forward calls, so it is what is hooked).
+- Wan, SkyReelsV2: ``blocks``.
+- Lumina2, Z-Image: ``noise_refiner`` (image tokens only) then ``layers``; ``context_refiner`` (and
+  Z-Image's ``siglip_refiner``) see only text or reference features and are not blocks. Likewise the
+  text ``token_refiner`` inside HunyuanVideo/Image's ``context_embedder``.
+
+Block outputs and where the image tokens are (``N`` = the number of image tokens of the call):
+
+- ``(text, image)``: SD3 (the last block returns ``(None, image)``), Flux (>= 0.35, single blocks
+  too), Flux2/Chroma/AuraFlow double blocks, QwenImage.
+- ``(image, text)``: HunyuanVideo, HunyuanImage (single blocks too), CogVideoX, CogView4, Mochi,
+  HiDream double blocks.
+- image only: Wan, SkyReelsV2, LTX, Sana, PixArt, DiT.
+- one merged ``[text; image]`` tensor: Flux2, Chroma and AuraFlow single blocks (AuraFlow's text
+  stream starts with 8 learned register tokens), Flux single blocks before 0.35: the last ``N``.
+- ``[image; text...]``: HiDream single blocks: the first ``N``. HiDream pads a non-square image to
+  ``max_seq`` tokens (double blocks too): the first ``N`` are the real ones.
+- Z-Image: ``[image; pad; caption]`` in ``layers`` and ``[image; pad]`` in ``noise_refiner``, the image
+  padded to a multiple of 32 tokens: the first ``N``.
+- Lumina2: ``[caption; image; padding]`` in ``layers``, the caption length per sample
+  (``encoder_attention_mask[i].sum()``): sample ``i``'s image tokens start there.
+- QwenImage (edit): ``hidden_states`` may hold the target's tokens followed by reference images'
+  (``img_shapes[i]`` lists them): the first ``prod(img_shapes[0][0])`` are the target's.
+
+``N`` is read from the model's input in the same call: ``hidden_states.shape[1]`` for packed inputs
+(Flux family), the grid over the patch size for latents (``(H/p)(W/p)``, frames too for Z-Image).
+
+Patchify (the clean latent in the model's token layout, for ``LatentAlignment``): the exact inverse of
+each model's own unpatchify at the end of its forward. Per token, the values run ``(p, q, C)``
+(channels last) for SD3, DiT, PixArt, AuraFlow, Sana, Lumina2, HiDream, Wan, SkyReelsV2, Mochi and
+Z-Image, and ``(C, p, q)`` (channels first) for CogView4, HunyuanImage, HunyuanVideo and CogVideoX.
+Models whose ``hidden_states`` are already packed tokens ``(B, N, C)`` (Flux, Flux2, Chroma,
+QwenImage, LTX: the pipeline packs them) predict exactly those tokens, so ``patchify`` takes ``x0`` in
+that same packed layout and returns it unchanged (a latent of another shape is refused). CogVideoX
+takes ``(B, F, C, H, W)``, as its ``hidden_states``; Z-Image ``(B, C, F, H, W)``.
 
 What the teacher sees on diffusers DiT: its class labels are dropped for classifier-free guidance
 inside **every block**: each block's ``norm1.emb.class_embedder`` is a ``LabelEmbedding`` with
@@ -36,11 +69,15 @@ pipeline (set them to ``num_classes``) and switch the in-block dropout off::
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import math
+import numbers
+from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from ..registry import Adapter, ModelCall, register_adapter
+from ..registry import Adapter, ModelCall, patchify_latent, register_adapter
 
 
 def _is_diffusers(model: nn.Module, class_name: str) -> bool:
@@ -48,61 +85,318 @@ def _is_diffusers(model: nn.Module, class_name: str) -> bool:
     return any(c.__name__ == class_name and c.__module__.startswith("diffusers.") for c in type(model).__mro__)
 
 
+def _config(model: nn.Module, key: str, default: Any = None) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        return default
+    value = config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+    return default if value is None else value
+
+
+def _forward_default(model: nn.Module, name: str) -> Any:
+    return inspect.signature(type(model).forward).parameters[name].default
+
+
 class DiffusersAdapter(Adapter):
-    """Shared by the diffusers models: keyword calls, ``transformer_blocks``, width ``inner_dim``."""
+    """Shared by the diffusers models. A family sets:
+
+    - ``class_name``: the diffusers class it serves;
+    - ``block_lists``: attribute paths of its block lists, in the order the forward runs them;
+    - ``x_key``, ``t_key``: the forward's keywords for the latent and the time;
+    - ``image_index``: the image stream's position in a block's tuple output;
+    - ``merged``: ``None`` (every block's image stream holds only image tokens), ``"last"`` or
+      ``"first"`` (a tensor output, or a padded stream, holds the ``N`` image tokens last / first;
+      ``num_image_tokens`` says how many);
+    - ``layout``: ``None`` (no fixed patch layout), ``"packed"`` (``hidden_states`` are already the
+      tokens), ``"last"`` / ``"first"`` (a latent grid; a token's values channels last / first).
+    """
 
     class_name = ""
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
+    x_key = "hidden_states"
+    t_key = "timestep"
+    image_index = 0
+    merged: str | None = None
+    layout: str | None = None
 
     def matches(self, model: nn.Module) -> bool:
         return _is_diffusers(model, self.class_name)
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.transformer_blocks)
+        found: list[nn.Module] = []
+        for path in self.block_lists:
+            found.extend(getattr(model, path, None) or ())
+        return found
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:
-        return int(model.inner_dim)
+        inner = getattr(model, "inner_dim", None)
+        if isinstance(inner, numbers.Integral):
+            return int(inner)
+        heads, head_dim = _config(model, "num_attention_heads"), _config(model, "attention_head_dim")
+        if heads and head_dim:
+            return int(heads) * int(head_dim)
+        for key in ("hidden_size", "dim"):
+            if _config(model, key):
+                return int(_config(model, key))
+        return super().dim(model, block)
 
+    # ------------------------------------------------------------------ calls
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         if args:
             raise TypeError(
                 f"{type(model).__name__} takes its conditioning by keyword: got {len(args)} positional "
                 "argument(s) after t, s; pass them as e.g. encoder_hidden_states=..., pooled_projections=..."
             )
-        for key in ("hidden_states", "timestep"):
+        for key in (self.x_key, self.t_key):
             if key in kwargs:
                 raise TypeError(
-                    f"{key}= was passed to sra(...), but sra gives the model hidden_states=x_t/x_s and "
-                    "timestep=t/s itself: remove it"
+                    f"{key}= was passed to sra(...), but sra gives {type(model).__name__} {self.x_key}=x_t/x_s and "
+                    f"{self.t_key}=t/s itself: remove it"
                 )
-        return model(hidden_states=x, timestep=t, **kwargs)
+        return model(**{self.x_key: x, self.t_key: t}, **kwargs)
+
+    def model_input(self, model: nn.Module, call: ModelCall | None) -> Any:
+        value = call.get(self.x_key, 0) if call is not None else None
+        if value is None:
+            raise ValueError(
+                f"the number of image tokens of {type(model).__name__} comes from its input {self.x_key}=, "
+                "which this forward did not receive"
+            )
+        return value
+
+    # ------------------------------------------------------------------ tokens
+    def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
+        """How many image tokens the call's input makes (for ``merged`` families)."""
+        raise NotImplementedError
+
+    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
+        stream = output[self.image_index] if isinstance(output, (tuple, list)) else output
+        if self.merged is None:
+            return stream
+        n = self.num_image_tokens(model, call)
+        if stream.shape[1] == n:
+            return stream
+        if stream.shape[1] < n:
+            raise RuntimeError(
+                f"a block of {type(model).__name__} returned {stream.shape[1]} tokens, fewer than the {n} image "
+                f"tokens of its input: adapter {self.name!r} does not fit this model"
+            )
+        return stream[:, -n:] if self.merged == "last" else stream[:, :n]
+
+    # ------------------------------------------------------------------ patchify
+    def patch_size(self, model: nn.Module) -> int | tuple[int, ...]:
+        return int(_config(model, "patch_size"))
+
+    def latent(self, model: nn.Module, x0: Tensor) -> Tensor:
+        """``x0`` as ``(B, C, H, W)`` or ``(B, C, F, H, W)``, the grid ``patchify_latent`` cuts."""
+        return x0
+
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        if self.layout is None:
+            return super().patchify(model, x0)
+        if not isinstance(x0, Tensor):
+            raise TypeError(f"x0={type(x0).__name__} is not accepted: use a tensor laid out as {type(model).__name__}'s {self.x_key}")
+        if self.layout == "packed":
+            channels = _config(model, "in_channels")
+            if x0.dim() != 3 or (channels is not None and x0.shape[-1] != channels):
+                raise ValueError(
+                    f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: its {self.x_key} are packed "
+                    f"tokens, so give x0 packed the same way, (B, N, {channels if channels is not None else 'C'}), "
+                    "as the pipeline packs latents for the model"
+                )
+            return x0
+        return patchify_latent(self.latent(model, x0), self.patch_size(model), channels_last=self.layout == "last")
 
 
+def _packed_tokens(adapter: DiffusersAdapter, model: nn.Module, call: ModelCall | None) -> int:
+    x = adapter.model_input(model, call)
+    if not (isinstance(x, Tensor) and x.dim() == 3):
+        raise ValueError(f"{type(model).__name__} expects {adapter.x_key} as packed tokens (B, N, C); got {getattr(x, 'shape', type(x).__name__)}")
+    return int(x.shape[1])
+
+
+def _grid_tokens(x: Tensor, patch: Sequence[int]) -> int:
+    """Image tokens of a latent ``(..., H, W)`` or ``(..., F, H, W)`` cut into patches ``patch`` (trailing dims)."""
+    return math.prod(int(n) // int(p) for n, p in zip(x.shape[-len(patch):], patch))
+
+
+# ---------------------------------------------------------------------- image models
 class SD3Adapter(DiffusersAdapter):
     name = "diffusers-sd3"
     class_name = "SD3Transformer2DModel"
-
-    def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
-        return output[1]
+    image_index = 1
+    layout = "last"
 
 
 class FluxAdapter(DiffusersAdapter):
+    """Blocks return ``(text, image)``; before diffusers 0.35 single blocks returned one ``[text; image]`` tensor."""
+
     name = "diffusers-flux"
     class_name = "FluxTransformer2DModel"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    image_index = 1
+    merged = "last"
+    layout = "packed"
 
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return [*model.transformer_blocks, *model.single_transformer_blocks]
+    def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
+        return _packed_tokens(self, model, call)
+
+
+class Flux2Adapter(FluxAdapter):
+    name = "diffusers-flux2"
+    class_name = "Flux2Transformer2DModel"
+
+
+class ChromaAdapter(FluxAdapter):
+    name = "diffusers-chroma"
+    class_name = "ChromaTransformer2DModel"
+
+
+class QwenImageAdapter(DiffusersAdapter):
+    name = "diffusers-qwenimage"
+    class_name = "QwenImageTransformer2DModel"
+    image_index = 1
+    merged = "first"
+    layout = "packed"
+
+    def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
+        shapes = call.get("img_shapes") if call is not None else None
+        if shapes:
+            first = shapes[0]
+            target = first[0] if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple)) else first
+            return math.prod(int(n) for n in target)
+        return _packed_tokens(self, model, call)
+
+
+class AuraFlowAdapter(DiffusersAdapter):
+    name = "diffusers-auraflow"
+    class_name = "AuraFlowTransformer2DModel"
+    block_lists = ("joint_transformer_blocks", "single_transformer_blocks")
+    image_index = 1
+    merged = "last"
+    layout = "last"
+
+    def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
+        p = self.patch_size(model)
+        return _grid_tokens(self.model_input(model, call), (p, p))
+
+
+class HiDreamAdapter(DiffusersAdapter):
+    name = "diffusers-hidream"
+    class_name = "HiDreamImageTransformer2DModel"
+    block_lists = ("double_stream_blocks", "single_stream_blocks")
+    t_key = "timesteps"
+    merged = "first"
+    layout = "last"
+
+    def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
+        x = self.model_input(model, call)
+        if isinstance(x, Tensor) and x.dim() == 4:
+            p = self.patch_size(model)
+            return _grid_tokens(x, (p, p))
+        sizes = call.get("img_sizes") if call is not None else None
+        counts = {int(h) * int(w) for h, w in (sizes.tolist() if isinstance(sizes, Tensor) else sizes or ())}
+        if len(counts) != 1:
+            raise ValueError(
+                f"{type(model).__name__} was called with packed hidden_states and img_sizes={sizes!r}: SRA needs "
+                "img_sizes with the same size for every sample"
+            )
+        return counts.pop()
+
+    def latent(self, model: nn.Module, x0: Tensor) -> Tensor:
+        if x0.dim() != 4:
+            raise ValueError(f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: use the latent (B, C, H, W)")
+        return x0
+
+
+class HunyuanImageAdapter(DiffusersAdapter):
+    name = "diffusers-hunyuanimage"
+    class_name = "HunyuanImageTransformer2DModel"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    layout = "first"
+
+    def patch_size(self, model: nn.Module) -> tuple[int, ...]:
+        return tuple(int(p) for p in _config(model, "patch_size"))
+
+
+class CogView4Adapter(DiffusersAdapter):
+    name = "diffusers-cogview4"
+    class_name = "CogView4Transformer2DModel"
+    layout = "first"
+
+
+class SanaAdapter(DiffusersAdapter):
+    name = "diffusers-sana"
+    class_name = "SanaTransformer2DModel"
+    layout = "last"
+
+
+class Lumina2Adapter(DiffusersAdapter):
+    name = "diffusers-lumina2"
+    class_name = "Lumina2Transformer2DModel"
+    block_lists = ("noise_refiner", "layers")
+    layout = "last"
 
     def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
-        if isinstance(output, (tuple, list)):
-            return output[1]
-        # diffusers < 0.35: one [text; image] tensor; the model's hidden_states (B, N, C) has N image tokens.
-        hidden_states = call.get("hidden_states", 0) if call is not None else None
-        if not (isinstance(hidden_states, Tensor) and hidden_states.dim() == 3):
-            raise RuntimeError(
-                "a Flux single block returned one [text; image] tensor, but the number of image tokens is unknown: "
-                "call the model with hidden_states of shape (B, N, C)"
+        p = self.patch_size(model)
+        n = _grid_tokens(self.model_input(model, call), (p, p))
+        if output.shape[1] == n:  # noise_refiner: image tokens only
+            return output
+        mask = call.get("encoder_attention_mask", 3) if call is not None else None
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"{type(model).__name__}'s image tokens follow the caption, whose length comes from encoder_attention_mask=, which this forward did not receive")
+        start = mask.sum(dim=1).to(device=output.device, dtype=torch.long)  # each sample's caption length
+        index = (start[:, None] + torch.arange(n, device=output.device))[..., None].expand(-1, -1, output.shape[-1])
+        return output.gather(1, index)
+
+
+class ZImageAdapter(DiffusersAdapter):
+    name = "diffusers-zimage"
+    class_name = "ZImageTransformer2DModel"
+    block_lists = ("noise_refiner", "layers")
+    x_key = "x"
+    t_key = "t"
+    merged = "first"
+    layout = "last"
+
+    def _patch(self, model: nn.Module, call: ModelCall | None = None) -> tuple[int, int, int]:
+        p = call.get("patch_size") if call is not None else None
+        pf = call.get("f_patch_size") if call is not None else None
+        p = _forward_default(model, "patch_size") if p is None else p
+        pf = _forward_default(model, "f_patch_size") if pf is None else pf
+        return int(pf), int(p), int(p)
+
+    def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
+        x = self.model_input(model, call)
+        images = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0)) if isinstance(x, Tensor) and x.dim() == 5 else None
+        if not images or not all(isinstance(i, Tensor) and i.dim() == 4 for i in images):
+            raise ValueError(f"{type(model).__name__} x= must be images (C, F, H, W), stacked or in a list, for SRA")
+        counts = {_grid_tokens(i, self._patch(model, call)) for i in images}
+        if len(counts) != 1:
+            raise ValueError(
+                f"x= holds images of {len(counts)} different sizes ({sorted(counts)} tokens): "
+                f"{type(model).__name__} with SRA needs one image size per batch (tokens (B, N, D))"
             )
-        return output[:, -hidden_states.shape[1]:]
+        return counts.pop()
+
+    def patch_size(self, model: nn.Module) -> tuple[int, int, int]:
+        return self._patch(model)
+
+    def patch_dim(self, model: nn.Module) -> int:
+        # One embedder per patch size, in all_x_embedder["{p}-{pf}"]: the default patch size's.
+        pf, p, _ = self._patch(model)
+        return int(model.all_x_embedder[f"{p}-{pf}"].in_features)
+
+    def latent(self, model: nn.Module, x0: Any) -> Tensor:
+        if x0.dim() != 5:
+            raise ValueError(f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: use (B, C, F, H, W), as its x=")
+        return x0
+
+
+class PixArtAdapter(DiffusersAdapter):
+    name = "diffusers-pixart"
+    class_name = "PixArtTransformer2DModel"
+    layout = "last"
 
 
 class DiTTransformerAdapter(DiffusersAdapter):
@@ -110,12 +404,73 @@ class DiTTransformerAdapter(DiffusersAdapter):
 
     name = "diffusers-dit"
     class_name = "DiTTransformer2DModel"
+    layout = "last"
 
 
-class PixArtAdapter(DiffusersAdapter):
-    name = "diffusers-pixart"
-    class_name = "PixArtTransformer2DModel"
+# ---------------------------------------------------------------------- video models
+class WanAdapter(DiffusersAdapter):
+    name = "diffusers-wan"
+    class_name = "WanTransformer3DModel"
+    block_lists = ("blocks",)
+    layout = "last"
+
+    def patch_size(self, model: nn.Module) -> tuple[int, ...]:
+        return tuple(int(p) for p in _config(model, "patch_size"))
 
 
-for _adapter in (SD3Adapter(), FluxAdapter(), DiTTransformerAdapter(), PixArtAdapter()):
+class SkyReelsV2Adapter(WanAdapter):
+    name = "diffusers-skyreels-v2"
+    class_name = "SkyReelsV2Transformer3DModel"
+
+
+class HunyuanVideoAdapter(DiffusersAdapter):
+    name = "diffusers-hunyuanvideo"
+    class_name = "HunyuanVideoTransformer3DModel"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    layout = "first"
+
+    def patch_size(self, model: nn.Module) -> tuple[int, int, int]:
+        p = int(_config(model, "patch_size"))
+        return int(_config(model, "patch_size_t", 1)), p, p
+
+
+class LTXVideoAdapter(DiffusersAdapter):
+    name = "diffusers-ltx"
+    class_name = "LTXVideoTransformer3DModel"
+    layout = "packed"
+
+
+class CogVideoXAdapter(DiffusersAdapter):
+    name = "diffusers-cogvideox"
+    class_name = "CogVideoXTransformer3DModel"
+    layout = "first"
+
+    def patch_size(self, model: nn.Module) -> tuple[int, int, int]:
+        p = int(_config(model, "patch_size"))
+        return int(_config(model, "patch_size_t", 1)), p, p
+
+    def latent(self, model: nn.Module, x0: Tensor) -> Tensor:
+        if x0.dim() != 5:
+            raise ValueError(f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: use (B, F, C, H, W), as its hidden_states")
+        return x0.transpose(1, 2)  # (B, F, C, H, W) -> (B, C, F, H, W)
+
+
+class MochiAdapter(DiffusersAdapter):
+    name = "diffusers-mochi"
+    class_name = "MochiTransformer3DModel"
+    layout = "last"
+
+    def patch_size(self, model: nn.Module) -> tuple[int, int, int]:
+        p = int(_config(model, "patch_size"))
+        return 1, p, p
+
+
+FAMILIES: tuple[DiffusersAdapter, ...] = (
+    SD3Adapter(), FluxAdapter(), Flux2Adapter(), ChromaAdapter(), QwenImageAdapter(), AuraFlowAdapter(),
+    HiDreamAdapter(), HunyuanImageAdapter(), CogView4Adapter(), SanaAdapter(), Lumina2Adapter(), ZImageAdapter(),
+    PixArtAdapter(), DiTTransformerAdapter(),
+    WanAdapter(), SkyReelsV2Adapter(), HunyuanVideoAdapter(), LTXVideoAdapter(), CogVideoXAdapter(), MochiAdapter(),
+)
+
+for _adapter in FAMILIES:
     register_adapter(_adapter)

@@ -17,9 +17,10 @@ LightningDiT with ``use_checkpoint=False`` or change those calls to ``use_reentr
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..registry import Adapter, register_adapter
+from ._patches import patchify_image
 
 
 class DiTAdapter(Adapter):
@@ -34,6 +35,12 @@ class DiTAdapter(Adapter):
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
+
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        """``x0`` cut like ``unpatchify`` reads the final layer: row-major patches of
+        ``x_embedder.patch_size``, ``(p, q, C)`` inside each (``"n h w p q c -> n c (h p) (w q)"``).
+        With ``learn_sigma`` a token predicts ``2C`` values per pixel; the target is the ``C`` of x0."""
+        return patchify_image(model.x_embedder, x0, self.name)
 
     def watch(self, model: nn.Module) -> dict:
         table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..registry import Adapter, ModelCall, register_adapter
+from ._patches import patchify_image
 
 
 class MMDiTAdapter(Adapter):
@@ -28,6 +29,11 @@ class MMDiTAdapter(Adapter):
 
     def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         return output[1]
+
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        """``x0`` in the layout ``unpatchify(x, hw)`` reads (``"n h w p q c -> n c (h p) (w q)"``): row-major
+        patches of ``x_embedder``'s patch size over the input's own ``(H, W)`` (any aspect ratio)."""
+        return patchify_image(model.x_embedder, x0, self.name)
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:
         qkv = getattr(getattr(getattr(block, "x_block", None), "attn", None), "qkv", None)

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..registry import Adapter, ModelCall, register_adapter
+from ._patches import patchify_image
 
 
 def _vit_class() -> type | None:
@@ -38,6 +39,14 @@ class TimmViTAdapter(Adapter):
 
     def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         return output[:, model.num_prefix_tokens:]
+
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        """timm has no unpatchify, so the layout is defined by the patch embedding: image token ``i``
+        (after the ``num_prefix_tokens``) is ``patch_embed.proj``'s output at grid position ``i``,
+        row-major, and its target is that patch of ``x0`` with values ordered ``(p, q, C)``, the
+        DiT/SiT/U-ViT layout. A decoder of your own should unpatchify with
+        ``"b (h w) (p q c) -> b c (h p) (w q)"`` so that target and prediction line up."""
+        return patchify_image(model.patch_embed, x0, self.name)
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:
         return int(model.embed_dim)

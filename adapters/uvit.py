@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Adapter, ModelCall, register_adapter
+from ._patches import patchify_image
 
 
 class UViTAdapter(Adapter):
@@ -42,6 +43,11 @@ class UViTAdapter(Adapter):
 
     def dim(self, model: nn.Module, block: nn.Module) -> int:
         return int(model.embed_dim)
+
+    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
+        """``x0`` in the layout of upstream ``unpatchify`` (``"B (h w) (p1 p2 C) -> B C (h p1) (w p2)"``,
+        applied to the tokens after the ``extras``): row-major patches of ``patch_embed.patch_size``."""
+        return patchify_image(model.patch_embed, x0, self.name)
 
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():

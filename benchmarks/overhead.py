@@ -1,12 +1,14 @@
 """Cost of SRA per training step, against a plain step and the reference loop, in one interleaved run.
 
-Three kinds of step, each on its own copy of the same model, with its own AdamW, timed in turn
+Four kinds of step, each on its own copy of the same model, with its own AdamW, timed in turn
 (the order rotates every round) and summarised by medians over the rounds:
 
 - ``plain``: forward, diffusion loss, backward, optimizer step, EMA update (every DiT/SiT run has one).
 - ``sra``: the same plus ``sra(model, x_t, x_s, t, s, ...)`` (teacher pass stopped after block L_t,
   student tokens from the user's own forward) and ``sra.update_teacher()`` in place of the EMA update
   (the owned teacher is the EMA).
+- ``latent``: the plain step plus ``LatentAlignment`` (SRA 2: the same block's tokens through a head
+  against the patchified clean latent; no teacher pass), with the plain step's EMA update.
 - ``reference``: the loop of the SRA reference code: the EMA teacher runs its full forward (every
   block and the final layer) under ``no_grad``; student and teacher features are read by forward
   hooks; the same head and smooth-L1 loss.
@@ -19,15 +21,21 @@ the same in all three kinds, so the whole-step ratio sits a little under the for
 On CPU the default is one torch thread and process CPU time as the clock: on a shared machine the
 load of other processes then hardly enters the figures (``--threads N --timer wall`` for elapsed
 time). Ratios are medians over the rounds of a step's time over the plain step's time in the same
-round. AdamW is fused where torch has it (CPU and CUDA), in all three kinds alike.
+round. AdamW is fused where torch has it (CPU and CUDA), in all kinds alike.
 
 Peak memory is the most a step adds over what was resident before it: on CPU the kernel's peak RSS
 (``VmHWM``, reset before the step through ``/proc/self/clear_refs``; ``ru_maxrss`` elsewhere), on GPU
 ``torch.cuda.max_memory_allocated``. Growth is the resident memory after the last of a few further
 steps minus that after the first.
 
-    python benchmarks/overhead.py                      # CPU sizes, a few minutes on 2 cores
+LoRA (needs peft): the same models with peft LoRA of rank 16 on every block's attention linears, base
+frozen. The table gives the bytes SRA holds (its teacher, its head) in full training and with LoRA,
+and the LoRA step's cost: SRA step / plain LoRA step, medians of per-round ratios, order alternating.
+
+    python benchmarks/overhead.py                      # CPU sizes, a few minutes on 2 cores (LoRA table first)
+    python benchmarks/overhead.py --lora-only          # only the LoRA table, ~2 minutes on 2 cores
     python benchmarks/overhead.py --device cuda        # SiT-XL/2, 32x32 latents, bf16, batch 32, blocks 8->20
+    python benchmarks/overhead.py --compile --configs SiT-S/2   # every model compiled (inductor), teacher blocks too
 """
 
 from __future__ import annotations
@@ -58,12 +66,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import sra_plugin  # noqa: E402
-from sra_plugin import Adapter, DDPMPath, LinearPath, NoiseGap, SelfRepresentationAlignment, register_adapter, resolve_adapter  # noqa: E402
+from sra_plugin import DDPMPath, LatentAlignment, LinearPath, NoiseGap, SelfRepresentationAlignment, resolve_adapter  # noqa: E402
 from sra_plugin.heads import MLPHead  # noqa: E402
 from sra_plugin.losses import alignment_loss, smooth_l1  # noqa: E402
 from sra_plugin.teacher import ema_copy, update_ema_  # noqa: E402
 
-KINDS = ("plain", "sra", "reference")
+KINDS = ("plain", "sra", "reference", "latent")
+LATENT_TARGET = 1.05  # LatentAlignment (SRA 2) step / plain step
 MiB = 2**20
 
 
@@ -169,43 +178,11 @@ class SD3Workload(Workload):
                      kwargs={"encoder_hidden_states": ehs, "pooled_projections": pooled})
 
     def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
-        return model(hidden_states=x, timestep=t, return_dict=False, **b.kwargs)[0]
+        return model(hidden_states=x, timestep=t, **b.kwargs).sample
 
     def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
         s = self.gap.sample(b.t / 1000)
         return self.path(b.x0, b.noise, s), s * 1000
-
-
-class _SD3BenchmarkAdapter(Adapter):
-    """Used only when no adapter in ``sra_plugin.adapters`` matches ``SD3Transformer2DModel``."""
-
-    name = "sd3-benchmark"
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ == "SD3Transformer2DModel"
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.transformer_blocks)
-
-    def tokens(self, output: Any, model: nn.Module) -> Tensor:
-        return output[1]  # (encoder_hidden_states, hidden_states)
-
-    def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
-        return model(x, *args, timestep=t, return_dict=False, **kwargs)
-
-    def dim(self, model: nn.Module, block: nn.Module) -> int:
-        return int(model.inner_dim)
-
-    def sample_input(self, args: tuple, kwargs: dict) -> Tensor | None:
-        return args[0] if args else kwargs.get("hidden_states")
-
-
-def _sd3_adapter(model: nn.Module) -> tuple[Adapter, str]:
-    try:
-        adapter = resolve_adapter(model)
-        return adapter, f"sra_plugin.adapters ({adapter.name})"
-    except ValueError:
-        return register_adapter(_SD3BenchmarkAdapter()), "minimal adapter in benchmarks/overhead.py"
 
 
 # ---------------------------------------------------------------------------------------- configurations
@@ -340,27 +317,23 @@ def _adamw(params: list[nn.Parameter], device: torch.device) -> torch.optim.Opti
 
 
 class Bench:
-    def __init__(self, cfg: Config, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, cfg: Config, device: torch.device, seed: int = 0, compile: bool = False) -> None:
         self.cfg, self.device = cfg, device
         torch.manual_seed(seed)
         base = cfg.build().to(device).train()
         self.work: Workload = WORKLOADS[cfg.family](base, cfg.batch, cfg.latent, cfg.channels)
-        self.adapter_note = ""
-        adapter = None
-        if cfg.family == "sd3":
-            adapter, self.adapter_note = _sd3_adapter(base)
-        else:
-            self.adapter_note = f"sra_plugin.adapters ({resolve_adapter(base).name})"
+        self.adapter_note = f"sra_plugin.adapters ({resolve_adapter(base).name})"
         self.ema_decay = 0.9999
         self.clock: Callable[[], float] = time.perf_counter
         self.forward_done = 0.0
-        self.models = {"plain": base, "sra": copy.deepcopy(base), "reference": copy.deepcopy(base)}
+        self.models = {"plain": base, "sra": copy.deepcopy(base), "reference": copy.deepcopy(base), "latent": copy.deepcopy(base)}
         # The EMA the user keeps anyway: updated by the plain and reference steps, teacher of the reference.
         self.ema = ema_copy(base)
         self.sra = SelfRepresentationAlignment(
             self.models["sra"], student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer,
-            ema_decay=self.ema_decay, adapter=adapter,
+            ema_decay=self.ema_decay,
         ).to(device)
+        self.latent = LatentAlignment(self.models["latent"], layer=cfg.student_layer).to(device)
         self.adapter = self.sra.adapter
         self.depth = self.sra.depth
         dim = self.adapter.dim(base, self.adapter.blocks(base)[cfg.student_layer - 1])
@@ -375,6 +348,7 @@ class Bench:
             "plain": list(base.parameters()),
             "sra": [*self.models["sra"].parameters(), *self.sra.head.parameters()],
             "reference": [*self.models["reference"].parameters(), *self.ref_head.parameters()],
+            "latent": [*self.models["latent"].parameters(), *self.latent.head.parameters()],
         }
         self.opt = {k: _adamw(p, device) for k, p in params.items()}
         self.gen = torch.Generator().manual_seed(seed + 1)
@@ -382,6 +356,14 @@ class Bench:
         self.watch: weakref.ref | None = None
         self.student_calls = 0
         self._watch_hook = self.adapter.blocks(self.models["sra"])[cfg.student_layer - 1].register_forward_hook(self._watch)
+        if compile:
+            # The models are instances of one class: without hook guards the hooked models would reuse the
+            # graph traced on the plain one, which has no hooks (SRA would then re-run its student each step).
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            # After sra and its hooks exist, as the README says; sra then compiles its teacher's blocks too.
+            # The reference loop stays eager: it reads its features by hooks from Python.
+            for kind in ("plain", "sra", "latent"):
+                self.models[kind].compile()
 
     def _grab(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -454,6 +436,13 @@ class Bench:
             loss = loss + self.sra(model, b.x_t, x_s, b.t, s, *b.args, **b.kwargs)
         return self._finish("sra", loss)
 
+    def _latent(self, b: Batch) -> float:
+        model = self.models["latent"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            loss = loss + self.latent(model, b.x_t, b.x0, b.t, *b.args, **b.kwargs)
+        return self._finish("latent", loss)
+
     def _reference(self, b: Batch) -> float:
         model = self.models["reference"]
         with self.autocast():
@@ -498,12 +487,169 @@ class Bench:
         }
 
 
+# ---------------------------------------------------------------------------------------- LoRA
+LORA_RANK = 16
+LORA_TARGETS: dict[str, Any] = {  # peft target_modules: the attention's linears in every block
+    "sit": r".*\.attn\.(qkv|proj)",
+    "dit": r".*\.attn\.(qkv|proj)",
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+}
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def sra_held_bytes(sra: SelfRepresentationAlignment, model: nn.Module) -> dict[str, int]:
+    """Bytes of the tensors in ``sra``'s state (its teacher, the head) that are not the model's own."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    head = {t.untyped_storage().data_ptr() for t in [*sra.head.parameters(), *sra.head.buffers()]}
+    teacher, head_bytes, seen = 0, 0, set()
+    for value in sra.state_dict(keep_vars=True).values():
+        if not isinstance(value, Tensor):
+            continue
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in own or ptr in seen:
+            continue
+        seen.add(ptr)
+        if ptr in head:
+            head_bytes += value.untyped_storage().nbytes()
+        else:
+            teacher += value.untyped_storage().nbytes()
+    return {"teacher": teacher, "head": head_bytes}
+
+
+def with_lora(model: nn.Module, family: str, rank: int = LORA_RANK) -> nn.Module:
+    """``model`` with peft LoRA of rank ``rank`` on the attention, the base frozen (a ``PeftModel``)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS[family]))
+
+
+def run_lora(cfg: Config, device: torch.device, repeats: int, warmup: int,
+             clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Memory SRA holds in full training vs a LoRA fine-tune of the same model, and the LoRA step's cost:
+    ``plain`` (forward, diffusion loss, backward, AdamW on the LoRA parameters) against ``sra`` (the
+    same plus ``sra(...)`` and ``sra.update_teacher()``), interleaved, order alternating each round."""
+    t0 = time.perf_counter()
+    layers = dict(student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer)
+    torch.manual_seed(0)
+    base = cfg.build().to(device).train()
+    model_bytes = _nbytes([*base.parameters(), *base.buffers()])
+    full_sra = SelfRepresentationAlignment(base, **layers)
+    full = sra_held_bytes(full_sra, base)
+    full_sra.remove()
+    del full_sra
+
+    models = {"plain": with_lora(copy.deepcopy(base), cfg.family), "sra": with_lora(copy.deepcopy(base), cfg.family)}
+    del base
+    sra = SelfRepresentationAlignment(models["sra"], **layers)
+    lora = sra_held_bytes(sra, models["sra"])
+    trainable = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
+    opt = {"plain": _adamw(trainable["plain"], device), "sra": _adamw([*trainable["sra"], *sra.head.parameters()], device)}
+    work = WORKLOADS[cfg.family](models["plain"].get_base_model(), cfg.batch, cfg.latent, cfg.channels)
+    gen = torch.Generator().manual_seed(1)
+    autocast = (lambda: torch.autocast(device.type, dtype=cfg.amp)) if cfg.amp else contextlib.nullcontext
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step(kind: str, b: Batch) -> float:
+        model = models[kind]
+        sync()
+        start = clock()
+        with autocast():
+            loss = work.diffusion_loss(work.predict(model, b.x_t, b.t, b), b)
+            if kind == "sra":
+                x_s, s = work.teacher_pair(b)
+                loss = loss + sra(model, b.x_t, x_s, b.t, s, *b.args, **b.kwargs)
+        loss.backward()
+        opt[kind].step()
+        opt[kind].zero_grad(set_to_none=True)
+        if kind == "sra":
+            sra.update_teacher()
+        sync()
+        return clock() - start
+
+    for _ in range(warmup):
+        b = work.make_batch(gen, device)
+        for kind in ("plain", "sra"):
+            step(kind, b)
+    times: dict[str, list[float]] = {"plain": [], "sra": []}
+    for r in range(repeats):
+        b = work.make_batch(gen, device)
+        gc.collect()
+        for kind in (("plain", "sra") if r % 2 == 0 else ("sra", "plain")):
+            times[kind].append(step(kind, b))
+    per_round = [a / p for a, p in zip(times["sra"], times["plain"])]
+    q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
+    lora_params = sum(p.numel() for p in trainable["sra"])
+    result = {
+        "config": cfg.name,
+        "params_M": round(sum(p.numel() for p in models["sra"].parameters() if not p.requires_grad) / 1e6, 2),
+        "model_bytes": model_bytes,
+        "full_teacher_bytes": full["teacher"],
+        "full_head_bytes": full["head"],
+        "lora_rank": LORA_RANK,
+        "lora_params": lora_params,
+        "lora_float32_bytes": lora_params * 4,
+        "lora_teacher_bytes": lora["teacher"],
+        "lora_head_bytes": lora["head"],
+        "shared_teacher": bool(sra.ema.shared),
+        "student_reruns": sra.metrics.get("student_reruns", float("nan")),
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "ratio": statistics.median(per_round),
+        # A LoRA step's backward computes no weight gradients of the base: about one forward, so the
+        # teacher pass (L_t/depth of a forward) weighs against two forwards.
+        "floor": 1 + cfg.teacher_layer / (2 * sra.depth),
+        "ratio_q1": q1,
+        "ratio_q3": q3,
+        "times_s": times,
+        "wall_s": time.perf_counter() - t0,
+    }
+    sra.remove()
+    return result
+
+
+def lora_table(results: list[dict[str, Any]]) -> str:
+    head = ("config", "model MiB", "full training: SRA holds MiB (teacher + head)", f"LoRA r={LORA_RANK} params",
+            "LoRA: SRA holds MiB (teacher + head)", "LoRA teacher / model", "LoRA step SRA/plain", "floor")
+    rows = []
+    for r in results:
+        rows.append((
+            r["config"], f"{r['model_bytes'] / MiB:.1f}",
+            f"{(r['full_teacher_bytes'] + r['full_head_bytes']) / MiB:.1f} ({r['full_teacher_bytes'] / MiB:.1f} + {r['full_head_bytes'] / MiB:.1f})",
+            f"{r['lora_params'] / 1e6:.2f}M",
+            f"{(r['lora_teacher_bytes'] + r['lora_head_bytes']) / MiB:.2f} ({r['lora_teacher_bytes'] / MiB:.2f} + {r['lora_head_bytes'] / MiB:.2f})",
+            f"{r['lora_teacher_bytes'] / r['model_bytes']:.1%}",
+            f"{r['ratio']:.3f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})",
+            f"{r['floor']:.3f}",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def lora_note(results: list[dict[str, Any]], repeats: int, timer_text: str) -> str:
+    checks = "; ".join(
+        f"{r['config']}: teacher {r['lora_teacher_bytes']} B for {r['lora_float32_bytes']} B of LoRA in float32, "
+        f"student re-runs {r['student_reruns']:.0f}" for r in results)
+    return (f"Bytes of the tensors in sra.state_dict() that are not the model's (the owned EMA teacher; the head "
+            f"apart). LoRA: peft rank {LORA_RANK} on every block's attention linears, base frozen; the teacher holds "
+            f"the EMA of the LoRA parameters in float32 and shares the frozen weights. Step ratio: median over "
+            f"{repeats} rounds of the SRA step's {timer_text} over the plain LoRA step's in the same round (order "
+            f"alternating; quartiles in brackets); the plain step has no EMA. Floor: 1 + L_t/(2 depth) (the backward of "
+            f"a LoRA step computes no weight gradients of the base, about one forward). {checks}")
+
+
+
 # ---------------------------------------------------------------------------------------- running
 def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, growth_steps: int,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+               clock: Callable[[], float] = time.perf_counter, compile: bool = False) -> dict[str, Any]:
     memory = Memory(device)
     t0 = time.perf_counter()
-    bench = Bench(cfg, device)
+    bench = Bench(cfg, device, compile=compile)
     bench.clock = clock
     for _ in range(warmup):
         b = bench.batch()
@@ -515,7 +661,7 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
     forward_share: list[float] = []
     for r in range(repeats):
         b = bench.batch()
-        order = KINDS[r % 3:] + KINDS[: r % 3]
+        order = KINDS[r % len(KINDS):] + KINDS[: r % len(KINDS)]
         gc.collect()
         for kind in order:
             whole, part, forward, seconds = bench.timed(kind, b)
@@ -538,7 +684,8 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
             bench.step(kind, bench.batch())
             resident.append(memory.resident())
         growth[kind] = (resident[-1] - resident[0]) / MiB
-    released = bench.watch is not None and bench.watch() is None and bench.sra._capture.record is None
+    # The student block's tokens are gone once the step is over: nothing of SRA keeps them alive.
+    released = bench.watch is not None and bench.watch() is None
     hot_path = bench.hot_path_check()
     ema_check = bench.user_ema_check(memory)
 
@@ -546,7 +693,7 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         # Median over rounds of the ratio within a round: slow drifts of the machine's load cancel.
         med = {k: statistics.median(v) for k, v in times.items()}
         out = {}
-        for k in ("sra", "reference"):
+        for k in ("sra", "reference", "latent"):
             per_round = [a / p for a, p in zip(times[k], times["plain"])]
             out[k] = statistics.median(per_round)
             out[f"{k}_q1"], _, out[f"{k}_q3"] = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [out[k]] * 3
@@ -567,6 +714,8 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         "latent": cfg.latent,
         "tokens": (cfg.latent // 2) ** 2,
         "dtype": str(cfg.amp).replace("torch.", "") if cfg.amp else "float32",
+        "compiled": compile,
+        "teacher_compiled": bench.sra._compiled_blocks is not None,
         "adapter": bench.adapter_note,
         "floor": floor,
         "plain_forward_share": share,
@@ -577,6 +726,10 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         "ratio": r_step,
         "ratio_fwbw": r_fwbw,
         "target_met": r_step["sra"] <= target and r_step["sra"] < r_step["reference"],
+        "latent_target": LATENT_TARGET,
+        "latent_target_met": r_step["latent"] <= LATENT_TARGET,
+        "latent_reruns": bench.latent.student_reruns,
+        "sra_reruns": bench.sra.student_reruns,
         "memory_method": memory.method,
         "peak": peak,
         "growth_MiB": growth,
@@ -592,12 +745,13 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
     for h in [*bench._hooks, bench._watch_hook]:
         h.remove()
     bench.sra.remove()
+    bench.latent.remove()
     return result
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ("config", "blocks", "batch", "plain ms", "SRA ms", "ref ms", "SRA/plain", "ref/plain",
-            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref", "target")
+            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref/SRA 2", "target", "SRA 2/plain")
     rows = []
     for r in results:
         m, ratio, fb, p = r["median_s"], r["ratio"], r["ratio_fwbw"], r["peak"]
@@ -610,6 +764,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{fb['sra']:.3f}/{fb['reference']:.3f}",
             "/".join(f"{p[k]['added_MiB']:.0f}" for k in KINDS),
             f"{'met' if r['target_met'] else 'MISSED'} (<= {r['target']:.3f})",
+            f"{ratio['latent']:.3f} ({ratio['latent_q1']:.2f}-{ratio['latent_q3']:.2f}) "
+            f"{'met' if r['latent_target_met'] else 'MISSED'} (<= {r['latent_target']:.2f})",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -641,6 +797,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timer", choices=("auto", "cpu", "wall"), default="auto",
                         help="cpu: process CPU time, which other processes' load on a shared machine hardly moves "
                              "(needs --threads 1); wall: elapsed time. auto (default): cpu on CPU with one thread, else wall")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--no-lora", action="store_true", help="skip the LoRA memory table (needs peft)")
+    lora.add_argument("--lora-only", action="store_true", help="only the LoRA memory table and step ratio")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the plain, SRA and SRA 2 models (model.compile(), inductor) after building SRA; the owned "
+                             "teacher's blocks are then compiled too (compile_teacher=None); the reference loop stays eager. "
+                             "Implies --no-lora")
     args = parser.parse_args(argv)
 
     try:
@@ -681,10 +844,38 @@ def main(argv: list[str] | None = None) -> int:
     timer_text = "process CPU time" if timer == "cpu" else "wall-clock time"
     print(f"# {command}\n# {where}; sra-plugin {sra_plugin.__version__}; repeats {args.repeats}, warmup {args.warmup}; "
           f"timer: {timer_text}", flush=True)
-    results = []
+    if args.compile:
+        if args.lora_only:
+            parser.error("--compile measures the full-training steps: it cannot go with --lora-only")
+        args.no_lora = True
+    if not args.no_lora:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            parser.error("the LoRA table needs peft: pip install 'sra-plugin[peft]', or pass --no-lora")
     start = time.perf_counter()
+    lora_results = []
+    if not args.no_lora:
+        for name in names:
+            lora_results.append(run_lora(all_configs[name], device, args.repeats, args.warmup, clock))
+            print(f"#   {name} (LoRA): {lora_results[-1]['wall_s']:.0f} s", flush=True)
+        print()
+        print(lora_table(lora_results))
+        print()
+        print(lora_note(lora_results, args.repeats, timer_text), flush=True)
+    lora_ok = all(r["shared_teacher"] and r["student_reruns"] == 0 and r["lora_teacher_bytes"] <= 2 * r["lora_float32_bytes"] + 4096
+                  for r in lora_results)
+    if args.lora_only:
+        total = time.perf_counter() - start
+        out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}-lora.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats,
+                                   "warmup": args.warmup, "total_s": total, "lora": lora_results}, indent=1) + "\n")
+        print(f"total {total:.0f} s\nwrote {out}")
+        return 0 if lora_ok else 1
+    results = []
     for name in names:
-        result = run_config(all_configs[name], device, args.repeats, args.warmup, args.growth_steps, clock)
+        result = run_config(all_configs[name], device, args.repeats, args.warmup, args.growth_steps, clock, compile=args.compile)
         results.append(result)
         print(f"#   {name}: {result['wall_s']:.0f} s, adapter {result['adapter']}", flush=True)
     total = time.perf_counter() - start
@@ -707,12 +898,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{ema['weights_MiB']:.0f} MiB of weights, no weight copy: {ema['no_weight_copy']}")
     print(f"total {total:.0f} s")
 
-    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}.json"
+    suffix = "-compiled" if args.compile else ""
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats, "warmup": args.warmup,
-                               "total_s": total, "results": results}, indent=1) + "\n")
+                               "total_s": total, "results": results, "lora": lora_results}, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0 if all(r["target_met"] and r["hot_path"]["ok"] and r["student_tokens_released"] for r in results) else 1
+    return 0 if lora_ok and all(r["target_met"] and r["latent_target_met"] and r["hot_path"]["ok"] and r["student_tokens_released"] for r in results) else 1
 
 
 if __name__ == "__main__":

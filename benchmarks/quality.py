@@ -158,7 +158,12 @@ def _variant_recipe(args: argparse.Namespace, variant: str) -> str:
     if variant == "sra":
         loss, weight = args.loss, args.weight
     if method == "latent":
-        return "LatentAlignment (SRA 2), its default loss and weight"
+        import inspect
+
+        import sra_plugin
+
+        params = inspect.signature(sra_plugin.LatentAlignment).parameters
+        return f"LatentAlignment (SRA 2) with its defaults, {params['loss'].default} x {params['weight'].default}"
     return f"SRA {loss} x {weight}"
 
 

@@ -1,8 +1,10 @@
 """sra-plugin: Self-Representation Alignment (arXiv 2505.02831) for any diffusion transformer, in one line."""
 
 from .alignment import SelfRepresentationAlignment
+from .latent import LatentAlignment
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
+from . import schedules
 
 
 def _import_adapters():
@@ -34,10 +36,11 @@ def _import_adapters():
 
 adapters = _import_adapters()  # registers the built-in adapters
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SelfRepresentationAlignment",
+    "LatentAlignment",
     "NoiseGap",
     "LinearPath",
     "CosinePath",
@@ -46,5 +49,6 @@ __all__ = [
     "register_adapter",
     "registered_adapters",
     "resolve_adapter",
+    "schedules",
     "__version__",
 ]

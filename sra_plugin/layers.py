@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import numbers
 
+from ._checks import is_real
+
 __all__ = ["resolve_layer"]
 
 
 def resolve_layer(spec: int | float, depth: int, name: str = "layer") -> int:
     """The 1-based block number that ``spec`` names in a model of ``depth`` blocks."""
     accepted = f"an int in 1..{depth}, a negative int in -{depth}..-1, or a float in (0, 1)"
-    if isinstance(spec, bool) or not isinstance(spec, numbers.Real):
+    if not is_real(spec):
         raise TypeError(f"{name}={spec!r} is not accepted: use {accepted}")
     if isinstance(spec, numbers.Integral):
         k = int(spec)

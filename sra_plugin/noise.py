@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._checks import is_real, plain_number
+
 __all__ = ["NoiseGap", "LinearPath", "CosinePath", "DDPMPath"]
 
 _ORIENTATIONS = ("hi", "lo")
@@ -54,12 +56,12 @@ class NoiseGap:
         discrete: bool = False,
         noise_at: Literal["hi", "lo"] = "hi",
     ) -> None:
-        if isinstance(max_gap, bool) or not isinstance(max_gap, (int, float)) or not math.isfinite(max_gap):
+        if not is_real(max_gap) or not math.isfinite(max_gap):
             raise ValueError(f"max_gap={max_gap!r} is not accepted: use a finite number >= 0")
         if max_gap < 0:
             raise ValueError(f"max_gap={max_gap!r} is not accepted: use a number >= 0")
         for name, value in (("lo", lo), ("hi", hi)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            if not is_real(value) or math.isnan(value):
                 raise ValueError(f"{name}={value!r} is not accepted: use a number")
         if lo > hi:
             raise ValueError(f"lo={lo!r} > hi={hi!r}: use lo <= hi")
@@ -67,7 +69,7 @@ class NoiseGap:
             raise ValueError(f"max_gap={max_gap!r} is not accepted with discrete=True: use a whole number of steps")
         _check_orientation(noise_at)
         self.max_gap = int(max_gap) if discrete else float(max_gap)
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi = plain_number(lo), plain_number(hi)
         self.discrete = bool(discrete)
         self.noise_at = noise_at
 
@@ -128,8 +130,9 @@ class _ContinuousPath:
         _check_orientation(noise_at)
         self.noise_at = noise_at
 
-    def _tau(self, t: Tensor) -> Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64 if t.device.type != "mps" else torch.float32, device=t.device)
+    def _tau(self, t: Tensor | float) -> Tensor:
+        device = t.device if isinstance(t, Tensor) else None
+        t = torch.as_tensor(t, dtype=torch.float32 if device is not None and device.type == "mps" else torch.float64, device=device)
         return t if self.noise_at == "hi" else 1 - t
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:

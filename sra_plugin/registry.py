@@ -8,6 +8,7 @@ registry from the newest registration to the oldest, so a later registration win
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import operator
 from collections import Counter
@@ -94,6 +95,10 @@ def patchify_latent(x0: Tensor, patch_size: int | Sequence[int], *, channels_las
     return x.reshape(b, n, -1)
 
 
+PATCH_EMBEDDERS = ("x_embedder", "patch_embed", "pos_embed", "patch_embedding", "img_in", "proj_in")
+"""Attribute names under which models keep their patch embedder (first match wins)."""
+
+
 class Adapter:
     """How SRA talks to one backbone family. Subclass it for cases the declarative form cannot say.
 
@@ -108,6 +113,10 @@ class Adapter:
     """
 
     name: str = "adapter"
+    output_form_arguments: tuple[str, ...] = ("return_dict",)
+    """Forward arguments that change only the form of the model's output, never its features: the
+    capture does not compare them (``model(..., return_dict=False)[0]`` is the same forward as
+    ``model(...).sample``)."""
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
@@ -163,6 +172,24 @@ class Adapter:
             f"adapter {self.name!r} ({type(model).__name__}) has no patchify, which LatentAlignment needs: "
             "declare it, e.g. register_adapter(..., patchify=lambda model, x0: "
             "einops.rearrange(x0, 'b c (h p) (w q) -> b (h w) (c p q)', p=2, q=2)) or override Adapter.patchify"
+        )
+
+    def patch_dim(self, model: nn.Module) -> int:
+        """Values per token of ``patchify``'s output (``C * p * p``): by default what the model's patch
+        embedder takes in for one token (a patch convolution's ``in_channels * kernel`` or a token
+        linear's ``in_features``); override it where that is not so."""
+        for attr in PATCH_EMBEDDERS:
+            embedder = getattr(model, attr, None)
+            if not isinstance(embedder, nn.Module):
+                continue
+            layer = next((m for m in embedder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+            if isinstance(layer, nn.Linear):
+                return int(layer.in_features)
+            if layer is not None:
+                return int(layer.in_channels) * math.prod(layer.kernel_size)
+        raise ValueError(
+            f"adapter {self.name!r} cannot tell how many latent values a token of {type(model).__name__} holds: "
+            "pass LatentAlignment(..., target_dim=C * p * p) or override Adapter.patch_dim"
         )
 
     def watch(self, model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[tuple, dict], Any]]]:
@@ -309,32 +336,62 @@ def registered_adapters() -> list[Adapter]:
     return list(reversed(_REGISTRY))
 
 
-def _candidate_containers(model: nn.Module) -> list[tuple[str, int, str]]:
-    found = []
+# A list whose path names text (a caption projection, a context or token refiner) holds no image tokens.
+_TEXT_PATH = ("context", "caption", "text", "txt", "prompt", "token_refiner")
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A transformer block nests layers inside sub-layers (attention, MLP) or has a norm; a projection or
+    an embedding is a flat run of layers."""
+    nested = any(True for child in module.children() for _ in child.children())
+    return nested or any("Norm" in type(m).__name__ for m in module.modules())
+
+
+def _candidate_containers(model: nn.Module) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]]:
+    """``(block lists, other lists)``: lists of identical modules as ``(path, count, class)``. Block lists
+    are in the order the model defines them (usually the order its forward runs them), one-block lists
+    included, lists nested inside a block list left out; the others (projections, embeddings, lists
+    whose path names text) longest first."""
+    blocks: list[tuple[str, int, str]] = []
+    others: list[tuple[str, int, str]] = []
     for path, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            classes = {type(child).__name__ for child in module}
-            if len(classes) == 1:
-                found.append((path, len(module), classes.pop(), any(True for _ in module[0].children())))
-    # Blocks are composite modules; a list of bare layers (projections, embeddings) ranks after them.
-    return [row[:3] for row in sorted(found, key=lambda row: (not row[3], -row[1]))]
+        if not path or not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+            continue
+        classes = {type(child).__name__ for child in module}
+        if len(classes) != 1:
+            continue
+        if any(path.startswith(outer + ".") for outer, _, _ in blocks):
+            continue
+        row = (path, len(module), classes.pop())
+        text = any(word in part for part in path.lower().split(".") for word in _TEXT_PATH)
+        (others if text or not _is_block(module[0]) else blocks).append(row)
+    others.sort(key=lambda row: -row[1])
+    return blocks, others
 
 
 def unknown_model_error(model: nn.Module) -> ValueError:
     cls = type(model).__name__
-    rows = _candidate_containers(model)
-    if rows:
-        table = "\n".join(f"  {path:<40} {count:>4} x {name}" for path, count, name in rows)
-        path = rows[0][0]
+    blocks, others = _candidate_containers(model)
+    if blocks or others:
+        def table(rows: list[tuple[str, int, str]]) -> str:
+            return "\n".join(f"  {path:<40} {count:>4} x {name}" for path, count, name in rows)
+
+        proposed = [path for path, _, _ in blocks] or [others[0][0]]
+        spec = repr(proposed[0]) if len(proposed) == 1 else repr(proposed)
         module = type(model).__module__
         where = f"    from {module} import {cls}\n" if module not in ("__main__", "builtins") else ""
+        found = f"Block lists, in the order the model defines them (path, count, block class):\n{table(blocks)}\n" if blocks else ""
+        if others:
+            found += f"Other module lists, not proposed (projections, embeddings, text-only):\n{table(others)}\n"
         hint = (
-            f"Candidate block containers (path, count, block class):\n{table}\n"
-            "Declare the most likely one, then create SelfRepresentationAlignment again:\n\n"
+            f"{found}"
+            "Declare its block lists in the order its forward runs them (check it), then create "
+            "SelfRepresentationAlignment again:\n\n"
             f"    from sra_plugin import register_adapter\n{where}"
-            f"    register_adapter(\n        {cls.lower()!r},\n        matches={cls},\n        blocks={path!r},\n"
-            "        # image tokens (B, N, D) of a block's output: e.g. output[0] if it is a tuple,\n"
-            "        # output[:, k:] if its first k tokens are not image tokens (class, registers, text)\n"
+            f"    register_adapter(\n        {cls.lower()!r},\n        matches={cls},\n        blocks={spec},\n"
+            "        # image tokens (B, N, D) of a block's output: e.g. output[1] of a (text, image) tuple,\n"
+            "        # output[:, k:] if its first k tokens are not image tokens (class, registers, text);\n"
+            "        # tokens=lambda output, model, call: ... also sees the model's inputs (call.get('hidden_states'))\n"
             "        tokens=lambda output, model: output,\n"
             "        forward=lambda model, x, t, *args, **kwargs: model(x, t, *args, **kwargs),\n    )\n"
         )

@@ -1,7 +1,10 @@
-"""Tiny reference backbones for tests: the examples' DiT and SiT at test size, with adaLN gates
-randomised so that every block does something from the first step."""
+"""Shared test helpers: tiny reference backbones (the examples' DiT and SiT at test size, with adaLN
+gates randomised so that every block does something from the first step), the one batch recipe
+(``flow_batch``) and ``free_port`` for the multi-process tests."""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 from torch import nn
@@ -53,3 +56,10 @@ def flow_batch(n: int = 4, seed: int = 0):
     s = NoiseGap().sample(t, generator=g)
     x_t, x_s = LinearPath().pair(x0, noise, t, s)
     return x_t, x_s, t, s, y, noise - x0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -42,6 +42,7 @@ def tokens_by_hand(model, x, t, y, k: int) -> torch.Tensor:
 HAND_LOSSES = {
     "smooth_l1": lambda p, q: F.smooth_l1_loss(p, q, beta=0.05),
     "cosine": lambda p, q: (1 - F.cosine_similarity(p, q, dim=-1)).mean(),
+    "cosine_tokens": lambda p, q: (1 - F.cosine_similarity(p, q)).mean(),  # the official code: torch's default dim=1
     "mse": lambda p, q: F.mse_loss(p, q),
     "l1": lambda p, q: F.l1_loss(p, q),
 }

@@ -10,19 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import batch, tiny_sit
+from sra_plugin import SelfRepresentationAlignment
+from tests._models import flow_batch, tiny_sit
 
 CASES = [("cpu", torch.bfloat16)]
 if torch.cuda.is_available():
     CASES += [("cuda", torch.float16), ("cuda", torch.bfloat16)]
-
-
-def step_inputs(model, device):
-    x0, noise, t, y = batch(model, n=4, seed=1)
-    s = NoiseGap().sample(t, generator=torch.Generator().manual_seed(2))
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
-    return [v.to(device) for v in (x_t, x_s, t, s, y, noise - x0)]
 
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=[f"{d}-{str(t).split('.')[-1]}" for d, t in CASES])
@@ -30,7 +23,7 @@ def step_inputs(model, device):
 def test_autocast_loss_is_float32_and_teacher_runs_under_autocast(device, dtype, loss_name):
     model = tiny_sit(class_dropout_prob=0.0).to(device)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=5, loss=loss_name).to(device)
-    x_t, x_s, t, s, y, target = step_inputs(model, device)
+    x_t, x_s, t, s, y, target = (v.to(device) for v in flow_batch(seed=1))
     seen = {}
 
     def keep(name):  # forward hooks must return None, or they replace the output
@@ -75,7 +68,7 @@ def test_autocast_loss_is_float32_and_teacher_runs_under_autocast(device, dtype,
 def test_autocast_fallback_pass_also_runs_under_autocast():
     model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=5)
-    x_t, x_s, t, s, y, _ = step_inputs(model, "cpu")
+    x_t, x_s, t, s, y, _ = flow_batch(seed=1)
     dtypes = []
     model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, o: dtypes.append(o.dtype))
     with pytest.warns(RuntimeWarning, match="found no student features"):

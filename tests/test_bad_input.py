@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import batch, tiny_sit
+from sra_plugin import SelfRepresentationAlignment
+from tests._models import flow_batch, tiny_sit
 
 DEPTH = 6
 
@@ -30,13 +30,6 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def step_inputs(model: nn.Module, n: int = 4, seed: int = 1):
-    x0, noise, t, y = batch(model, n=n, seed=seed)
-    s = NoiseGap().sample(t, generator=torch.Generator().manual_seed(seed))
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
-    return x_t, x_s, t, s, y
 
 
 # ---------------------------------------------------------------- construction
@@ -155,7 +148,7 @@ def test_bad_call_changes_nothing():
     the following good call still uses the features of the user's forward (no warning)."""
     model = tiny_sit(depth=DEPTH)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, ema_decay=0.5)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     calls = _bad_calls(model, x_t, x_s, t, s, y)
     model(x_t, t, y)
     hooks, state, record = hook_count(model), snapshot(sra), sra._capture.record
@@ -176,7 +169,7 @@ def test_bad_call_changes_nothing():
 def test_bad_weight_schedule_at_call_time_changes_nothing():
     model = tiny_sit(depth=DEPTH)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, weight=lambda step: 0.2 - 0.1 * step)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     sra.step = 3
     model(x_t, t, y)
     record, state = sra._capture.record, snapshot(sra)
@@ -190,7 +183,7 @@ def test_bad_weight_schedule_at_call_time_changes_nothing():
 def test_check_finite_names_side_and_block(side):
     model = tiny_sit(depth=DEPTH)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=5, check_finite=True)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     bad = (x_t if side == "student" else x_s).clone()
     bad[1, :, 3, 3] = math.nan
     if side == "student":
@@ -207,7 +200,7 @@ def test_check_finite_names_side_and_block(side):
 def test_check_finite_is_off_by_default():
     model = tiny_sit(depth=DEPTH)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=5)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     x_s = x_s.clone()
     x_s[0, 0, 0, 0] = math.inf
     model(x_t, t, y)

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import batch, tiny_sit
+from sra_plugin import SelfRepresentationAlignment
+from tests._models import flow_batch, tiny_sit
 
 BACKEND = "aot_eager"
 STEPS = 3
@@ -33,16 +33,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def step_inputs(model, seed: int):
-    x0, noise, t, y = batch(model, n=4, seed=seed)
-    s = NoiseGap().sample(t, generator=torch.Generator().manual_seed(seed))
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
-    return x_t, x_s, t, s, y, noise - x0
-
-
 def build():
     model = tiny_sit(class_dropout_prob=0.0, depth=4)
-    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=0.5)
+    # compile_teacher=False: the graph count below is the student's (tests/test_compiled_teacher.py covers the teacher's).
+    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=0.5, compile_teacher=False)
     opt = torch.optim.SGD([*model.parameters(), *sra.head.parameters()], lr=0.1)
     return model, sra, opt
 
@@ -50,7 +44,7 @@ def build():
 def train(model, call, sra, opt, steps: int):
     losses = []
     for step in range(steps):
-        x_t, x_s, t, s, y, target = step_inputs(model, seed=step)
+        x_t, x_s, t, s, y, target = flow_batch(seed=step)
         pred = call(x_t, t, y)
         align = sra(call, x_t, x_s, t, s, y)
         (F.mse_loss(pred, target) + align).backward()
@@ -80,7 +74,7 @@ def test_compiled_forward_feeds_the_capture_and_matches_eager(backend):
         want = train(eager_model, eager_model, eager_sra, eager_opt, STEPS)
     print(f"backend={backend}: {STEPS} compiled steps (first includes compilation) took {seconds:.1f} s")
     assert passes == ["teacher"] * STEPS  # one teacher pass per step, nothing else
-    assert torch.compiler.is_compiling() is False
+    assert sra.metrics["student_reruns"] == 0  # every step reused the compiled forward's tokens
     print(f"compile {backend}: max |loss - eager| over {STEPS} steps = {(got - want).abs().max().item():.2e}")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
@@ -102,13 +96,13 @@ def test_model_compiled_before_sra_gets_a_warning_with_the_fix(how):
         compiled = model
     else:
         compiled = torch.compile(model, backend="eager")
-    x_t, x_s, t, s, y, _ = step_inputs(model, seed=0)
+    x_t, x_s, t, s, y, _ = flow_batch(seed=0)
     compiled(x_t, t, y)  # the first compiled call traces the model as it is: without SRA's hooks
     sra = SelfRepresentationAlignment(compiled, student_layer=2, teacher_layer=3)
     compiled(x_t, t, y)
     assert sra._capture.record is None or sra._capture.record.tokens is None  # the compiled forward skips the block's hook
     with pytest.warns(RuntimeWarning, match=r"compiled before SelfRepresentationAlignment was created.*"
-                                            r"create sra first, then call torch.compile\(model\)"):
+                                            r"create SelfRepresentationAlignment first, then call torch.compile\(model\)"):
         loss = sra(compiled, x_t, x_s, t, s, y)
     assert torch.isfinite(loss) and loss.requires_grad  # the fallback pass still trains
     # The fix the warning names: re-trace with the hooks in place.
@@ -119,7 +113,7 @@ def test_model_compiled_before_sra_gets_a_warning_with_the_fix(how):
 
 def test_uncompiled_fallback_warning_has_no_compile_hint():
     model, sra, _ = build()
-    x_t, x_s, t, s, y, _ = step_inputs(model, seed=0)
+    x_t, x_s, t, s, y, _ = flow_batch(seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sra(model, x_t, x_s, t, s, y)
@@ -134,7 +128,7 @@ def test_compiled_in_place_after_sra_feeds_capture_and_fallback_runs(scope):
     model, sra, _ = build()
     for module in [model] if scope == "model" else list(model.blocks):
         module.compile(backend="eager")
-    x_t, x_s, t, s, y, _ = step_inputs(model, seed=0)
+    x_t, x_s, t, s, y, _ = flow_batch(seed=0)
     for _ in range(2):  # the second call runs the traced graph
         model(x_t, t, y)
         assert sra._capture.record.tokens is not None

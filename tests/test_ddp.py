@@ -5,7 +5,6 @@ rank: after several steps student, head and teacher are identical on both ranks.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 
@@ -17,16 +16,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sra_plugin import SelfRepresentationAlignment
+from tests._models import free_port
 
 WORLD, STEPS = 2, 4
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(rank: int, wrap_sra: bool, sra_first: bool) -> dict:

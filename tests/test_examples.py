@@ -6,7 +6,6 @@ import json
 import math
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from examples import digits as D
+from tests._models import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,16 +197,10 @@ def test_quickstart_runs(monkeypatch, capsys) -> None:
     assert len(numbers) == 2 and all(math.isfinite(v) and v > 0 for v in numbers)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_example_one_process(monkeypatch, capsys) -> None:
     from examples import accelerate_ddp
 
-    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)
     accelerate_ddp.main(["--steps", "2", "--batch-size", "4"])
     assert "1 rank(s), 2 steps: student, head and teacher agree across ranks" in capsys.readouterr().out
@@ -217,7 +211,7 @@ def test_ddp_example_two_processes_with_torchrun(tmp_path: Path) -> None:
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -245,3 +239,18 @@ def test_diffusers_sd3_example(capsys) -> None:
     assert "adapter='diffusers-sd3', blocks 2->4 of 6" in out and "step 1:" in out
     assert math.isfinite(result["diffusion"]) and result["align_loss"] > 0
     assert result["gap"] > 0  # the teacher saw a less noisy input (timesteps in sigma * 1000)
+
+
+def test_finetune_lora_example(capsys, keep_threads) -> None:
+    pytest.importorskip("peft")
+    from examples import finetune_lora
+
+    result = finetune_lora.main(["--steps", "12", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "adapter='diffusers-flux', blocks 2->4 of 6" in out and "teacher=shared-weight EMA" in out
+    assert "SRA adds:" in out and "no SRA key, no hook" in out
+    assert result["student_reruns"] == 0 and math.isfinite(result["diffusion"]) and result["align_loss"] > 0
+    # The teacher is the LoRA parameters' EMA in float32: exactly their count in 4-byte floats, nothing of the base.
+    assert result["sra_teacher_bytes"] == result["lora_bytes"] + 1  # + the one-byte "initted" flag
+    assert result["sra_teacher_bytes"] < result["base_bytes"] / 10
+    assert result["export_keys"] and all("lora_" in k for k in result["export_keys"])

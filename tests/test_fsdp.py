@@ -5,7 +5,6 @@ identical on both ranks and equal a single-process run on the two ranks' batches
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sra_plugin import SelfRepresentationAlignment
+from tests._models import free_port
 
 WORLD, STEPS, BATCH = 2, 3, 4
 
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.skipif(
     fully_shard is None or not dist.is_available() or not dist.is_gloo_available(),
     reason="needs torch.distributed with gloo and FSDP2 (torch >= 2.6)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import batch, tiny_sit
+from sra_plugin import SelfRepresentationAlignment
+from tests._models import flow_batch, tiny_sit
 
 
 def hooks_of(model: nn.Module) -> dict[str, tuple]:
@@ -27,13 +27,6 @@ def hooks_of(model: nn.Module) -> dict[str, tuple]:
         )
         for name, m in model.named_modules()
     }
-
-
-def step_inputs(model: nn.Module, n: int = 4, seed: int = 1):
-    x0, noise, t, y = batch(model, n=n, seed=seed)
-    s = NoiseGap().sample(t, generator=torch.Generator().manual_seed(seed))
-    x_t, x_s = LinearPath().pair(x0, noise, t, s)
-    return x_t, x_s, t, s, y
 
 
 def block_tokens(model: nn.Module, k: int, x, t, y) -> torch.Tensor:
@@ -68,7 +61,7 @@ def test_deepcopy_after_sra_never_feeds_or_disturbs_the_capture():
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     ema = copy.deepcopy(model)  # how users make their EMA, here after sra exists: it inherits our hooks
     assert any(len(m._forward_hooks) for m in ema.modules())
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     other = torch.randn_like(x_t)
 
     # The copy's training forward on x_t must not count as the student's forward.
@@ -104,7 +97,7 @@ def test_remove_and_context_manager_leave_nothing_behind():
     model.blocks[0].register_forward_hook(lambda m, a, o: None)  # the user's own hook stays
     before = hooks_of(model)
     forward_before = {name: m.forward for name, m in model.named_modules()}
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     with SelfRepresentationAlignment(model, student_layer=2, teacher_layer=5) as sra:
         model(x_t, t, y)
         sra(model, x_t, x_s, t, s, y).backward()
@@ -123,7 +116,7 @@ def test_two_layer_pairs_on_one_model_are_independent():
     model = tiny_sit(class_dropout_prob=0.0)
     first = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
     second = SelfRepresentationAlignment(model, student_layer=3, teacher_layer=6, loss="smooth_l1", weight=0.5)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     model(x_t, t, y)  # one forward feeds both
     a = no_warning(first, model, x_t, x_s, t, s, y)
     b = no_warning(second, model, x_t, x_s, t, s, y)
@@ -140,7 +133,7 @@ def test_two_layer_pairs_on_one_model_are_independent():
 def test_sampling_forwards_are_not_captured_and_hold_nothing(how):
     model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     probe = torch.randn_like(x_t)
     tokens_seen = []
     handle = model.blocks[1].register_forward_hook(lambda m, a, o: tokens_seen.append(weakref.ref(o)))
@@ -172,7 +165,7 @@ def test_sampling_forwards_are_not_captured_and_hold_nothing(how):
 def test_features_of_another_input_are_never_used():
     model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     for other in (torch.randn_like(x_t), x_t[:2], x_t + 1e-3):
         model(other, t[: len(other)], y[: len(other)])
         sra._warned.clear()
@@ -187,7 +180,7 @@ def test_features_of_another_input_are_never_used():
 def test_fallback_pass_warns_once_and_stops_early():
     model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     ran = []
     model.blocks[2].register_forward_hook(lambda m, a, o: ran.append(3))
     with warnings.catch_warnings(record=True) as caught:
@@ -208,7 +201,7 @@ def test_gradient_checkpointing_recompute_is_ignored():
 
     model = tiny_sit(class_dropout_prob=0.0)
     sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
-    x_t, x_s, t, s, y = step_inputs(model)
+    x_t, x_s, t, s, y, _ = flow_batch()
     in_backward = []
     model.blocks[1].register_forward_hook(lambda m, a, o: in_backward.append(torch._C._current_graph_task_id() != -1))
 

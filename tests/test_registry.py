@@ -168,11 +168,11 @@ def test_unknown_model_error_lists_candidates_and_prints_a_working_call() -> Non
         SelfRepresentationAlignment(model)
     message = str(info.value)
     assert message.startswith("model=MadeUp matches no registered adapter")
-    table = message.split("Candidate block containers (path, count, block class):\n")[1].split("\nDeclare")[0]
-    rows = [line.split() for line in table.splitlines()]
-    # path, count, "x", class; composite blocks first (longest first), bare layers last
-    assert rows == [["trunk.stack", "5", "x", "TransformerEncoderLayer"], ["heads", "2", "x", "Sequential"],
-                    ["proj", "8", "x", "Linear"]]
+    blocks = message.split("Block lists, in the order the model defines them (path, count, block class):\n")[1].split("\nOther")[0]
+    others = message.split("Other module lists, not proposed (projections, embeddings, text-only):\n")[1].split("\nDeclare")[0]
+    # path, count, "x", class: composite blocks proposed; lists of bare layers listed, longest first, not proposed
+    assert [line.split() for line in blocks.splitlines()] == [["trunk.stack", "5", "x", "TransformerEncoderLayer"]]
+    assert [line.split() for line in others.splitlines()] == [["proj", "8", "x", "Linear"], ["heads", "2", "x", "Sequential"]]
     snippet = message.split("again:\n\n")[1]
     assert "blocks='trunk.stack'" in snippet and f"from {__name__} import MadeUp" in snippet
     # The printed call runs as is and makes the model usable.

@@ -134,7 +134,7 @@ def test_state_of_another_configuration_fails_before_anything_changes(tmp_path, 
 
 def test_state_without_sra_identity_is_refused():
     model, sra, _ = build(seed=0)
-    with pytest.raises(ValueError, match="no SRA extra state"):
+    with pytest.raises(ValueError, match="no extra state of a SelfRepresentationAlignment"):
         sra.set_extra_state({"student_layer": 2})
 
 

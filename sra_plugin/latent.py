@@ -1,0 +1,148 @@
+"""LatentAlignment: SRA 2 (Wang, Jiang et al., CVPR 2026, arXiv 2601.17830).
+
+Abstract: "SRA 2 aligns the intermediate latent features of diffusion transformers with VAE features
+via a lightweight projection layer, supervised by a feature alignment loss [...] without extra
+representation encoders or dual-model maintenance." The VAE features are the clean latent ``x0`` the
+latent-diffusion loop already has; here they are cut into the model's own patch tokens
+(``Adapter.patchify``), so token ``i`` of the target holds exactly the latent values that the
+model's token ``i`` predicts. No teacher pass and no EMA: the cost is the head's.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .heads import build_head
+from .layers import resolve_layer
+from .losses import build_loss
+from .registry import Adapter, resolve_adapter
+from .student import StudentAligner, Weight, check_weight, first_float_parameter
+from .wrappers import unwrap
+
+__all__ = ["LatentAlignment"]
+
+
+class LatentAlignment(StudentAligner):
+    """Align block ``layer``'s tokens, through ``head``, with the clean latent ``x0`` in patch tokens.
+
+    Usage, in an existing latent-diffusion loop::
+
+        align = LatentAlignment(model)
+        opt = torch.optim.AdamW([*model.parameters(), *align.parameters()])
+        pred = model(x_t, t, y)                              # the block's tokens are kept by a hook
+        loss = diff_loss + align(model, x_t, x0, t, y=y)     # x0: this batch's clean latent
+
+    Defaults (the README says why): ``layer=0.3`` of the depth (SiT-XL/2: block 8), the MLP head,
+    smooth-L1 with beta 0.05, weight 0.2. ``weight`` may be a number, a 0-dim tensor or a
+    schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
+    enabled (set ``align.step`` yourself to count optimizer steps under gradient accumulation).
+    ``target_dim`` (``C * p * p``) is read from the model's patch embedder unless given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: int | float = 0.3,
+        head: str | nn.Module = "mlp",
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "smooth_l1",
+        weight: Weight = 0.2,
+        adapter: str | Adapter | None = None,
+        target_dim: int | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={type(model).__name__} is not accepted: use an nn.Module")
+        student = unwrap(model)
+        adapter = resolve_adapter(student, adapter)
+        blocks = adapter.blocks(student)
+        if not blocks:
+            raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(student).__name__}")
+        index = resolve_layer(layer, len(blocks), "layer")
+        if not callable(weight):
+            weight = check_weight(weight, "weight")
+        loss_fn = build_loss(loss)
+        if target_dim is None:
+            target_dim = adapter.patch_dim(student)
+        elif isinstance(target_dim, bool) or not isinstance(target_dim, numbers.Integral) or target_dim < 1:
+            raise ValueError(f"target_dim={target_dim!r} is not accepted: use a positive int, C * p * p of the latent patches")
+        dim = adapter.dim(student, blocks[index - 1])
+        head_module = build_head(head, dim, int(target_dim))
+        if not isinstance(head, nn.Module):
+            like = first_float_parameter(student)
+            if like is not None:
+                head_module = head_module.to(device=like.device, dtype=like.dtype)
+
+        self.adapter = adapter
+        self.depth = len(blocks)
+        self.student_layer = index
+        self.target_dim = int(target_dim)
+        self.weight = weight
+        self.loss_fn = loss_fn
+        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+        self.head_name = head if isinstance(head, str) else type(head).__name__
+        self.check_finite = bool(check_finite)
+        self.head = head_module
+        self._init_student(student)
+
+    @property
+    def layer(self) -> int:
+        """The aligned block, 1-based."""
+        return self.student_layer
+
+    def target(self, x0: Tensor) -> Tensor:
+        """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``."""
+        return self.adapter.patchify(self._student, x0)
+
+    def _check_inputs(self, model: Any, x_t: Any, x0: Any, t: Any, sample_weight: Any) -> None:
+        self._check_model(model)
+        for name, value in (("x_t", x_t), ("x0", x0)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if x0.shape != x_t.shape:
+            raise ValueError(
+                f"x0 has shape {tuple(x0.shape)} but x_t {tuple(x_t.shape)}: pass the clean latent of this batch, "
+                "in the layout the model takes (the x_t was made from it)"
+            )
+        batch = x_t.shape[0] if x_t.dim() else None
+        self._check_times(batch, t=t)
+        self._check_sample_weight(sample_weight, batch)
+
+    def forward(self, model: nn.Module, x_t: Tensor, x0: Tensor, t: Any, *args: Any,
+                sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The weighted SRA 2 loss for one step. ``args``/``kwargs`` are the model's conditioning, as
+        for ``model(x_t, t, ...)``; ``sample_weight`` (``(B,)``) weighs each sample's loss."""
+        self._check_inputs(model, x_t, x0, t, sample_weight)
+        weight = self.current_weight()
+        if torch.is_grad_enabled():
+            self.step += 1
+        if self._is_zero(weight):
+            return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "target_norm"))
+        tokens, _ = self._student_tokens(model, x_t, t, args, kwargs)
+        with torch.no_grad():
+            target = self.target(x0.detach())
+        if target.dim() != 3 or target.shape[:2] != tokens.shape[:2] or target.shape[-1] != self.target_dim:
+            raise ValueError(
+                f"patchified x0 has shape {tuple(target.shape)} but block {self.student_layer} gives tokens "
+                f"{tuple(tokens.shape)} and the head outputs {self.target_dim} values per token: the adapter's "
+                "patchify does not fit this model (or pass target_dim=)"
+            )
+        if self.check_finite and not bool(torch.isfinite(tokens).all()):
+            raise FloatingPointError(f"non-finite student features at block {self.student_layer}")
+        pred = self.head(self._as_head_input(tokens))
+        loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
+        self._record_metrics(loss, align, p, q, tokens, weight, "target")
+        return loss
+
+    def _identity(self) -> dict[str, Any]:
+        return {"layer": self.student_layer, "depth": self.depth, "head": self.head_name, "target_dim": self.target_dim}
+
+    def extra_repr(self) -> str:
+        return (
+            f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth} -> latent patches "
+            f"of {self.target_dim}, loss={self.loss_name!r}, head={self.head_name!r}"
+        )

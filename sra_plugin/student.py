@@ -1,0 +1,262 @@
+"""The student side that SRA and SRA 2 share: the block's tokens from the user's own forward (or a
+re-run up to the block when they cannot be reused), the loss weight and its schedule, the reduction
+of a loss to one number per sample, and the lifetime of the hooks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import losses as loss_module
+from ._checks import is_real
+from .capture import Decision, StudentCapture, probe_call, run_until
+from .losses import per_sample
+from .wrappers import unwrap
+
+__all__ = ["StudentAligner", "Weight", "check_weight", "first_float_parameter"]
+
+Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
+
+
+def check_weight(weight: Any, where: str) -> float | Tensor:
+    """A loss weight: a real number >= 0 or a 0-dim floating tensor (checked for value only on the CPU,
+    so that a GPU weight costs no device sync)."""
+    if isinstance(weight, Tensor):
+        if weight.dim() != 0 or not weight.is_floating_point():
+            raise ValueError(f"{where}={weight!r} is not accepted: use a number >= 0 or a 0-dim floating tensor")
+        if weight.device.type == "cpu" and not (bool(torch.isfinite(weight)) and float(weight) >= 0):
+            raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0")
+        return weight.detach()
+    if not is_real(weight) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0 or a 0-dim floating tensor")
+    return float(weight)
+
+
+def first_float_parameter(model: nn.Module) -> Tensor | None:
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _batch_of(value: Any) -> int | None:
+    return value.shape[0] if isinstance(value, Tensor) and value.dim() > 0 else None
+
+
+class StudentAligner(nn.Module):
+    """Base of ``SelfRepresentationAlignment`` and ``LatentAlignment``; not used on its own.
+
+    A subclass sets ``adapter``, ``weight`` and ``student_layer``, calls ``_init_student(student,
+    block)`` at the end of its ``__init__``, and may extend ``_attach`` and ``_transient``.
+    """
+
+    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned")
+
+    def _init_student(self, student: nn.Module) -> None:
+        object.__setattr__(self, "_student", student)  # the user's model: not a submodule of ours
+        self.step = 0
+        self.student_reruns = 0
+        self._metrics: dict[str, Tensor | float] = {}
+        self._attach()
+
+    def _attach(self) -> None:
+        """Hook the student (again, after a copy or unpickling) and tie the hooks' lifetime to this object."""
+        blocks = self.adapter.blocks(self._student)
+        object.__setattr__(self, "_student_block", blocks[self.student_layer - 1])
+        object.__setattr__(self, "_capture", StudentCapture(self._student, self._student_block, self.adapter))
+        object.__setattr__(self, "_warned", set())
+        # Dropped without remove(): the hooks go with this object, holding no activations.
+        object.__setattr__(self, "_finalizer", weakref.finalize(self, StudentCapture.remove, self._capture))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        for key in self._transient:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._attach()
+
+    # ------------------------------------------------------------------ weight and metrics
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last call's figures as plain floats (converted on access, so a step costs no device sync)."""
+        return {k: float(v) for k, v in self._metrics.items()}
+
+    def current_weight(self) -> float | Tensor:
+        if callable(self.weight):
+            return check_weight(self.weight(self.step), f"weight({self.step})")
+        return self.weight
+
+    @staticmethod
+    def _is_zero(weight: float | Tensor) -> bool:
+        """A weight of 0 skips the step's work: a number, or a CPU tensor (a device tensor is not read,
+        which would cost a sync; its step runs and contributes 0)."""
+        if isinstance(weight, Tensor):
+            return weight.device.type == "cpu" and float(weight) == 0.0
+        return weight == 0.0
+
+    def _skipped(self, device: torch.device, names: tuple[str, ...]) -> Tensor:
+        """The loss at a step of weight 0: nothing runs; the head stays in the graph (with zero
+        gradient) so that ``DDP(...)`` of this module sees every parameter used."""
+        self._capture.record = None
+        zero = sum((p.sum() for p in self.head.parameters()), torch.zeros((), device=device)) * 0.0
+        nan = float("nan")  # not computed at this step
+        self._metrics = {"loss": 0.0, **{name: nan for name in names}, "weight": 0.0, "student_reruns": self.student_reruns}
+        return zero
+
+    # ------------------------------------------------------------------ inputs
+    def _check_model(self, model: Any) -> None:
+        if not isinstance(model, nn.Module) or unwrap(model) is not self._student:
+            raise ValueError(
+                f"model={type(model).__name__} is not the model this {type(self).__name__} was built on "
+                f"({type(self._student).__name__}): pass that model (wrapped or not)"
+            )
+
+    @staticmethod
+    def _check_times(batch: int | None, **times: Any) -> None:
+        for name, value in times.items():
+            if not (isinstance(value, Tensor) or is_real(value)):
+                raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+            b = _batch_of(value)
+            if b is not None and b not in (batch, 1):
+                raise ValueError(f"{name} has batch size {b} but x_t has {batch}: give one time per sample, or one for all")
+
+    @staticmethod
+    def _check_sample_weight(sample_weight: Any, batch: int | None) -> None:
+        if sample_weight is None:
+            return
+        if not isinstance(sample_weight, Tensor) or sample_weight.shape != (batch,) or not sample_weight.is_floating_point():
+            shape = tuple(sample_weight.shape) if isinstance(sample_weight, Tensor) else type(sample_weight).__name__
+            raise ValueError(f"sample_weight={shape} is not accepted: use a floating tensor of shape ({batch},), one weight per sample")
+
+    # ------------------------------------------------------------------ the student's tokens
+    def _student_tokens(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
+        """Block ``student_layer``'s tokens for ``model(x_t, t, ...)``: the user's own forward's if it ran
+        on exactly these inputs, else a re-run up to the block (warned once per cause, counted)."""
+        decision = self._capture.take(lambda: probe_call(self._student, self.adapter, x_t, t, args, kwargs))
+        if decision.captured is not None:
+            return decision.captured.tokens, decision.captured.watched
+        self.student_reruns += 1
+        self._warn(model, decision)
+        capture = self._capture
+        capture.forced = True
+        try:
+            tokens = run_until(self._student, self._student_block, self.adapter, x_t, t, args, kwargs)
+        finally:
+            capture.forced = False
+        record, capture.record = capture.record, None
+        return tokens, record.watched if record is not None else {}
+
+    def _warn(self, model: nn.Module, decision: Decision) -> None:
+        """One warning per cause, so that a validation call does not hide a later mis-wired training step."""
+        if decision.cause in self._warned:
+            return
+        self._warned.add(decision.cause)
+        hint = ""
+        # A compiled model runs its top-level hooks eagerly but the blocks' hooks only if they
+        # existed when it was traced: a forward seen without the block's tokens means that.
+        compiled = hasattr(model, "_orig_mod") or getattr(self._student, "_compiled_call_impl", None) is not None
+        if compiled and decision.cause in ("no-forward", "no-tokens") and (self._capture.forwards_seen == 0 or decision.cause == "no-tokens"):
+            name = type(self).__name__
+            hint = (
+                f" The model was compiled before {name} was created, so the compiled forward ignores its hooks: "
+                f"create {name} first, then call torch.compile(model) (or call torch._dynamo.reset() once after creating it). "
+                "If another instance of this model class was compiled first (an eval or EMA copy), its graph, traced "
+                "without these hooks, is reused, because torch.compile does not guard on hooks by default: set "
+                "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling."
+            )
+        warnings.warn(
+            f"{type(self).__name__} found no student features from a training forward on this x_t: {decision.reason} "
+            "(call model(x_t, t, ...) in training mode with grad enabled, with the same inputs, right before it). "
+            f"Running the student up to block {self.student_layer} again, which costs an extra partial forward; "
+            f"metrics['student_reruns'] counts these.{hint}",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    # ------------------------------------------------------------------ the loss
+    @staticmethod
+    def _float32(like: Tensor) -> Any:
+        """A context in which autocast is off on ``like``'s device, so float32 stays float32."""
+        return loss_module.no_autocast(like.device.type)
+
+    def _as_head_input(self, tokens: Tensor) -> Tensor:
+        """The student's tokens in the head's floating dtype: a model cast after this object was built
+        (``model.to(torch.bfloat16)``) keeps a head in the dtype it was created in."""
+        like = first_float_parameter(self.head)
+        return tokens if like is None or like.dtype == tokens.dtype else tokens.to(like.dtype)
+
+    def _reduce(self, pred: Tensor, target: Tensor, weight: float | Tensor,
+                sample_weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``weight * mean_b(w_b * l_b)`` in float32 whatever autocast is active; also the float32
+        ``pred`` and ``target`` (made once: the metrics share them) and the unweighted alignment."""
+        with self._float32(pred):
+            p, q = pred.float(), target.float()
+            losses = per_sample(self.loss_fn, p, q)
+            align = losses.mean() if sample_weight is None else (sample_weight.float() * losses).mean()
+            return weight * align, align, p, q
+
+    def _record_metrics(self, loss: Tensor, align: Tensor, p: Tensor, q: Tensor, tokens: Tensor,
+                        weight: float | Tensor, target_name: str) -> None:
+        """The step's figures, kept as tensors (read as floats by ``metrics``, so no device sync here)."""
+        with torch.no_grad(), self._float32(p):
+            self._metrics = {
+                "loss": loss.detach(),
+                "align_loss": align.detach(),
+                "cos_sim": torch.nn.functional.cosine_similarity(p, q, dim=-1).mean(),
+                "student_norm": tokens.float().norm(dim=-1).mean(),
+                f"{target_name}_norm": q.norm(dim=-1).mean(),
+                "weight": weight,
+                "student_reruns": self.student_reruns,
+            }
+
+    # ------------------------------------------------------------------ state
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state must agree on to be loaded here (layers, head, ...)."""
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, **self._identity()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._check_extra_state(state)
+        self.step = int(state["step"])
+
+    def _check_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"state dict has no extra state of a {type(self).__name__} (got {type(state).__name__})")
+        mine = self._identity()
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            diff = ", ".join(f"{k}: saved {theirs[k]!r}, here {mine[k]!r}" for k in mine if theirs[k] != mine[k])
+            raise ValueError(f"cannot load this state dict into a differently configured {type(self).__name__} ({diff})")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # torch sets this module's extra state before loading its children (so a wrong layer pair
+        # or head name raises before the head or teacher change) but reports shape mismatches only
+        # after copying everything else: check every shape first, so a wrong state changes nothing.
+        if prefix + "_extra_state" in state_dict:
+            self._check_extra_state(state_dict[prefix + "_extra_state"])
+        wrong = [
+            f"{key[len(prefix):]}: saved {tuple(state_dict[key].shape)}, here {tuple(value.shape)}"
+            for key, value in self.state_dict(prefix=prefix).items()
+            if isinstance(value, Tensor) and isinstance(state_dict.get(key), Tensor) and state_dict[key].shape != value.shape
+        ]
+        if wrong:
+            raise ValueError(f"cannot load this state dict into {type(self).__name__}: shapes differ ({'; '.join(wrong[:4])})")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ hooks
+    def remove(self) -> None:
+        """Remove every hook this object added to the model."""
+        self._finalizer()
+
+    def __enter__(self) -> "StudentAligner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
