@@ -200,3 +200,19 @@ def test_mlxtend_is_an_extra_not_a_core_dependency() -> None:
     assert "mlxtend" in names(project["optional-dependencies"]["evidence"])
     assert "mlxtend" in names(project["optional-dependencies"]["dev"])
     assert "matplotlib" not in names(project["dependencies"])  # the report's heatmap imports it lazily
+
+
+def test_authors_recipe_and_sra2_variants_use_the_real_classes(mnist: D.Digits) -> None:
+    if getattr(sra_plugin, "LatentAlignment", None) is None:
+        pytest.skip("this sra_plugin has no LatentAlignment")
+    data = _small(mnist)
+    cfg = D.TrainConfig(steps=2, model_size="tiny", batch_size=8, seed=2)
+    plain = D.train(cfg, data, variant="none", progress=False)
+    cos = D.train(cfg, data, variant="sra-cosine", progress=False)
+    assert cos.sra.loss_name == "cosine_tokens" and cos.sra.weight == 0.5
+    latent = D.train(cfg, data, variant="sra2", progress=False)
+    assert isinstance(latent.latent, sra_plugin.LatentAlignment) and latent.sra is None
+    assert latent.latent.student_layer == cfg.layers()[0]  # SRA 2 aligns block L_s, the student block of SRA
+    for run in (cos, latent):
+        assert run.diff_loss[0] == plain.diff_loss[0] and run.diff_loss[1] != plain.diff_loss[1]
+        assert len(run.align_loss) == 2 and all(np.isfinite(run.align_loss))
