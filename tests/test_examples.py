@@ -157,20 +157,35 @@ def test_quality_benchmark_short(tmp_path: Path, keep_threads, capsys) -> None:
     result = quality.main([
         "--seeds", "0", "1", "--steps", "2", "--model-size", "tiny", "--per-class", "3", "--sample-steps", "1",
         "--workers", "1", "--threads", "1", "--classifier", str(tmp_path / "clf.pt"), "--classifier-epochs", "1",
-        "--json", str(out), "--samples-dir", str(tmp_path / "grids"),
+        "--json", str(out), "--samples-dir", str(tmp_path / "grids"), "--eval-every", "1",
+        "--table", str(tmp_path / "q.md"), "--plots", str(tmp_path / "curves.png"),
     ])
     saved = json.loads(out.read_text())
+    variants = ["none", "sra"]
+    assert saved["dataset"] == "digits" and list(saved["variants"]) == variants
     assert len(saved["runs"]) == 4 and {(r["seed"], r["variant"]) for r in saved["runs"]} == {
-        (s, v) for s in (0, 1) for v in quality.VARIANTS}
-    for metric in ("probe_block2", "probe_block4", "frechet", "class_accuracy", "heldout_diffusion_loss"):
+        (s, v) for s in (0, 1) for v in variants}
+    by = {(r["seed"], r["variant"]): r for r in saved["runs"]}
+    for metric in ("probe_block2", "probe_block4", "frechet", "class_accuracy", "heldout_diffusion_loss", "seconds_per_step"):
         entry = saved["summary"][metric]
-        values = [r[metric] for r in saved["runs"] if r["variant"] == "with SRA"]
-        assert entry["with SRA"]["mean"] == pytest.approx(np.mean(values))
-        assert entry["with SRA"]["std"] == pytest.approx(np.std(values, ddof=1))
+        values = [by[(s, "sra")][metric] for s in (0, 1)]
+        assert entry["sra"]["mean"] == pytest.approx(np.mean(values))
+        assert entry["sra"]["std"] == pytest.approx(np.std(values, ddof=1))
+        per_seed = [by[(s, "sra")][metric] - by[(s, "none")][metric] for s in (0, 1)]
+        assert entry["difference"]["baseline"] == "none"
+        assert entry["difference"]["sra"]["per_seed"] == pytest.approx(per_seed)
+        assert entry["difference"]["sra"]["mean"] == pytest.approx(np.mean(per_seed))
+    for r in saved["runs"]:
+        assert [c["step"] for c in r["curve"]] == [1, 2]
+        assert r["curve"][-1]["frechet"] == r["frechet"]  # the last point is the final measurement
+        assert r["seconds_per_step"] == pytest.approx(r["train_seconds"] / 2)
     assert saved["table"] == result["table"] and saved["table"] in capsys.readouterr().out
-    assert (tmp_path / "clf.pt").exists()
+    md = (tmp_path / "q.md").read_text()
+    d = saved["summary"]["frechet"]["difference"]["sra"]
+    assert f"{d['per_seed'][0]:+.4f}, {d['per_seed'][1]:+.4f}" in md
+    assert (tmp_path / "clf.pt").exists() and (tmp_path / "curves.png").exists()
     grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
-    assert grids == [f"samples_seed{s}_{v}.png" for s in (0, 1) for v in ("baseline", "sra")]
+    assert grids == [f"samples_seed{s}_{v}.png" for s in (0, 1) for v in variants]
 
 
 def test_quickstart_runs(monkeypatch, capsys) -> None:

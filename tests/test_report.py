@@ -1,0 +1,272 @@
+"""sra_plugin.report: linear CKA, the per-pair matrix on a tiny model, the probe, the heatmap and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sra_plugin import register_adapter
+from sra_plugin.report import block_features, cka_matrix, layer_report, linear_cka, main, ridge_probe
+from tests._models import TINY, randomise_gates, tiny_sit
+
+
+def hsic_cka_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """CKA written the other way: HSIC of the linear Gram matrices with the centring matrix H,
+    HSIC(K, L) = tr(K H L H) / (n - 1)^2, CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = x @ x.T, y @ y.T
+
+    def hsic(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.trace(a @ h @ b @ h)) / (n - 1) ** 2
+
+    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def _random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_cka_of_a_matrix_with_itself_is_one() -> None:
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_maps_scaling_and_shifts() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(80, 6, generator=gen, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(6, 9, generator=gen, dtype=torch.float64)) + 0.3 * torch.randn(80, 9, generator=gen, dtype=torch.float64)
+    base = linear_cka(x, y)
+    assert 0.05 < base < 0.99  # a real, intermediate value, so invariance is not trivially 1 == 1
+    q = _random_orthogonal(9, 2)
+    assert linear_cka(x, y @ q) == pytest.approx(base, rel=1e-10)
+    assert linear_cka(x @ _random_orthogonal(6, 3), y) == pytest.approx(base, rel=1e-10)
+    assert linear_cka(3.7 * x, 0.01 * y) == pytest.approx(base, rel=1e-10)
+    assert linear_cka(x + 5.0, y - 2.0) == pytest.approx(base, rel=1e-10)  # features are centred
+    # ...but not to an anisotropic scaling of the features: CKA is not CCA.
+    assert linear_cka(x * torch.tensor([10.0, 1, 1, 1, 1, 0.1], dtype=torch.float64), y) != pytest.approx(base, rel=1e-3)
+
+
+def test_cka_matches_the_hsic_formula() -> None:
+    rng = np.random.default_rng(4)
+    for d1, d2 in ((3, 3), (5, 12), (20, 2)):
+        x = rng.normal(size=(40, d1))
+        y = x[:, :1] @ rng.normal(size=(1, d2)) + rng.normal(size=(40, d2))
+        assert linear_cka(x, y) == pytest.approx(hsic_cka_numpy(x, y), rel=1e-9)
+        # Without centring the value would differ: a shifted copy still agrees with the formula.
+        assert linear_cka(x + 3.0, y) == pytest.approx(hsic_cka_numpy(x + 3.0, y), rel=1e-9)
+    independent = linear_cka(rng.normal(size=(4000, 3)), rng.normal(size=(4000, 3)))
+    assert independent < 0.01  # unrelated features: near 0
+
+
+def test_cka_matrix_entries_are_pairwise_cka() -> None:
+    gen = torch.Generator().manual_seed(5)
+    a = [torch.randn(30, 4, generator=gen) for _ in range(3)]
+    b = [a[0] @ torch.randn(4, 5, generator=gen), torch.randn(30, 2, generator=gen)]
+    m = cka_matrix(a, b)
+    assert m.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            assert m[i, j] == pytest.approx(linear_cka(a[i], b[j]), rel=1e-12)
+
+
+def test_cka_rejects_mismatched_samples() -> None:
+    with pytest.raises(ValueError, match="same samples"):
+        linear_cka(torch.randn(5, 2), torch.randn(6, 2))
+    with pytest.raises(ValueError, match=r"\(samples, features\)"):
+        linear_cka(torch.randn(5, 2, 2), torch.randn(5, 2))
+
+
+def _tiny_batches(model, n: int = 48, batch: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n // batch):
+        x0 = torch.randn(batch, TINY["in_channels"], TINY["input_size"], TINY["input_size"], generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t, s = torch.full((batch,), 0.6), torch.full((batch,), 0.4)
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+        y = torch.randint(0, TINY["num_classes"], (batch,), generator=gen)
+        out.append((x_t, x_s, t, s, y))
+    return out
+
+
+def tiny_model(seed: int = 0):
+    # adaLN-zero blocks start as identities: strong random gates make every block change the tokens.
+    return randomise_gates(tiny_sit(seed, depth=5), std=0.5)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+def test_report_matrix_shape_and_diagonal_on_a_tiny_model(tiny) -> None:
+    batches = _tiny_batches(tiny)
+    same = [(x_t, x_t, t, t, y) for x_t, _, t, _, y in batches]
+    rep = layer_report(tiny, same)  # teacher = the model itself on the same input: diagonal is exactly 1
+    assert rep.cka.shape == (5, 5) and rep.n_images == 48
+    np.testing.assert_allclose(np.diag(rep.cka), 1.0, atol=1e-9)
+    assert np.all((rep.cka > 0) & (rep.cka <= 1 + 1e-9))
+    np.testing.assert_allclose(rep.cka, rep.cka.T, atol=1e-9)  # same features on both sides: symmetric
+    assert tiny.training  # the mode is restored
+
+
+def test_report_reads_the_blocks_the_adapter_names(tiny) -> None:
+    batches = _tiny_batches(tiny)
+    feats, mean = block_features(tiny, [(b[0], b[2], (b[4],), {}) for b in batches])
+    # Block 3's features by hand: hook blocks[2] directly and mean-pool its output.
+    seen = []
+    h = tiny.blocks[2].register_forward_hook(lambda m, a, o: seen.append(o.mean(1)))
+    tiny.eval()
+    with torch.no_grad():
+        for x_t, _, t, _, y in batches:
+            tiny(x_t, t, y)
+    h.remove()
+    torch.testing.assert_close(feats[2], torch.cat(seen))
+    assert len(feats) == 5 and feats is not None and mean[2].shape == (48, TINY['hidden_size'])
+
+
+def test_report_with_an_ema_teacher_differs_from_self(tiny) -> None:
+    batches = _tiny_batches(tiny)
+    other = tiny_model(seed=1)
+    other.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        for p in other.blocks[4].parameters():
+            p.add_(torch.randn_like(p))  # only the last block differs
+    own = layer_report(tiny, batches)
+    vs_other = layer_report(tiny, batches, teacher=other)
+    np.testing.assert_allclose(own.cka[:, :4], vs_other.cka[:, :4], atol=1e-9)
+    assert np.abs(own.cka[:, 4] - vs_other.cka[:, 4]).max() > 1e-3
+
+
+def test_report_tokens_pooling(tiny) -> None:
+    batches = _tiny_batches(tiny)
+    rep = layer_report(tiny, batches, pool="tokens", tokens_per_image=4)
+    assert rep.cka.shape == (5, 5) and rep.pool == "tokens"
+    feats, _ = block_features(tiny, [(b[0], b[2], (b[4],), {}) for b in batches], pool="tokens", tokens_per_image=4)
+    assert feats[0].shape == (48 * 4, TINY['hidden_size'])
+    assert not np.allclose(rep.cka, layer_report(tiny, batches).cka)  # a different quantity than mean-pooled
+    with pytest.raises(ValueError, match="pool='max'"):
+        layer_report(tiny, batches, pool="max")
+
+
+def test_ridge_probe_reads_a_linear_signal_and_not_noise() -> None:
+    gen = torch.Generator().manual_seed(6)
+    y = torch.randint(0, 4, (400,), generator=gen)
+    centres = torch.randn(4, 10, generator=gen) * 3
+    x = centres[y] + torch.randn(400, 10, generator=gen)
+    assert ridge_probe(x, y) > 0.9
+    assert ridge_probe(torch.randn(400, 10, generator=gen), y) < 0.45  # chance is 0.25
+    with pytest.raises(ValueError, match="labels"):
+        ridge_probe(x, y[:-1])
+
+
+def test_report_probe_table_and_ranking(tiny, tmp_path: Path) -> None:
+    batches = _tiny_batches(tiny)
+    labels = torch.cat([b[4] for b in batches])
+    rep = layer_report(tiny, batches, labels=labels, student_layer=2, teacher_layer=4)
+    assert rep.student_probe.shape == (5,) and rep.teacher_probe.shape == (5,)
+    assert np.all((rep.student_probe >= 0) & (rep.student_probe <= 1))
+    ranked = rep.ranked_pairs()
+    assert len(ranked) == 10 and all(j > i for i, j, _ in ranked)  # 5 blocks: 10 pairs with a later teacher
+    assert [c for *_, c in ranked] == sorted((c for *_, c in ranked), reverse=True)
+    assert ranked[rep.rank_of(2, 4) - 1][:2] == (2, 4)
+    text = rep.table()
+    assert "2->4" in text and "probe" in text and f"{rep.cka[1, 3]:.3f}*" in text
+    d = rep.to_dict()
+    assert d["default_pair"] == [2, 4] and d["default_pair_cka"] == pytest.approx(rep.cka[1, 3])
+    png = rep.heatmap(tmp_path / "h.png")
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)
+    assert img.shape[0] > 200 and img[..., :3].std() > 0.05
+    with pytest.raises(ValueError, match="one label per image"):
+        layer_report(tiny, batches, labels=labels[:-1])
+
+
+def test_report_accepts_mappings_and_rejects_bad_batches(tiny) -> None:
+    batches = _tiny_batches(tiny)
+    as_dicts = [dict(x_t=b[0], x_s=b[1], t=b[2], s=b[3], args=(b[4],)) for b in batches]
+    np.testing.assert_allclose(layer_report(tiny, as_dicts).cka, layer_report(tiny, batches).cka)
+    with pytest.raises(ValueError, match="lacks"):
+        layer_report(tiny, [dict(x_t=batches[0][0])])
+    with pytest.raises(TypeError, match="batch 0"):
+        layer_report(tiny, [batches[0][:2]])
+    with pytest.raises(ValueError, match="empty"):
+        layer_report(tiny, [])
+
+
+def test_report_uses_a_registered_adapter_for_an_unknown_model() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(3, 8)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x, t):
+            h = self.inp(x) + t[:, None, None]
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return h
+
+    register_adapter("report-test-net", matches=Net, blocks="layers")
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(20, 6, 3)
+    t = torch.rand(20)
+    rep = layer_report(net, [(x, x, t, t)])
+    assert rep.cka.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(rep.cka), 1.0, atol=1e-9)
+
+
+def test_report_command_line(tiny, tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "run.pt"
+    ema = tiny_model(seed=1)
+    ema.load_state_dict(tiny.state_dict())
+    torch.save({"model": tiny.state_dict(), "ema": ema.state_dict()}, ckpt)
+    gen = torch.Generator().manual_seed(0)
+    data = tmp_path / "data.pt"
+    torch.save({"x0": torch.randn(40, TINY["in_channels"], 8, 8, generator=gen), "y": torch.randint(0, 10, (40,), generator=gen)}, data)
+    png, js = tmp_path / "layers.png", tmp_path / "layers.json"
+    rep = main([
+        "--model", "examples.models:SiT", "--model-kwargs", json.dumps({**TINY, "depth": 5}), "--checkpoint", str(ckpt),
+        "--state-key", "model", "--teacher-state-key", "ema", "--data", str(data), "--labels-key", "y",
+        "--cond-value", "10", "--t", "0.5", "--s", "0.5", "--batch-size", "16", "--student-layer", "2",
+        "--teacher-layer", "4", "--png", str(png), "--json", str(js),
+    ])
+    out = capsys.readouterr().out
+    assert "linear CKA" in out and "2->4" in out and png.exists()
+    saved = json.loads(js.read_text())
+    assert np.array(saved["cka"]).shape == (5, 5)
+    # Teacher = identical weights at the same time and noise: the diagonal is 1.
+    np.testing.assert_allclose(np.diag(rep.cka), 1.0, atol=1e-9)
+    assert len(saved["student_probe"]) == 5
+
+
+def test_report_imports_no_plotting_or_backbone_code() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, sra_plugin.report; print(sorted(m for m in ('matplotlib', 'sklearn', 'examples') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-m", "sra_plugin.report", "--help"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout
+    assert "--teacher-state-key" in help_text and "--pool" in help_text
+    import ast
+
+    tree = ast.parse((root / "sra_plugin" / "report.py").read_text())
+    for node in ast.walk(tree):  # drop docstrings: only the code counts
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+    code = ast.unparse(tree)
+    assert "adapter.blocks(" in code and "adapter.forward(" in code
+    for word in (".blocks[", "x_embedder", "SiT", "DiT", "transformer_blocks"):  # no backbone knowledge
+        assert word not in code, word
