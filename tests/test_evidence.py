@@ -61,10 +61,10 @@ def test_mnist5k_split_is_deterministic(mnist: D.Digits) -> None:
     assert not torch.equal(other.x_test, mnist.x_test)
     with pytest.raises(ValueError, match="test_fraction=1.5"):
         D.load_mnist5k(test_fraction=1.5)
-    assert D.load_dataset("mnist5k").x_train.shape == mnist.x_train.shape
-    assert D.load_dataset("digits").image_size == 16
+    assert D.load_images("mnist5k").x_train.shape == mnist.x_train.shape
+    assert D.load_images("digits").image_size == 16
     with pytest.raises(ValueError, match="dataset='cifar'"):
-        D.load_dataset("cifar")
+        D.load_images("cifar")
 
 
 def _small(mnist: D.Digits, n: int = 256) -> D.Digits:
