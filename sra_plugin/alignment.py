@@ -13,7 +13,7 @@ from .capture import run_until
 from .heads import build_head
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_adapter
+from .registry import Adapter, resolve_blocks
 from .student import StudentAligner, Weight, check_weight, first_float_parameter
 from .teacher import EMATeacher, check_same_structure, eval_mode, swap_in
 from .wrappers import unwrap
@@ -58,13 +58,7 @@ class SelfRepresentationAlignment(StudentAligner):
     ) -> None:
         super().__init__()
         # Everything is validated before anything is created or attached.
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model={type(model).__name__} is not accepted: use an nn.Module")
-        student = unwrap(model)
-        adapter = resolve_adapter(student, adapter)
-        blocks = adapter.blocks(student)
-        if not blocks:
-            raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(student).__name__}")
+        student, adapter, blocks = resolve_blocks(model, adapter)
         depth = len(blocks)
         student_index = resolve_layer(student_layer, depth, "student_layer")
         teacher_index = resolve_layer(teacher_layer, depth, "teacher_layer")

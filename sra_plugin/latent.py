@@ -19,9 +19,8 @@ from torch import Tensor, nn
 from .heads import build_head
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_adapter
+from .registry import Adapter, resolve_blocks
 from .student import StudentAligner, Weight, check_weight, first_float_parameter
-from .wrappers import unwrap
 
 __all__ = ["LatentAlignment"]
 
@@ -55,13 +54,7 @@ class LatentAlignment(StudentAligner):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model={type(model).__name__} is not accepted: use an nn.Module")
-        student = unwrap(model)
-        adapter = resolve_adapter(student, adapter)
-        blocks = adapter.blocks(student)
-        if not blocks:
-            raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(student).__name__}")
+        student, adapter, blocks = resolve_blocks(model, adapter)
         index = resolve_layer(layer, len(blocks), "layer")
         if not callable(weight):
             weight = check_weight(weight, "weight")

@@ -420,3 +420,17 @@ def resolve_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> A
         if entry.matches(model):
             return entry
     raise unknown_model_error(model)
+
+
+def resolve_blocks(model: Any, adapter: str | Adapter | None = None) -> tuple[nn.Module, Adapter, list[nn.Module]]:
+    """The model inside any wrappers, its adapter and its blocks (at least one), or a clear error."""
+    from .wrappers import unwrap
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__} is not accepted: use an nn.Module")
+    inner = unwrap(model)
+    adapter = resolve_adapter(inner, adapter)
+    blocks = adapter.blocks(inner)
+    if not blocks:
+        raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(inner).__name__}")
+    return inner, adapter, list(blocks)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .registry import Adapter, ModelCall, resolve_adapter, token_reader
+from .registry import Adapter, ModelCall, resolve_adapter, resolve_blocks, token_reader
 from .wrappers import unwrap
 
 __all__ = ["linear_cka", "cka_matrix", "block_features", "ridge_probe", "LayerReport", "layer_report", "main"]
@@ -127,11 +127,7 @@ def block_features(
     model runs in eval mode, without gradient, and its mode is restored."""
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r} is not accepted: use one of {list(POOLS)}")
-    model = unwrap(model)
-    adapter = resolve_adapter(model, adapter)
-    blocks = adapter.blocks(model)
-    if not blocks:
-        raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(model).__name__}")
+    model, adapter, blocks = resolve_blocks(model, adapter)
     read = token_reader(adapter)
     calls: list[ModelCall] = []
     seen: list[Tensor | None] = [None] * len(blocks)
