@@ -38,7 +38,10 @@ def check_weight(weight: Any, where: str) -> float | Tensor:
 
 
 def first_float_parameter(model: nn.Module) -> Tensor | None:
-    return next((p for p in model.parameters() if p.is_floating_point()), None)
+    """The model's first floating parameter that trains (its device and dtype are the head's), else its
+    first floating one: a bf16 base with float32 LoRA gets a float32 head, which AdamW can update."""
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    return next((p for p in floating if p.requires_grad), floating[0] if floating else None)
 
 
 def _batch_of(value: Any) -> int | None:

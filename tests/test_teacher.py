@@ -436,3 +436,16 @@ def test_a_frozen_positional_table_keeps_the_teacher_module():
     assert 0.01 < share < 0.1, share  # the case that 0.2.0's first cut got wrong
     sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
     assert not sra.ema.shared and isinstance(sra.teacher, torch.nn.Module)
+
+
+def test_head_follows_the_trainable_dtype_of_a_bf16_base_with_float32_lora():
+    from tests._models import tiny_sit
+
+    model = tiny_sit().to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.blocks[0].attn.qkv.float().requires_grad_(True)  # the only trainable weights, float32 (as LoRA)
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
+    assert all(p.dtype == torch.float32 for p in sra.head.parameters())
+    model.requires_grad_(False)
+    frozen = SelfRepresentationAlignment(tiny_sit().to(torch.bfloat16), student_layer=1, teacher_layer=2)
+    assert all(p.dtype == torch.bfloat16 for p in frozen.head.parameters())  # everything trains in bf16: the model's dtype
