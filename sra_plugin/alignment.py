@@ -10,11 +10,10 @@ from torch import Tensor, nn
 
 from ._checks import is_real
 from .capture import run_until
-from .heads import build_head
 from .layers import resolve_layer
 from .losses import build_loss
 from .registry import Adapter, resolve_blocks
-from .student import StudentAligner, Weight, check_weight, first_float_parameter
+from .student import StudentAligner, Weight, check_weight, head_on_model
 from .teacher import EMATeacher, check_same_structure, eval_mode, swap_in
 from .wrappers import unwrap
 
@@ -93,25 +92,15 @@ class SelfRepresentationAlignment(StudentAligner):
         teacher_model = user_teacher if user_teacher is not None else student
         dim = adapter.dim(student, blocks[student_index - 1])
         target_dim = adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1])
-        head_module = build_head(head, dim, target_dim)
-        if not isinstance(head, nn.Module):
-            # The head computes on the student's tokens: create it on the model's device, in its dtype.
-            like = first_float_parameter(student)
-            if like is not None:
-                head_module = head_module.to(device=like.device, dtype=like.dtype)
+        head_module = head_on_model(head, dim, target_dim, student)
 
         self.adapter = adapter
         self.depth = depth
         self.student_layer = student_index
         self.teacher_layer = teacher_index
         self.ema_decay = float(ema_decay)
-        self.weight = weight
-        self.loss_fn = loss_fn
-        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-        self.head_name = head if isinstance(head, str) else type(head).__name__
-        self.check_finite = bool(check_finite)
         self.compile_teacher = compile_teacher
-        self.head = head_module
+        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         # The owned teacher is built before any hook is attached, so a copy carries none of ours.
         self.ema: EMATeacher | None = EMATeacher(student, ema_decay, ema_dtype) if user_teacher is None else None
         object.__setattr__(self, "_user_teacher", user_teacher)

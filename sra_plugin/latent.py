@@ -16,11 +16,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .heads import build_head
 from .layers import resolve_layer
 from .losses import build_loss
 from .registry import Adapter, resolve_blocks
-from .student import StudentAligner, Weight, check_weight, first_float_parameter
+from .student import StudentAligner, Weight, check_weight, head_on_model
 
 __all__ = ["LatentAlignment"]
 
@@ -64,22 +63,13 @@ class LatentAlignment(StudentAligner):
         elif isinstance(target_dim, bool) or not isinstance(target_dim, numbers.Integral) or target_dim < 1:
             raise ValueError(f"target_dim={target_dim!r} is not accepted: use a positive int, C * p * p of the latent patches")
         dim = adapter.dim(student, blocks[index - 1])
-        head_module = build_head(head, dim, int(target_dim))
-        if not isinstance(head, nn.Module):
-            like = first_float_parameter(student)
-            if like is not None:
-                head_module = head_module.to(device=like.device, dtype=like.dtype)
+        head_module = head_on_model(head, dim, int(target_dim), student)
 
         self.adapter = adapter
         self.depth = len(blocks)
         self.student_layer = index
         self.target_dim = int(target_dim)
-        self.weight = weight
-        self.loss_fn = loss_fn
-        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-        self.head_name = head if isinstance(head, str) else type(head).__name__
-        self.check_finite = bool(check_finite)
-        self.head = head_module
+        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         self._init_student(student)
 
     @property

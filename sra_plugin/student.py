@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from . import losses as loss_module
 from ._checks import is_real
 from .capture import Decision, StudentCapture, probe_call, run_until
-from .losses import per_sample
+from .heads import build_head
 from .wrappers import unwrap
 
-__all__ = ["StudentAligner", "Weight", "check_weight", "first_float_parameter"]
+__all__ = ["StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model"]
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
 
@@ -44,6 +44,16 @@ def first_float_parameter(model: nn.Module) -> Tensor | None:
     return next((p for p in floating if p.requires_grad), floating[0] if floating else None)
 
 
+def head_on_model(head: str | nn.Module, dim: int, target_dim: int, student: nn.Module) -> nn.Module:
+    """``build_head``, placed where it computes: a named head on the student's device, in the dtype of its
+    trainable parameters (``first_float_parameter``); a module of the user's as given."""
+    module = build_head(head, dim, target_dim)
+    like = first_float_parameter(student)
+    if not isinstance(head, nn.Module) and like is not None:
+        module = module.to(device=like.device, dtype=like.dtype)
+    return module
+
+
 def _batch_of(value: Any) -> int | None:
     return value.shape[0] if isinstance(value, Tensor) and value.dim() > 0 else None
 
@@ -56,6 +66,16 @@ class StudentAligner(nn.Module):
     """
 
     _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned")
+
+    def _set_objective(self, head: str | nn.Module, head_module: nn.Module, loss: Any,
+                       loss_fn: Callable[[Tensor, Tensor], Tensor], weight: Weight, check_finite: bool) -> None:
+        """The head and the loss, already checked, and their names for ``repr`` and the state's identity."""
+        self.weight = weight
+        self.loss_fn = loss_fn
+        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+        self.head_name = head if isinstance(head, str) else type(head).__name__
+        self.check_finite = bool(check_finite)
+        self.head = head_module
 
     def _init_student(self, student: nn.Module) -> None:
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule of ours
@@ -199,7 +219,7 @@ class StudentAligner(nn.Module):
         ``pred`` and ``target`` (made once: the metrics share them) and the unweighted alignment."""
         with self._float32(pred):
             p, q = pred.float(), target.float()
-            losses = per_sample(self.loss_fn, p, q)
+            losses = loss_module.per_sample(self.loss_fn, p, q)
             align = losses.mean() if sample_weight is None else (sample_weight.float() * losses).mean()
             return weight * align, align, p, q
 
