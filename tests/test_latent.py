@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from sra_plugin import LatentAlignment, LinearPath
 from tests._models import tiny_sit
+from tests.test_alignment import tokens_by_hand
 
 
 def data(n: int = 4, seed: int = 0):
@@ -24,14 +25,6 @@ def data(n: int = 4, seed: int = 0):
     y = torch.randint(0, 10, (n,), generator=g)
     x_t = LinearPath()(x0, noise, t)
     return x_t, x0, t, y
-
-
-def block_output(model, x, t, y, k: int) -> torch.Tensor:
-    h = model.x_embedder(x) + model.pos_embed
-    c = model.t_embedder(t) + model.y_embedder.embedding_table(y)
-    for block in model.blocks[:k]:
-        h = block(h, c)
-    return h
 
 
 def count_block_calls(model):
@@ -51,7 +44,7 @@ def test_loss_equals_hand_computation_with_a_fixed_linear_head():
     model(x_t, t, y)
     got = align(model, x_t, x0, t, y)
     with torch.no_grad():
-        tokens = block_output(model, x_t, t, y, 3)
+        tokens = tokens_by_hand(model, x_t, t, y, 3)
         # DiT/SiT unpatchify reads each token as (p, q, C): the target is x0 cut the same way.
         target = einops.rearrange(x0, "b c (h p) (w q) -> b (h w) (p q c)", p=2, q=2)
         want = 0.7 * F.smooth_l1_loss(head(tokens), target, beta=0.05)
@@ -112,9 +105,10 @@ def test_sample_weight_equals_per_sample_calls_combined_by_hand():
     torch.testing.assert_close(got, sum(w[b] * singles[b] for b in range(4)) / 4, rtol=1e-5, atol=1e-7)
 
 
-def test_weight_zero_runs_nothing_and_keeps_the_head_in_the_graph():
+@pytest.mark.parametrize("weight", [lambda step: 0.2 if step < 5 else 0.0, torch.tensor(0.0)], ids=["schedule at 0", "0-dim tensor"])
+def test_weight_zero_runs_nothing_and_keeps_the_head_in_the_graph(weight):
     model = tiny_sit()
-    align = LatentAlignment(model, weight=lambda step: 0.2 if step < 5 else 0.0)
+    align = LatentAlignment(model, weight=weight)
     x_t, x0, t, y = data()
     align.step = 5
     model(x_t, t, y)
@@ -244,18 +238,6 @@ def test_remove_and_dropping_the_object_leave_no_hooks():
 
     gc.collect()
     assert hooked() == 0
-
-
-def test_a_zero_tensor_weight_also_runs_nothing():
-    model = tiny_sit()
-    align = LatentAlignment(model, weight=torch.tensor(0.0))
-    x_t, x0, t, y = data()
-    model(x_t, t, y)
-    calls, handles = count_block_calls(model)
-    loss = align(model, x_t, x0, t, y)
-    for h in handles:
-        h.remove()
-    assert calls == [0] * len(model.blocks) and loss.item() == 0.0
 
 
 def test_compiled_model_feeds_the_capture_and_matches_eager():

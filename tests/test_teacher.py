@@ -231,14 +231,7 @@ def test_bf16_model_teacher_moves_as_an_exact_ema(mode):
     exact = ExactEMA(decay)
     exact.start(model)
     for step in range(steps):
-        x_t, x_s, t, s, y, target = flow_batch(4, step)
-        with autocast(model):
-            pred = model(x_t, t, y)
-            loss = F.mse_loss(pred.float(), target) + sra(model, x_t, x_s, t, s, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sra.update_teacher()
+        train_step(model, sra, opt, step)
         exact.update(model)
 
     flat = lambda d: torch.cat([d[n].flatten() for n in sorted(exact.values)])  # noqa: E731
