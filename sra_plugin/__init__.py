@@ -4,6 +4,7 @@ from .alignment import SelfRepresentationAlignment
 from .latent import LatentAlignment
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
+from .wrappers import ModelWithHeads
 from . import schedules
 
 
@@ -49,6 +50,7 @@ __all__ = [
     "register_adapter",
     "registered_adapters",
     "resolve_adapter",
+    "ModelWithHeads",
     "schedules",
     "__version__",
 ]

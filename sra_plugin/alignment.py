@@ -111,8 +111,7 @@ class SelfRepresentationAlignment(StudentAligner):
     def _attach(self) -> None:
         super()._attach()
         object.__setattr__(self, "_compiled_blocks", None)  # built at the first compiled teacher pass
-        teacher_module = self._student if self.ema is not None and self.ema.shared else self.teacher
-        object.__setattr__(self, "_teacher_block", self.adapter.blocks(teacher_module)[self.teacher_layer - 1])
+        object.__setattr__(self, "_teacher_block", self.adapter.blocks(self._teacher_root())[self.teacher_layer - 1])
 
     # ------------------------------------------------------------------ properties
     @property
@@ -123,6 +122,12 @@ class SelfRepresentationAlignment(StudentAligner):
         its own: use ``with sra.teacher_weights(): model(...)`` to compute with the teacher's weights."""
         if self._user_teacher is not None:
             return self._user_teacher
+        self.ema.adopt_partitioning()
+        if self.ema.sharded:
+            raise ValueError(
+                "sra.teacher: under DeepSpeed ZeRO-3 the owned EMA keeps this rank's slice of each weight, so there is "
+                "no separate teacher module; use `with sra.teacher_weights(): model(...)`"
+            )
         if self.ema.shared:
             raise ValueError(
                 "sra.teacher: with frozen parameters the owned EMA keeps only the trainable ones and shares the rest "
@@ -135,11 +140,10 @@ class SelfRepresentationAlignment(StudentAligner):
         """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
         weights come back exactly on exit. Not while a training graph through the model is alive."""
         if self._user_teacher is not None:
-            values = dict(self._user_teacher.named_parameters())
-        else:
-            self.ema.init_if_needed()
-            values = self.ema.values()
-        with swap_in(self._student, values):
+            with swap_in(self._student, dict(self._user_teacher.named_parameters())):
+                yield self._student
+            return
+        with self.ema.student_with_teacher_weights():
             yield self._student
 
     # ------------------------------------------------------------------ the step
@@ -167,8 +171,11 @@ class SelfRepresentationAlignment(StudentAligner):
         capture = self._capture
         with torch.no_grad(), self.ema.module_for_pass() as module, eval_mode(module), self._compiled_teacher(model):
             capture.paused = True  # a shared-weight pass runs the student's own hooked modules
+            # The module's own block: a teacher copy built before deepspeed.initialize is dropped for
+            # the student's modules at ZeRO-3's first use.
+            block = self.adapter.blocks(module)[self.teacher_layer - 1]
             try:
-                return run_until(module, self._teacher_block, self.adapter, x_s, s, t_args, t_kwargs)
+                return run_until(module, block, self.adapter, x_s, s, t_args, t_kwargs)
             finally:
                 capture.paused = False
 
@@ -241,7 +248,12 @@ class SelfRepresentationAlignment(StudentAligner):
         self.step += 1
 
     # ------------------------------------------------------------------ state
+    def _teacher_root(self) -> nn.Module:
+        return self._student if self.ema is not None and self.ema.shared else self.teacher
+
     def _identity(self) -> dict[str, Any]:
+        if self.ema is not None:
+            self.ema.adopt_partitioning()  # a state saved under ZeRO-3 holds slices: compare like with like
         return {
             "student_layer": self.student_layer,
             "teacher_layer": self.teacher_layer,
@@ -249,6 +261,7 @@ class SelfRepresentationAlignment(StudentAligner):
             "head": self.head_name,
             "owned_teacher": self.ema is not None,
             "shared_teacher": self.ema is not None and self.ema.shared,
+            **({"zero3_slice_of_rank": self.ema.slice_owner()} if self.ema is not None and self.ema.sharded else {}),
         }
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import zero
 from .registry import Adapter, ModelCall, token_reader
 
 __all__ = ["StopForward", "attach", "run_until", "probe_call", "StudentCapture", "Captured", "Decision"]
@@ -135,7 +136,7 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
         found.append(read_tokens(output, model, calls[-1] if calls else ModelCall()))
         raise StopForward
 
-    with _eager(model, block):
+    with _eager(model, block), zero.kept_forward_stack():
         handles = [attach(model, enter, pre=True), attach(block, stop)]
         try:
             adapter.forward(model, x, t, *args, **kwargs)

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from . import zero
+
 __all__ = ["EMATeacher", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
 
 
@@ -69,8 +71,8 @@ def update_ema_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 def check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
     """Raise ``ValueError`` unless the teacher has the student's parameters and buffers, name for name."""
-    t_state = {k: tuple(v.shape) for k, v in [*teacher.named_parameters(), *teacher.named_buffers()]}
-    s_state = {k: tuple(v.shape) for k, v in [*student.named_parameters(), *student.named_buffers()]}
+    t_state = {k: zero.full_shape(v) for k, v in [*teacher.named_parameters(), *teacher.named_buffers()]}
+    s_state = {k: zero.full_shape(v) for k, v in [*student.named_parameters(), *student.named_buffers()]}
     if t_state == s_state:
         return
     missing = sorted(set(s_state) - set(t_state))
@@ -106,11 +108,16 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 def swap_in(model: nn.Module, values: dict[str, Tensor]) -> Iterator[nn.Module]:
     """Write ``values`` into ``model``'s parameters in place (cast to each one's dtype) and restore the
     originals exactly on exit. For evaluation and sampling only: never while a graph through the
-    model is alive (its backward would see the swapped values, and raise)."""
+    model is alive (its backward would see the swapped values, and raise). Under ZeRO-3 each rank
+    puts its slice of the values in place of its own slices instead (``zero.swapped_shards``)."""
     params = dict(model.named_parameters())
     unknown = sorted(set(values) - set(params))
     if unknown:
         raise ValueError(f"the teacher's weights name parameters the model does not have: {unknown[:3]}")
+    if any(zero.is_partitioned(p) for p in params.values()):
+        with zero.swapped_shards(model, {n: zero.local_shard(params[n], v) for n, v in values.items()}):
+            yield model
+        return
     with torch.no_grad():
         saved = {name: params[name].detach().clone() for name in values}
         try:
@@ -151,6 +158,10 @@ class EMATeacher(nn.Module):
     ``self.model`` is a full copy of the student, the teacher module. ``shared=True`` (more frozen:
     LoRA, partial fine-tuning): buffers ``ema.<name>`` hold the EMA of each trainable parameter; the
     teacher pass uses the student's modules with those values.
+
+    ``sharded`` (the student is partitioned by DeepSpeed ZeRO-3, at construction or by the first use):
+    the buffers ``ema.<name>`` hold this rank's slice of each EMA (``sra_plugin.zero``), the teacher
+    pass gathers them through the engine's hooks, and no rank holds a full copy.
     """
 
     def __init__(self, student: nn.Module, decay: float, dtype: torch.dtype = torch.float32) -> None:
@@ -167,13 +178,44 @@ class EMATeacher(nn.Module):
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule
         self.register_buffer("initted", torch.tensor(False))
         self._ready = False  # mirrors ``initted`` without a device sync per step
-        if self.shared:
+        self.sharded = False
+        if zero.any_partitioned(student):
+            self.model, self.ema = None, None
+            self._to_shards()
+        elif self.shared:
             self.model = None
             self.ema = nn.Module()
             for name, p in trainable:
                 self.ema.register_buffer(_key(name), p.detach().to(dtype=dtype, copy=True))
         else:
             self.model = ema_copy(student, dtype)
+
+    # -------------------------------------------------------------- ZeRO-3
+    def adopt_partitioning(self) -> None:
+        """Switch to this rank's slices once the student is partitioned by ZeRO-3 (built before
+        ``deepspeed.initialize``): an EMA already started keeps its values, sliced exactly."""
+        if not self.sharded and zero.any_partitioned(self._student):
+            self._to_shards()
+
+    @torch.no_grad()
+    def _to_shards(self) -> None:
+        zero.check_supported(self._student)
+        params = dict(self._student.named_parameters())
+        started = self.values() if self.model is not None or self.ema is not None else {}
+        shards = nn.Module()
+        for name in self.names:
+            value = started.get(name)
+            piece = zero.local_shard(params[name], value) if value is not None else zero.shard_of(params[name])
+            shards.register_buffer(_key(name), piece.to(dtype=self.dtype, copy=True))
+        self.model = None
+        self.ema = shards
+        self.shared = True  # the teacher pass runs the student's own modules
+        self.sharded = True
+
+    def slice_owner(self) -> str:
+        """``"rank r of w"``: whose slices a ZeRO-3 state holds (a rank must load its own)."""
+        first = next(p for p in self._student.parameters() if zero.is_partitioned(p))
+        return "rank {} of {}".format(*zero.rank_and_world(first))
 
     # -------------------------------------------------------------- state
     def _trainable(self) -> list[tuple[str, Tensor]]:
@@ -197,10 +239,14 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def init_if_needed(self) -> None:
         """At first use: check the structure, then start the EMA from the student's current weights."""
+        self.adopt_partitioning()
         self.check_structure()
         if self._ready:
             return
-        if self.shared:
+        if self.sharded:
+            for name, p in self._trainable():
+                getattr(self.ema, _key(name)).copy_(zero.shard_of(p))
+        elif self.shared:
             for name, p in self._trainable():
                 _copy_into(getattr(self.ema, _key(name)), p)
         else:
@@ -217,13 +263,16 @@ class EMATeacher(nn.Module):
             self.init_if_needed()
             return
         self.check_structure()
-        if self.shared:
+        if self.sharded:
+            _lerp_([getattr(self.ema, _key(n)) for n in self.names], [zero.shard_of(p) for _, p in self._trainable()], self.decay)
+        elif self.shared:
             _lerp_([getattr(self.ema, _key(n)) for n in self.names], [p for _, p in self._trainable()], self.decay)
         else:
             update_ema_(self.model, self._student, self.decay)
 
     def values(self) -> dict[str, Tensor]:
-        """The EMA value of every averaged parameter, by the student's parameter name."""
+        """The EMA value of every averaged parameter, by the student's parameter name (under ZeRO-3:
+        this rank's slice of it)."""
         if self.shared:
             return {n: getattr(self.ema, _key(n)) for n in self.names}
         return dict(self.model.named_parameters())
@@ -237,6 +286,11 @@ class EMATeacher(nn.Module):
     @contextmanager
     def module_for_pass(self) -> Iterator[nn.Module]:
         """The module to run the teacher pass on, with the EMA values cast to the student's dtypes."""
+        self.adopt_partitioning()
+        if self.sharded:
+            with zero.swapped_shards(self._student, self.values()) as module:
+                yield module
+            return
         module = self._student if self.shared else self.model
         params = dict(self._student.named_parameters())
         values = {n: v.to(params[n].dtype) for n, v in self.values().items() if v.dtype != params[n].dtype or self.shared}
@@ -244,4 +298,15 @@ class EMATeacher(nn.Module):
             yield module
             return
         with _reparametrize_module(module, values, tie_weights=True, strict=False):
+            yield module
+
+    @contextmanager
+    def student_with_teacher_weights(self) -> Iterator[nn.Module]:
+        """The student computing with the EMA weights (sampling, evaluation); its own come back on exit."""
+        self.init_if_needed()
+        if self.sharded:
+            with zero.swapped_shards(self._student, self.values()) as module:
+                yield module
+            return
+        with swap_in(self._student, self.values()) as module:
             yield module

@@ -12,7 +12,32 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["unwrap"]
+__all__ = ["unwrap", "ModelWithHeads"]
+
+
+class ModelWithHeads(nn.Module):
+    """The model and the heads of the aligners on it, as one module for engines that train exactly one
+    (``deepspeed.initialize(model=...)``, ``accelerator.prepare`` under DeepSpeed): the engine's
+    optimizer then trains the heads, and ZeRO-3 partitions and gathers them like the model's own layers.
+    Its forward is the model's; its state dict is the model's under ``model.`` and the heads' under ``heads.``.
+
+    ``engine = deepspeed.initialize(model=ModelWithHeads(model, sra), ...)``, then
+    ``pred = engine(x_t, t, y)`` and ``sra(engine, x_t, x_s, t, s, y)`` as usual.
+    """
+
+    def __init__(self, model: nn.Module, *aligners: nn.Module) -> None:
+        super().__init__()
+        heads = [getattr(a, "head", None) for a in aligners]
+        if not aligners or any(not isinstance(h, nn.Module) for h in heads):
+            raise TypeError(
+                f"aligners={[type(a).__name__ for a in aligners]} are not accepted: pass one or more "
+                "SelfRepresentationAlignment / LatentAlignment objects built on this model"
+            )
+        self.model = model
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
 
 def _peft_inner(module: nn.Module) -> nn.Module | None:
@@ -29,6 +54,12 @@ def _peft_inner(module: nn.Module) -> nn.Module | None:
 def _inner(module: nn.Module) -> nn.Module | None:
     if isinstance(module, (DistributedDataParallel, DataParallel, AveragedModel)):
         return module.module
+    if isinstance(module, ModelWithHeads):
+        return module.model
+    # DeepSpeed's engine and FSDP1, recognised by name so that nothing here imports them.
+    if type(module).__name__ in {"DeepSpeedEngine", "PipelineEngine", "FullyShardedDataParallel"} and isinstance(
+            getattr(module, "module", None), nn.Module):
+        return module.module
     orig = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
     if isinstance(orig, nn.Module):
         return orig
@@ -39,7 +70,8 @@ def _inner(module: nn.Module) -> nn.Module | None:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The innermost model under any number of DDP / compile / AveragedModel / ema_pytorch / peft wrappers."""
+    """The innermost model under any number of DDP / FSDP1 / DeepSpeed / ``ModelWithHeads`` / compile /
+    AveragedModel / ema_pytorch / peft wrappers."""
     seen = 0
     while (inner := _inner(module)) is not None and seen < 16:
         module, seen = inner, seen + 1

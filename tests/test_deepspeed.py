@@ -1,0 +1,240 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo, two processes, ``DS_ACCELERATOR=cpu``, a tiny SiT that ZeRO-3
+really partitions: ``stage3_param_persistence_threshold: 0``).
+
+For each stage, each objective (SRA with its owned EMA, SRA with the user's EMA, SRA 2, SRA on a peft
+LoRA model) and each build order (the aligner built before ``deepspeed.initialize`` and its head handed
+to the engine in ``ModelWithHeads``; or built after, on a head made beforehand), three steps of
+``engine.backward``/``engine.step``:
+
+- every rank's SRA loss at every step equals a single-process reference trained on both ranks'
+  batches (the engine averages gradients over ranks; the reference averages the two ranks' losses);
+- the owned teacher after three updates equals an EMA kept by hand from the gathered weights, and
+  ``teacher_weights()`` shows it through the model (under ZeRO-3: each rank holds only its slice);
+- resume: an engine checkpoint plus ``sra.state_dict()`` saved after step 2, loaded into a fresh
+  model, aligner and engine, gives the continuing run's third step bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from sra_plugin import LatentAlignment, ModelWithHeads, SelfRepresentationAlignment
+from sra_plugin.heads import build_head
+from tests._models import flow_batch, free_port, tiny_sit
+
+WORLD, STEPS, BATCH, DECAY, LR = 2, 3, 2, 0.5, 1e-2
+VARIANTS = ("sra", "user_ema", "sra2", "lora")
+ORDERS = ("before", "after")
+ATTENTION = r".*\.attn\.(qkv|proj)"
+
+
+# ------------------------------------------------------------------------------------------ objects
+def make_model(variant: str) -> tuple[nn.Module, nn.Module | None]:
+    """The student (a peft LoRA model for "lora") and, for "user_ema", the EMA copy the user keeps."""
+    model = tiny_sit(seed=0, depth=4, class_dropout_prob=0.0)
+    nn.init.normal_(model.final_layer.linear.weight, std=0.05)  # gradients reach every block from step 1
+    if variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=ATTENTION))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    user_ema = copy.deepcopy(model).requires_grad_(False) if variant == "user_ema" else None
+    return model, user_ema
+
+
+def make_head(variant: str) -> nn.Module:
+    """The head an aligner built after ``deepspeed.initialize`` uses: made before, so the engine trains it."""
+    torch.manual_seed(1)
+    return build_head("mlp", 32, 16 if variant == "sra2" else 32)
+
+
+def make_aligner(variant: str, model: nn.Module, user_ema: nn.Module | None, head: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(1)
+    kwargs = {} if head is None else {"head": head}
+    if variant == "sra2":
+        return LatentAlignment(model, layer=2, **kwargs)
+    teacher = user_ema if user_ema is not None else "ema"
+    return SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=DECAY, teacher=teacher, **kwargs)
+
+
+def data(step: int, rank: int):
+    x_t, x_s, t, s, y, target = flow_batch(BATCH, 100 * step + rank)
+    x0 = x_t - t.view(-1, 1, 1, 1) * target  # the linear path: x_t = x0 + t * (noise - x0)
+    return x_t, x_s, x0, t, s, y, target
+
+
+def aligner_loss(aligner: nn.Module, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    x_t, x_s, x0, t, s, y, target = batch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*Alignment found no student features")  # no fallback pass
+        pred = model(x_t, t, y)
+        if isinstance(aligner, LatentAlignment):
+            align = aligner(model, x_t, x0, t, y)
+        else:
+            align = aligner(model, x_t, x_s, t, s, y)
+    return F.mse_loss(pred, target) + align, align
+
+
+@torch.no_grad()
+def hand_ema_update(ema: nn.Module, model: nn.Module) -> None:
+    """What a user does with their own EMA under ZeRO-3: read the weights inside GatheredParameters."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - DECAY)
+
+
+@torch.no_grad()
+def gathered(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = [(n, p) for n, p in model.named_parameters() if names is None or n in names]
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {n: p.detach().float().clone() for n, p in params}
+
+
+def ds_config(stage: int) -> dict:
+    return {
+        "train_batch_size": BATCH * WORLD,
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def build_engine(stage: int, variant: str, order: str):
+    import deepspeed
+
+    model, user_ema = make_model(variant)
+    if order == "before":
+        aligner = make_aligner(variant, model, user_ema)
+        bundle = ModelWithHeads(model, aligner)
+    else:
+        head = make_head(variant)
+        bundle = ModelWithHeads(model, head)
+    optimizer = torch.optim.AdamW([p for p in bundle.parameters() if p.requires_grad], lr=LR)
+    engine, *_ = deepspeed.initialize(model=bundle, optimizer=optimizer, config=ds_config(stage))
+    if order == "after":
+        aligner = make_aligner(variant, engine, user_ema, head=head)
+    return engine, aligner, user_ema
+
+
+def run_case(stage: int, variant: str, order: str, rank: int, checkpoint_dir: str) -> dict:
+    engine, aligner, user_ema = build_engine(stage, variant, order)
+    student = aligner._student
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    hand = gathered(student, names)  # the owned EMA starts from the weights at first use (before step 1)
+    losses = []
+    for step in range(STEPS):
+        if step == STEPS - 1:  # what resume must reproduce: the state after step 2
+            engine.save_checkpoint(checkpoint_dir, tag="resume")
+            torch.save(aligner.state_dict(), os.path.join(checkpoint_dir, f"aligner{rank}.pt"))
+            user_state = copy.deepcopy(user_ema.state_dict()) if user_ema is not None else None
+        loss, align = aligner_loss(aligner, engine, data(step, rank))
+        engine.backward(loss)
+        engine.step()
+        if user_ema is not None:
+            hand_ema_update(user_ema, student)
+        if isinstance(aligner, SelfRepresentationAlignment):
+            aligner.update_teacher()
+        now = gathered(student, names)
+        hand = {n: torch.lerp(hand[n], now[n], 1 - DECAY) for n in names}
+        losses.append(align.detach())
+    result = {"losses": torch.stack(losses), "sharded": type(aligner).__name__ == "SelfRepresentationAlignment"
+              and aligner.ema is not None and aligner.ema.sharded}
+    if isinstance(aligner, SelfRepresentationAlignment):
+        with aligner.teacher_weights():
+            result["teacher"] = gathered(student, names)
+        result["hand"] = hand
+        result["after_exit"] = gathered(student, names)
+        result["student"] = now
+    result["head"] = gathered(aligner.head)
+
+    # Resume: fresh objects in the same order, the engine's checkpoint and the aligner's state.
+    engine2, aligner2, user_ema2 = build_engine(stage, variant, order)
+    engine2.load_checkpoint(checkpoint_dir, tag="resume")
+    aligner2.load_state_dict(torch.load(os.path.join(checkpoint_dir, f"aligner{rank}.pt"), weights_only=False))
+    if user_ema2 is not None:
+        user_ema2.load_state_dict(user_state)
+    _, align2 = aligner_loss(aligner2, engine2, data(STEPS - 1, rank))
+    result["resumed_loss"] = align2.detach()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference(variant: str, order: str) -> dict:
+    """One process, no engine: each step averages the two ranks' losses, as the engine averages gradients."""
+    model, user_ema = make_model(variant)
+    head = make_head(variant) if order == "after" else None
+    aligner = make_aligner(variant, model, user_ema, head)
+    params = [p for p in [*model.parameters(), *aligner.head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    losses = []
+    for step in range(STEPS):
+        per_rank = [aligner_loss(aligner, model, data(step, rank)) for rank in range(WORLD)]
+        (sum(loss for loss, _ in per_rank) / WORLD).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if user_ema is not None:
+            with torch.no_grad():
+                for e, p in zip(user_ema.parameters(), model.parameters()):
+                    e.lerp_(p.detach(), 1 - DECAY)
+        if isinstance(aligner, SelfRepresentationAlignment):
+            aligner.update_teacher()
+        losses.append(torch.stack([align.detach() for _, align in per_rank]))
+    return {"losses": torch.stack(losses)}  # (step, rank)
+
+
+# ------------------------------------------------------------------------------------------ processes
+CASES = [(stage, variant, order) for stage in (2, 3) for variant in VARIANTS for order in ORDERS]
+
+
+def worker(rank: int, port: int, out_dir: str, cases: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # would compile a C++ op at run time
+    deepspeed.utils.logger.setLevel("WARNING")
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    try:
+        results = {}
+        for case in cases:
+            with tempfile.TemporaryDirectory() as checkpoint_dir:
+                checkpoint_dir = [checkpoint_dir]
+                dist.broadcast_object_list(checkpoint_dir, src=0)  # one folder for both ranks
+                results[case] = run_case(*case, rank, checkpoint_dir[0])
+                dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(cases: list) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(free_port(), out_dir, cases), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return launch(CASES)
