@@ -22,17 +22,21 @@ class ModelWithHeads(nn.Module):
     Its forward is the model's; its state dict is the model's under ``model.`` and the heads' under ``heads.``.
 
     ``engine = deepspeed.initialize(model=ModelWithHeads(model, sra), ...)``, then
-    ``pred = engine(x_t, t, y)`` and ``sra(engine, x_t, x_s, t, s, y)`` as usual.
+    ``pred = engine(x_t, t, y)`` and ``sra(engine, x_t, x_s, t, s, y)`` as usual. To build the aligner
+    after the engine, make its head first: ``head = build_head("mlp", D, D_t)``,
+    ``ModelWithHeads(model, head)``, then ``SelfRepresentationAlignment(engine, ..., head=head)``.
     """
 
-    def __init__(self, model: nn.Module, *aligners: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *aligners_or_heads: nn.Module) -> None:
         super().__init__()
-        heads = [getattr(a, "head", None) for a in aligners]
-        if not aligners or any(not isinstance(h, nn.Module) for h in heads):
+        if not aligners_or_heads or not all(isinstance(a, nn.Module) for a in aligners_or_heads):
             raise TypeError(
-                f"aligners={[type(a).__name__ for a in aligners]} are not accepted: pass one or more "
-                "SelfRepresentationAlignment / LatentAlignment objects built on this model"
+                f"aligners_or_heads={[type(a).__name__ for a in aligners_or_heads]} is not accepted: pass one or more "
+                "SelfRepresentationAlignment / LatentAlignment objects built on this model, or the head modules "
+                "you will give them as head= (to build them after the engine)"
             )
+        # An aligner brings its head; a bare module is a head the user will hand to an aligner.
+        heads = [a.head if isinstance(getattr(a, "head", None), nn.Module) else a for a in aligners_or_heads]
         self.model = model
         self.heads = nn.ModuleList(heads)
 
