@@ -17,6 +17,7 @@ to the engine in ``ModelWithHeads``; or built after, on a head made beforehand),
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -28,9 +29,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from sra_plugin import LatentAlignment, ModelWithHeads, SelfRepresentationAlignment
+from sra_plugin import LatentAlignment, ModelWithHeads, SelfRepresentationAlignment, zero
 from sra_plugin.heads import build_head
+from sra_plugin.wrappers import unwrap
 from tests._models import flow_batch, free_port, tiny_sit
+
+# deepspeed is in the [dev] extra. Not imported here: its import picks an accelerator, which the
+# worker processes set to the CPU first.
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install sra-plugin[dev]")
 
 WORLD, STEPS, BATCH, DECAY, LR = 2, 3, 2, 0.5, 1e-2
 VARIANTS = ("sra", "user_ema", "sra2", "lora")
@@ -157,8 +163,15 @@ def run_case(stage: int, variant: str, order: str, rank: int, checkpoint_dir: st
         now = gathered(student, names)
         hand = {n: torch.lerp(hand[n], now[n], 1 - DECAY) for n in names}
         losses.append(align.detach())
-    result = {"losses": torch.stack(losses), "sharded": type(aligner).__name__ == "SelfRepresentationAlignment"
-              and aligner.ema is not None and aligner.ema.sharded}
+    owned = isinstance(aligner, SelfRepresentationAlignment) and aligner.ema is not None
+    result = {
+        "losses": torch.stack(losses),
+        "sharded": owned and aligner.ema.sharded,
+        "empty_outside_forward": all(p.numel() == 0 for p in student.parameters()),
+        "ema_held": sum(b.numel() for b in aligner.ema.buffers() if b.dim() > 0) if owned else 0,
+        "ema_full": sum(v.numel() for v in hand.values()),
+        "reruns": aligner.student_reruns,
+    }
     if isinstance(aligner, SelfRepresentationAlignment):
         with aligner.teacher_weights():
             result["teacher"] = gathered(student, names)
@@ -238,3 +251,106 @@ def launch(cases: list) -> list[dict]:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
     return launch(CASES)
+
+
+def case_id(case: tuple) -> str:
+    return "zero{}-{}-{}".format(*case)
+
+
+SRA_CASES = [c for c in CASES if c[1] != "sra2"]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_zero_loss_equals_single_process_reference_at_every_step(ranks, case):
+    stage, variant, order = case
+    expected = reference(variant, order)["losses"]
+    for rank in range(WORLD):
+        got = ranks[rank][case]
+        assert got["reruns"] == 0  # the engine's forward fed the capture: no second student pass
+        torch.testing.assert_close(got["losses"], expected[:, rank], rtol=1e-5, atol=1e-7, msg=f"rank {rank}")
+    assert not torch.equal(ranks[0][case]["losses"], ranks[1][case]["losses"])  # different data per rank
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", SRA_CASES, ids=case_id)
+def test_zero_teacher_after_three_updates_is_the_hand_ema(ranks, case):
+    for rank in range(WORLD):
+        got = ranks[rank][case]
+        for name, value in got["hand"].items():
+            torch.testing.assert_close(got["teacher"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+            assert torch.equal(got["after_exit"][name], got["student"][name]), f"{name}: training weights not restored"
+        # Three steps moved the student away from its EMA: the check above sees the teacher's weights.
+        assert max((got["teacher"][n] - got["student"][n]).abs().max() for n in got["hand"]) > 1e-3
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_zero_resume_from_checkpoint_and_state_dict_is_bitwise(ranks, case):
+    for rank in range(WORLD):
+        got = ranks[rank][case]
+        assert torch.equal(got["resumed_loss"], got["losses"][-1]), (rank, got["resumed_loss"], got["losses"][-1])
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", [c for c in SRA_CASES if c[1] != "user_ema"], ids=case_id)
+def test_zero3_owned_teacher_holds_only_this_ranks_slice(ranks, case):
+    stage = case[0]
+    for rank in range(WORLD):
+        got = ranks[rank][case]
+        assert got["empty_outside_forward"] == (stage == 3)  # ZeRO-3 really partitioned the tiny model
+        assert got["sharded"] == (stage == 3)
+        if stage == 3:  # each rank: its half of every EMA'd weight (rounded up), in float32
+            assert got["ema_full"] / 2 <= got["ema_held"] <= got["ema_full"] / 2 + 64, (got["ema_held"], got["ema_full"])
+        else:
+            assert got["ema_held"] >= got["ema_full"]
+
+
+# ------------------------------------------------------------------------------------------ one process
+def fake_zero3(param: nn.Parameter, **tensor_attrs) -> nn.Parameter:
+    """What ZeRO-3 leaves on a parameter, as far as sra_plugin.zero reads it."""
+    param.ds_id, param.ds_status, param.ds_shape = 0, "NOT_AVAILABLE", param.shape
+    param.ds_tensor = param.detach().reshape(-1).clone()
+    for key, value in tensor_attrs.items():
+        setattr(param.ds_tensor, key, value)
+    return param
+
+
+@pytest.mark.parametrize("attrs, setting", [
+    ({"final_location": "OffloadDeviceEnum.nvme"}, "offload_param.device='nvme'"),
+    ({"ds_quant_scale": torch.ones(1)}, "zero_quantized_weights"),
+])
+def test_unsupported_zero3_variants_are_refused_at_construction_with_the_fix(attrs, setting):
+    model = tiny_sit(seed=0, depth=4)
+    fake_zero3(model.blocks[0].attn.qkv.weight, **attrs)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight") as info:
+        SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3)
+    assert setting in str(info.value) and "teacher=" in str(info.value)
+    assert not model._forward_hooks and all(not b._forward_hooks for b in model.blocks)  # nothing attached
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_zero_helpers_read_a_partitioned_parameter():
+    p = fake_zero3(nn.Parameter(torch.arange(6.0).reshape(2, 3)))
+    assert zero.is_partitioned(p) and zero.full_shape(p) == (2, 3)
+    assert not zero.is_partitioned(nn.Parameter(torch.zeros(2)))
+
+
+def test_model_with_heads_is_the_model_to_callers_and_to_unwrap():
+    model = tiny_sit(seed=0, depth=4)
+    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3)
+    align = LatentAlignment(model, layer=2)
+    bundle = ModelWithHeads(model, sra, align)
+    assert unwrap(bundle) is model
+    assert [id(h) for h in bundle.heads] == [id(sra.head), id(align.head)]
+    assert {n for n, _ in bundle.named_parameters()} == {
+        *(f"model.{n}" for n, _ in model.named_parameters()),
+        *(f"heads.0.{n}" for n, _ in sra.head.named_parameters()),
+        *(f"heads.1.{n}" for n, _ in align.head.named_parameters()),
+    }
+    x_t, _, t, _, y, _ = flow_batch(2, 0)
+    torch.testing.assert_close(bundle(x_t, t, y), model(x_t, t, y), rtol=0, atol=0)
+    for bad in ((), ("mlp",)):
+        with pytest.raises(TypeError, match="aligners_or_heads"):
+            ModelWithHeads(model, *bad)
