@@ -168,7 +168,7 @@ def run_case(stage: int, variant: str, order: str, rank: int, checkpoint_dir: st
         "losses": torch.stack(losses),
         "sharded": owned and aligner.ema.sharded,
         "empty_outside_forward": all(p.numel() == 0 for p in student.parameters()),
-        "ema_held": sum(b.numel() for b in aligner.ema.buffers() if b.dim() > 0) if owned else 0,
+        "ema_held": sum(v.numel() for v in aligner.ema.state_dict().values() if v.dim() > 0) if owned else 0,
         "ema_full": sum(v.numel() for v in hand.values()),
         "reruns": aligner.student_reruns,
     }
