@@ -59,7 +59,7 @@ def cpu_group() -> list:
 
 def make_accelerator(mode: str, batch: int):
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     if mode.startswith("zero"):
         config = {
@@ -73,23 +73,32 @@ def make_accelerator(mode: str, batch: int):
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets; torchrun does not
         return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=cpu_group())
     from examples.models.dit import DiTBlock
+    from sra_plugin.heads import MLPHead
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=int(mode[-1]), auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[DiTBlock.__name__], use_orig_params=True, reshard_after_forward=True if mode == "fsdp2" else "FULL_SHARD",
+        transformer_cls_names_to_wrap=[DiTBlock.__name__, MLPHead.__name__], use_orig_params=True, reshard_after_forward=True if mode == "fsdp2" else "FULL_SHARD",
     )
-    return Accelerator(fsdp_plugin=plugin, kwargs_handlers=cpu_group())
+    accelerator = Accelerator(fsdp_plugin=plugin, kwargs_handlers=cpu_group())
+    if accelerator.distributed_type != DistributedType.FSDP and not torch.cuda.is_available() and dist.is_initialized():
+        # accelerate enables its FSDP plugin for device backends only; on CPU (gloo) turn it on by hand.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
 
 
-def build(seed: int):
+def build(seed: int, mode: str):
+    """The model and its aligner: SRA with its owned EMA teacher; under FSDP1, SRA 2 (no teacher: the owned
+    EMA pairs weights by name, and FSDP1 renames and flattens them; use FSDP2 or DeepSpeed for SRA)."""
     from examples.models import SiT
-    from sra_plugin import SelfRepresentationAlignment
+    from sra_plugin import LatentAlignment, SelfRepresentationAlignment
 
     torch.manual_seed(seed)
     model = SiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=6, num_heads=4, num_classes=10,
                 class_dropout_prob=0.0)
-    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, ema_decay=0.99)
-    return model, sra
+    if mode == "fsdp1":
+        return model, LatentAlignment(model, layer=2)
+    return model, SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, ema_decay=0.99)
 
 
 def batches(rank: int, steps: int, batch: int):
@@ -104,7 +113,18 @@ def batches(rank: int, steps: int, batch: int):
         s = gap.sample(t, generator=gen)
         y = torch.randint(0, 10, (batch,), generator=gen)
         x_t, x_s = path.pair(x0, noise, t, s)
-        yield x_t, x_s, t, s, y, path.velocity(x0, noise)
+        yield x0, x_t, x_s, t, s, y, path.velocity(x0, noise)
+
+
+def shard_teacher_like_the_model(mode: str, sra: nn.Module) -> None:
+    """The owned teacher copy sharded block by block as accelerate shards the model, so that its EMA step
+    pairs shard with shard."""
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in sra.teacher.blocks:
+            fully_shard(block)
+        fully_shard(sra.teacher)
 
 
 @torch.no_grad()
@@ -132,41 +152,43 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cpu_only_setup()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from sra_plugin import ModelWithHeads
+    from sra_plugin import ModelWithHeads, SelfRepresentationAlignment
 
     accelerator = make_accelerator(args.mode, args.batch_size)
-    model, sra = build(seed=0)
-    if args.mode.startswith("zero"):
-        bundle = ModelWithHeads(model, sra)  # one module: DeepSpeed trains one
-        optimizer = torch.optim.AdamW([p for p in bundle.parameters() if p.requires_grad], lr=1e-3)
-        trained, optimizer = accelerator.prepare(bundle, optimizer)
-        head_owner = trained
-    else:
-        trained = accelerator.prepare(model)  # FSDP: shard first, then build the optimizer on the shards
-        sra.head = accelerator.prepare(sra.head)
-        sra.ema.model = accelerator.prepare(sra.ema.model)  # the teacher sharded like the student
-        optimizer = accelerator.prepare(torch.optim.AdamW([*trained.parameters(), *sra.head.parameters()], lr=1e-3))
-        head_owner = sra.head
+    model, sra = build(0, args.mode)
+    teacher_pass = isinstance(sra, SelfRepresentationAlignment)
+    bundle = ModelWithHeads(model, sra)  # one module: DeepSpeed trains one; FSDP shards the head with it
+    if args.mode == "fsdp2":
+        shard_teacher_like_the_model(args.mode, sra)
+    optimizer = torch.optim.AdamW([p for p in bundle.parameters() if p.requires_grad], lr=1e-3)
+    trained, optimizer = accelerator.prepare(bundle, optimizer)
+    if args.mode == "fsdp1":  # FSDP1 wraps the head in a new module (FSDP2 and DeepSpeed keep it): use that one
+        sra.head = trained.module.heads[0]
     rank = accelerator.process_index
     losses = []
-    for x_t, x_s, t, s, y, v in batches(rank, args.steps, args.batch_size):
+    for x0, x_t, x_s, t, s, y, v in batches(rank, args.steps, args.batch_size):
         pred = trained(x_t, t, y)
-        align = sra(trained, x_t, x_s, t, s, y)
+        align = sra(trained, x_t, x_s, t, s, y) if teacher_pass else sra(trained, x_t, x0, t, y)
         accelerator.backward(F.mse_loss(pred, v) + align)
         optimizer.step()
         optimizer.zero_grad()
-        sra.update_teacher()
+        if teacher_pass:
+            sra.update_teacher()
         losses.append(float(align.detach()))
-    with sra.teacher_weights():
-        teacher = fingerprint(args.mode, trained if args.mode.startswith("zero") else model)
-    prints = torch.stack([fingerprint(args.mode, trained), fingerprint(args.mode, head_owner), teacher])
+    if teacher_pass:
+        with sra.teacher_weights():
+            teacher = fingerprint(args.mode, trained)
+    else:
+        teacher = torch.zeros((), dtype=torch.float64)
+    prints = torch.stack([fingerprint(args.mode, trained), fingerprint(args.mode, sra.head), teacher])
     gathered = [torch.zeros_like(prints) for _ in range(accelerator.num_processes)]
     dist.all_gather(gathered, prints) if accelerator.num_processes > 1 else gathered.__setitem__(0, prints)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
-    moved = not torch.equal(prints[0], prints[2])
+    moved = teacher_pass and not torch.equal(prints[0], prints[2])
     if accelerator.is_main_process:
-        print(f"{args.mode}: {accelerator.num_processes} processes x {args.steps} steps; SRA loss {losses[0]:.4f} -> "
-              f"{losses[-1]:.4f}; student, head and teacher identical on every rank: {same}; teacher != student: {moved}")
+        print(f"{args.mode}: {accelerator.num_processes} processes x {args.steps} steps; {type(sra).__name__} loss "
+              f"{losses[0]:.4f} -> {losses[-1]:.4f}; student, head and teacher identical on every rank: {same}; "
+              f"teacher != student: {moved}")
     if not same:
         raise SystemExit(f"{args.mode}: the ranks disagree: {[g.tolist() for g in gathered]}")
     accelerator.end_training() if hasattr(accelerator, "end_training") else None

@@ -228,6 +228,12 @@ class EMATeacher(nn.Module):
         if now == before:
             return
         added, gone = [n for n in now if n not in set(before)], [n for n in before if n not in set(now)]
+        if any("_fsdp_wrapped_module" in n for n in added):
+            raise ValueError(
+                "the model was wrapped in FSDP1 (FullyShardedDataParallel) after SelfRepresentationAlignment was created: "
+                "FSDP1 renames and flattens the parameters the owned EMA teacher follows. Use FSDP2 (fully_shard, or "
+                "accelerate's fsdp_version=2) or DeepSpeed, or pass teacher= an EMA model you keep yourself"
+            )
         name = (added or gone or [now[0] if now else "?"])[0]
         what = "appeared" if added else ("is gone or frozen" if gone else "changed order")
         raise ValueError(

@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -33,6 +35,8 @@ from sra_plugin import LatentAlignment, ModelWithHeads, SelfRepresentationAlignm
 from sra_plugin.heads import build_head
 from sra_plugin.wrappers import unwrap
 from tests._models import flow_batch, free_port, tiny_sit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # deepspeed is in the [dev] extra. Not imported here: its import picks an accelerator, which the
 # worker processes set to the CPU first.
@@ -354,3 +358,18 @@ def test_model_with_heads_is_the_model_to_callers_and_to_unwrap():
     for bad in ((), ("mlp",)):
         with pytest.raises(TypeError, match="aligners_or_heads"):
             ModelWithHeads(model, *bad)
+
+
+@needs_deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="pip install sra-plugin[dev]")
+@pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
+def test_accelerate_zero_example_runs_on_two_cpu_processes(mode):
+    """examples/accelerate_zero.py under torchrun: accelerate's DeepSpeed ZeRO-3 and FSDP2 plugins; every rank
+    ends with the same student, head and teacher, and the teacher is not the student."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               os.path.join(ROOT, "examples", "accelerate_zero.py"), "--mode", mode, "--steps", "3", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith(f"{mode}: 2 processes"))
+    assert "identical on every rank: True" in line and "teacher != student: True" in line, line
