@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "is_partitioned", "any_partitioned", "check_supported", "full_shape", "shard_of", "local_shard",
-    "rank_and_world", "swapped_shards", "kept_forward_stack",
+    "rank_and_world", "release_all", "swapped_shards", "kept_forward_stack",
 ]
 
 
@@ -31,7 +31,10 @@ def is_partitioned(param: Tensor) -> bool:
 
 
 def any_partitioned(module: nn.Module) -> bool:
-    return any(is_partitioned(p) for p in module.parameters())
+    """Whether ZeRO-3 partitions ``module``: it converts every parameter of the engine's module, so the
+    first one tells (this runs at every step, and a large model has thousands of parameters)."""
+    first = next(module.parameters(), None)
+    return first is not None and is_partitioned(first)
 
 
 def full_shape(param: Tensor) -> tuple[int, ...]:
