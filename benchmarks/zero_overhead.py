@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(free_port(), args, tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     lines = [
         f"SiT hidden {args.hidden}, depth {args.depth}, {(args.size // 2) ** 2} tokens, batch {args.batch} per rank, "
         f"{WORLD} CPU processes (gloo), {args.repeats} interleaved repeats of {args.steps} steps, torch {torch.__version__}",

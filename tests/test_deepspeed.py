@@ -187,7 +187,7 @@ def run_case(stage: int, variant: str, order: str, rank: int, checkpoint_dir: st
     # Resume: fresh objects in the same order, the engine's checkpoint and the aligner's state.
     engine2, aligner2, user_ema2 = build_engine(stage, variant, order)
     engine2.load_checkpoint(checkpoint_dir, tag="resume")
-    aligner2.load_state_dict(torch.load(os.path.join(checkpoint_dir, f"aligner{rank}.pt"), weights_only=False))
+    aligner2.load_state_dict(torch.load(os.path.join(checkpoint_dir, f"aligner{rank}.pt"), weights_only=True))
     if user_ema2 is not None:
         user_ema2.load_state_dict(user_state)
     _, align2 = aligner_loss(aligner2, engine2, data(STEPS - 1, rank))
@@ -249,7 +249,7 @@ def worker(rank: int, port: int, out_dir: str, cases: list) -> None:
 def launch(cases: list) -> list[dict]:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(free_port(), out_dir, cases), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
