@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 examples/accelerate_zero.py --mode zero3 --steps 20
     torchrun --nproc_per_node 2 examples/accelerate_zero.py --mode fsdp2 --steps 20
 
-(``--mode zero2 | zero3 | fsdp1 | fsdp2``; ``accelerate launch --num_processes 2`` works too.) On a
+(``--mode zero2 | zero3 | fsdp1 | fsdp2``; tried with torchrun, not with ``accelerate launch``.) On a
 machine without GPUs the script sets ``DS_ACCELERATOR=cpu``; on GPUs the same code runs unchanged.
 
 DeepSpeed trains exactly one module, so the aligner's head goes into it with the model::
@@ -16,9 +16,15 @@ DeepSpeed trains exactly one module, so the aligner's head goes into it with the
     sra.update_teacher()                       # under ZeRO-3: each rank's float32 EMA of its own slice
     with sra.teacher_weights(): samples = sample(engine)               # the engine gathers EMA weights
 
-Under FSDP the teacher copy is sharded like the model (``accelerator.prepare(sra.teacher)``), so that
-its EMA step pairs shard with shard. At the end every rank checks that it holds the same student,
-head and teacher (read through the engine's gathering), and prints the SRA losses.
+FSDP2 (``--mode fsdp2``): the same bundle, with the owned teacher copy sharded block by block like the
+model (``fully_shard``), so that its EMA step pairs shard with shard. FSDP1 (``--mode fsdp1``) renames and
+flattens the parameters the owned EMA follows, so there the script trains SRA 2 (``LatentAlignment``,
+no teacher) and hands the aligner the head FSDP1 wrapped. At the end every rank checks that it holds the
+same student, head and teacher (read in full through the engine's gathering), and prints the losses.
+
+On a machine without GPUs, accelerate finds no device backend: the script names gloo
+(``InitProcessGroupKwargs``) and, for FSDP, switches accelerate's FSDP mode on by hand (accelerate
+enables it for device backends only).
 """
 
 from __future__ import annotations
