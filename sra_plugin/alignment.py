@@ -14,7 +14,7 @@ from .layers import resolve_layer
 from .losses import build_loss
 from .registry import Adapter, resolve_blocks
 from .student import StudentAligner, Weight, check_weight, head_on_model
-from .teacher import EMATeacher, check_same_structure, eval_mode, swap_in
+from .teacher import EMATeacher, check_same_structure, eval_mode, refuse_merged_lora, swap_in
 from .wrappers import unwrap
 
 __all__ = ["SelfRepresentationAlignment"]
@@ -134,7 +134,9 @@ class SelfRepresentationAlignment(StudentAligner):
     def teacher_weights(self) -> Iterator[nn.Module]:
         """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
         weights come back exactly on exit. Not while a training graph through the model is alive."""
+        refuse_merged_lora(self._student, "sra.teacher_weights()")
         if self._user_teacher is not None:
+            refuse_merged_lora(self._user_teacher, "sra.teacher_weights()")
             values = dict(self._user_teacher.named_parameters())
         else:
             self.ema.init_if_needed()
@@ -206,8 +208,10 @@ class SelfRepresentationAlignment(StudentAligner):
         self._check_inputs(model, x_t, x_s, t, s, sample_weight)
         weight = self.current_weight()
         if self.ema is not None:
+            refuse_merged_lora(self._student, "the teacher pass of an owned EMA")
             self.ema.init_if_needed()
         if self._is_zero(weight):
+            self._count_training_call()
             return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap"))
         student_tokens, watched = self._student_tokens(model, x_t, t, args, kwargs)
         target = self._teacher_tokens(model, x_s, s, args, kwargs, watched)
@@ -228,17 +232,27 @@ class SelfRepresentationAlignment(StudentAligner):
                 self._metrics["gap"] = (torch.as_tensor(t) - torch.as_tensor(s)).abs().float().mean()
             else:
                 self._metrics["gap"] = abs(float(t) - float(s))
+        self._count_training_call()  # last: a call that raises counts no step
         return loss
 
     def update_teacher(self) -> None:
         """EMA step of an owned teacher (``decay * teacher + (1 - decay) * student``); always advances ``step``.
 
         Call it after each ``optimizer.step()``. The first call (or the first ``sra(...)``) starts the
-        EMA from the model's weights at that moment. With a teacher you keep yourself, update that EMA as usual.
+        EMA from the model's weights at that moment. With a teacher you keep yourself, update that EMA
+        as usual; calling this as well is optional.
+
+        The step rule (SRA and SRA 2): ``step`` counts training steps. Once ``update_teacher()`` has been
+        called, it alone advances ``step`` (so under gradient accumulation the step counts optimizer
+        steps); before that, and if it is never called, every call with gradients enabled advances it.
+        The first call replaces the steps that training calls had counted since the last one (a first
+        optimizer step of 4 accumulated micro-batches ends at step 1, not 4). A step that stands still
+        for 1000 training calls after ``update_teacher()`` was called warns once.
         """
         if self.ema is not None:
+            refuse_merged_lora(self._student, "update_teacher()")
             self.ema.update()
-        self.step += 1
+        self._count_update()
 
     # ------------------------------------------------------------------ state
     def _identity(self) -> dict[str, Any]:

@@ -37,7 +37,8 @@ class LatentAlignment(StudentAligner):
     Defaults (the README says why): ``layer=0.3`` of the depth (SiT-XL/2: block 8), the MLP head,
     smooth-L1 with beta 0.05, weight 0.2. ``weight`` may be a number, a 0-dim tensor or a
     schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
-    enabled (set ``align.step`` yourself to count optimizer steps under gradient accumulation).
+    enabled, as SRA's does when ``update_teacher()`` is not called (set ``align.step`` yourself to count
+    optimizer steps under gradient accumulation).
     ``target_dim`` (``C * p * p``) is read from the model's patch embedder unless given.
     """
 
@@ -101,9 +102,8 @@ class LatentAlignment(StudentAligner):
         for ``model(x_t, t, ...)``; ``sample_weight`` (``(B,)``) weighs each sample's loss."""
         self._check_inputs(model, x_t, x0, t, sample_weight)
         weight = self.current_weight()
-        if torch.is_grad_enabled():
-            self.step += 1
         if self._is_zero(weight):
+            self._count_training_call()
             return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "target_norm"))
         tokens, _ = self._student_tokens(model, x_t, t, args, kwargs)
         with torch.no_grad():
@@ -119,6 +119,7 @@ class LatentAlignment(StudentAligner):
         pred = self.head(self._as_head_input(tokens))
         loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
         self._record_metrics(loss, align, p, q, tokens, weight, "target")
+        self._count_training_call()  # last: a call that raises counts no step
         return loss
 
     def _identity(self) -> dict[str, Any]:

@@ -22,6 +22,10 @@ __all__ = ["StudentAligner", "Weight", "check_weight", "first_float_parameter", 
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
 
+STILL_STEP_CALLS = 1000
+"""Training calls at one step, after ``update_teacher()`` was called once, that make a warning: far
+more micro-batches than any gradient accumulation accumulates."""
+
 
 def check_weight(weight: Any, where: str) -> float | Tensor:
     """A loss weight: a real number >= 0 or a 0-dim floating tensor (checked for value only on the CPU,
@@ -80,6 +84,10 @@ class StudentAligner(nn.Module):
     def _init_student(self, student: nn.Module) -> None:
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule of ours
         self.step = 0
+        self._steps_from_updates = False  # True once update_teacher() was called: it counts the steps
+        self._counted_calls = 0  # steps counted by training calls since then (undone by the first update)
+        self._counted_until = 0  # the step those calls left
+        self._calls_since_update = 0
         self.student_reruns = 0
         self._metrics: dict[str, Tensor | float] = {}
         self._attach()
@@ -113,6 +121,41 @@ class StudentAligner(nn.Module):
         if callable(self.weight):
             return check_weight(self.weight(self.step), f"weight({self.step})")
         return self.weight
+
+    # The step rule, one for SRA and SRA 2: ``step`` counts training steps. A training step ends at
+    # each ``update_teacher()``; until that is first called on this object (a teacher the user
+    # updates, or SRA 2, which has none) each call with gradients enabled ends one.
+    def _count_training_call(self) -> None:
+        """After a call's weight was read: the step advances if calls count the steps; a step that
+        has stood still for ``STILL_STEP_CALLS`` training calls warns once."""
+        if not torch.is_grad_enabled():
+            return
+        if not self._steps_from_updates:
+            self.step += 1
+            self._counted_calls += 1
+            self._counted_until = self.step
+            return
+        self._calls_since_update += 1
+        if self._calls_since_update == STILL_STEP_CALLS and "still-step" not in self._warned:
+            self._warned.add("still-step")
+            warnings.warn(
+                f"{type(self).__name__}.step has stayed at {self.step} for {STILL_STEP_CALLS} training calls: "
+                "once update_teacher() has been called, only update_teacher() advances the step (and the owned "
+                "EMA), so a weight schedule and the teacher stand still. Call update_teacher() after every "
+                "optimizer step, or never (then every training call counts as a step)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _count_update(self) -> None:
+        """``update_teacher()``: from now on it alone advances the step; the steps that this object's
+        training calls counted since the last update are replaced by this one."""
+        if not self._steps_from_updates:
+            self._steps_from_updates = True
+            if self._counted_calls and self.step == self._counted_until:
+                self.step -= self._counted_calls
+        self.step += 1
+        self._calls_since_update = 0
 
     @staticmethod
     def _is_zero(weight: float | Tensor) -> bool:
@@ -148,13 +191,27 @@ class StudentAligner(nn.Module):
             if b is not None and b not in (batch, 1):
                 raise ValueError(f"{name} has batch size {b} but x_t has {batch}: give one time per sample, or one for all")
 
-    @staticmethod
-    def _check_sample_weight(sample_weight: Any, batch: int | None) -> None:
+    def _check_sample_weight(self, sample_weight: Any, batch: int | None) -> None:
+        """One finite weight >= 0 per sample, as for ``weight``. Values are read where that is free: always
+        for a CPU tensor; for a device tensor only with ``check_finite=True`` (reading them costs a sync)."""
         if sample_weight is None:
             return
-        if not isinstance(sample_weight, Tensor) or sample_weight.shape != (batch,) or not sample_weight.is_floating_point():
-            shape = tuple(sample_weight.shape) if isinstance(sample_weight, Tensor) else type(sample_weight).__name__
-            raise ValueError(f"sample_weight={shape} is not accepted: use a floating tensor of shape ({batch},), one weight per sample")
+        accepted = f"use a floating tensor of shape ({batch},), one finite weight >= 0 per sample"
+        if not isinstance(sample_weight, Tensor):
+            raise TypeError(f"sample_weight={type(sample_weight).__name__} is not accepted: {accepted}")
+        if not sample_weight.is_floating_point():
+            raise TypeError(
+                f"sample_weight of dtype {sample_weight.dtype} is not accepted: {accepted} "
+                "(e.g. sample_weight.float())"
+            )
+        if sample_weight.shape != (batch,):
+            raise ValueError(f"sample_weight of shape {tuple(sample_weight.shape)} is not accepted: {accepted}")
+        if sample_weight.device.type == "cpu" or self.check_finite:
+            values = sample_weight.detach()
+            bad = ~torch.isfinite(values) | (values < 0)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"sample_weight[{i}]={float(values[i])!r} is not accepted: {accepted}")
 
     # ------------------------------------------------------------------ the student's tokens
     def _student_tokens(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
@@ -248,6 +305,7 @@ class StudentAligner(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._check_extra_state(state)
         self.step = int(state["step"])
+        self._counted_calls = 0
 
     def _check_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or "step" not in state:
