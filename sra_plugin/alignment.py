@@ -38,6 +38,17 @@ class SelfRepresentationAlignment(StudentAligner):
     Layers are 1-based block numbers, negative from the end, or fractions of depth (see
     ``sra_plugin.layers``). ``sra(...)`` returns the weighted loss; ``metrics`` holds the last call's
     figures as floats.
+
+    Many processes: wrap the model in DDP, and ``sra`` too when it has parameters that train (any head
+    but ``"identity"``). With ``head="identity"`` it has none, DDP refuses it ("not needed"), and there
+    is nothing to synchronise: call the bare ``sra`` with the DDP model (``accelerator.prepare`` skips
+    it by itself).
+
+    Every pass it stops early (teacher, student re-run) restores the LoRA ``scaling`` of the model's
+    peft layers, which a forward that scales them at its start and unscales them only at its end
+    (diffusers 0.30-0.35 with ``joint_attention_kwargs={"scale": s}``) would leave changed. An owned
+    teacher needs the LoRA unmerged (``fuse_lora()``/``merge_adapter()`` make the teacher pass,
+    ``teacher_weights()`` and ``update_teacher()`` raise).
     """
 
     def __init__(
@@ -245,8 +256,8 @@ class SelfRepresentationAlignment(StudentAligner):
         The step rule (SRA and SRA 2): ``step`` counts training steps. Once ``update_teacher()`` has been
         called, it alone advances ``step`` (so under gradient accumulation the step counts optimizer
         steps); before that, and if it is never called, every call with gradients enabled advances it.
-        The first call replaces the steps that training calls had counted since the last one (a first
-        optimizer step of 4 accumulated micro-batches ends at step 1, not 4). A step that stands still
+        The first call replaces the steps that training calls had counted before it (a first optimizer
+        step of 4 accumulated micro-batches ends at step 1, not 4). A step that stands still
         for 1000 training calls after ``update_teacher()`` was called warns once.
         """
         if self.ema is not None:

@@ -124,7 +124,10 @@ def _eager(*modules: nn.Module) -> Iterator[None]:
 def _lora_scalings(model: nn.Module) -> list[tuple[dict, dict]]:
     """Every LoRA layer's ``scaling`` dict (peft's tuner layers: adapter name -> factor) with a copy of its
     values. Read by duck typing: ``sra_plugin`` does not import peft."""
-    return [(m.scaling, dict(m.scaling)) for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    # Read from the instance dict: a getattr that misses goes through nn.Module.__getattr__ and costs
+    # ~5 us per module (6 ms per pass on a LoRA SiT-XL).
+    found = (vars(m).get("scaling") for m in model.modules())
+    return [(scaling, dict(scaling)) for scaling in found if isinstance(scaling, dict)]
 
 
 @contextmanager
@@ -189,7 +192,7 @@ def probe_call(model: nn.Module, adapter: Adapter, x: Tensor, t: Any, args: tupl
         seen.append(ModelCall(args, kwargs))
         raise StopForward
 
-    with _eager(model), restoring_model_state(model):
+    with _eager(model):  # stopped before the model's forward began: nothing to restore
         handle = attach(model, record, pre=True, prepend=True)
         try:
             adapter.forward(model, x, t, *args, **kwargs)
@@ -396,13 +399,20 @@ class StudentCapture:
                 return given
         return {**{f"argument {i}": v for i, v in enumerate(call.args)}, **call.kwargs}
 
+    def _is_default(self, name: str, value: Any) -> bool:
+        """``None``, or the value the forward's signature gives ``name`` when it is left out."""
+        if value is None:
+            return True
+        parameter = self._signature.parameters.get(name) if self._signature is not None else None
+        return parameter is not None and parameter.default is not inspect.Parameter.empty and _same(value, parameter.default)
+
     def _check_nothing_missing(self, seen: ModelCall, mine: ModelCall, ignored: set[str]) -> None:
-        """Raise ``ValueError`` if the training forward got an argument (not ``None``) that this call
-        lacks, while every argument this call gives equals the forward's: the same step with conditioning
+        """Raise ``ValueError`` if the training forward got an argument (not ``None`` or its default) that
+        this call lacks, while every argument this call gives equals the forward's: the same step with conditioning
         left out of the SRA call (Flux's ``guidance=``, labels, ``joint_attention_kwargs``). Re-running
         would crash inside the model or, worse, run the teacher without that conditioning."""
         had, given = self._given(seen), self._given(mine)
-        missing = [n for n, v in had.items() if n not in given and n not in ignored and v is not None]
+        missing = [n for n, v in had.items() if n not in given and n not in ignored and not self._is_default(n, v)]
         if not missing or any(n not in had or not _same(had[n], v) for n, v in given.items() if n not in ignored):
             return
         names = ", ".join(repr(n) for n in missing)

@@ -420,6 +420,9 @@ def test_labels_or_lora_scale_missing_from_the_sra_call_name_the_argument():
         sra(model, x_t, x_s, t, s)
     # positional in one, keyword in the other is the same call: no false alarm, the forward is reused
     no_warning(sra, model, x_t, x_s, t, s, y=y)
+    # an argument given at its default value is as good as left out
+    model(x_t, t, y, lora_scale=1.0)
+    no_warning(sra, model, x_t, x_s, t, s, y)
     assert sra.metrics["student_reruns"] == 0
 
 
