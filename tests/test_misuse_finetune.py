@@ -424,6 +424,12 @@ def test_labels_or_lora_scale_missing_from_the_sra_call_name_the_argument():
     model(x_t, t, y, lora_scale=1.0)
     no_warning(sra, model, x_t, x_s, t, s, y)
     assert sra.metrics["student_reruns"] == 0
+    sra.remove()
+    align = LatentAlignment(model, layer=2)  # the same capture: the same check
+    model(x_t, t, y)
+    with pytest.raises(ValueError, match=r"lacks 'y'"):
+        align(model, x_t, x_s, t)
+    assert align.step == 0
 
 
 # ---------------------------------------------------------------- crash (b): DDP(sra) with head="identity"
