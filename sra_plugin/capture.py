@@ -290,10 +290,10 @@ class Captured:
     """What the student's training forward left: its inputs, the block's tokens, what the adapter watches."""
 
     call: ModelCall
-    versions: list[Snapshot]  # every input tensor, as it was at the forward
+    inputs: list[Snapshot]  # every input tensor, as it was at the forward
     grad: bool = True  # grad mode when the forward began
     tokens: Tensor | None = None
-    tokens_version: Snapshot | None = None  # None: not read (inside a compiled graph)
+    tokens_snapshot: Snapshot | None = None  # None: not read (inside a compiled graph)
     watched: dict[str, Any] = field(default_factory=dict)
     no_grad_block: bool = False
 
@@ -345,8 +345,8 @@ class StudentCapture:
         self.forwards_seen = 1
         if self._capturing():
             call = ModelCall(args, kwargs)
-            versions = [] if torch.compiler.is_compiling() else [Snapshot.of(v) for v in _tensors((args, kwargs))]
-            self.record = Captured(call, versions, torch.is_grad_enabled())
+            inputs = [] if torch.compiler.is_compiling() else [Snapshot.of(v) for v in _tensors((args, kwargs))]
+            self.record = Captured(call, inputs, torch.is_grad_enabled())
 
     def _keep(self, args: tuple, output: Any) -> None:
         if self.paused:
@@ -364,7 +364,7 @@ class StudentCapture:
                 record = self.record = Captured(ModelCall(), [], torch.is_grad_enabled())
             tokens = self._read_tokens(output, self.model, record.call)
             record.tokens = tokens
-            record.tokens_version = None if torch.compiler.is_compiling() else Snapshot.of(tokens)
+            record.tokens_snapshot = None if torch.compiler.is_compiling() else Snapshot.of(tokens)
 
     def _watch(self, name: str, args: tuple, kwargs: dict) -> None:
         if self._capturing() and self.record is not None:
@@ -455,8 +455,8 @@ class StudentCapture:
                     f"the last training forward ran with a different {name!r} than this call (another time, "
                     "input or conditioning, e.g. an extra forward in between); its features are not used",
                 )
-        changed = [v for v in record.versions if v.changed()]
-        if changed or (record.tokens_version is not None and record.tokens_version.changed()):
+        changed = [v for v in record.inputs if v.changed()]
+        if changed or (record.tokens_snapshot is not None and record.tokens_snapshot.changed()):
             what = "an input of the forward" if changed else "the block's output"
             return Decision(None, "in-place", f"{what} was changed in place after the forward, so the captured features are stale")
         return Decision(record)

@@ -71,6 +71,12 @@ class StudentAligner(nn.Module):
 
     _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned")
 
+    # The step rule's bookkeeping (class defaults, so objects pickled by 0.2 load too).
+    _steps_from_updates = False  # True once update_teacher() was called: from then on it counts the steps
+    _counted_calls = 0  # steps counted by training calls before that (the first update replaces them)
+    _counted_until = 0  # the step those calls left
+    _calls_since_update = 0
+
     def _set_objective(self, head: str | nn.Module, head_module: nn.Module, loss: Any,
                        loss_fn: Callable[[Tensor, Tensor], Tensor], weight: Weight, check_finite: bool) -> None:
         """The head and the loss, already checked, and their names for ``repr`` and the state's identity."""
@@ -84,10 +90,6 @@ class StudentAligner(nn.Module):
     def _init_student(self, student: nn.Module) -> None:
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule of ours
         self.step = 0
-        self._steps_from_updates = False  # True once update_teacher() was called: it counts the steps
-        self._counted_calls = 0  # steps counted by training calls since then (undone by the first update)
-        self._counted_until = 0  # the step those calls left
-        self._calls_since_update = 0
         self.student_reruns = 0
         self._metrics: dict[str, Tensor | float] = {}
         self._attach()
@@ -149,7 +151,7 @@ class StudentAligner(nn.Module):
 
     def _count_update(self) -> None:
         """``update_teacher()``: from now on it alone advances the step; the steps that this object's
-        training calls counted since the last update are replaced by this one."""
+        training calls counted before the first update are replaced by that one."""
         if not self._steps_from_updates:
             self._steps_from_updates = True
             if self._counted_calls and self.step == self._counted_until:
