@@ -1,12 +1,13 @@
 """Does a stopped SRA pass leave diffusers' LoRA scaling changed? Flux + peft LoRA, called with
 ``joint_attention_kwargs={"scale": 0.5}``; prints every LoRA layer's scaling after each of three
-``sra(...)`` calls and how far the next plain forward moved. diffusers 0.30-0.35 unscale after the last
+``sra(...)`` calls and how far the next plain forward moved. diffusers 0.30 unscales after the last
 block without ``finally``, so without the restore the scaling halves per call (1.0, 0.5, 0.25, 0.125).
 
     PYTHONPATH=. python benchmarks/lora_scale_stopped_pass.py     # in an env with the diffusers to check
 
 Flux's ``img_ids``/``txt_ids`` are given with a batch axis, the form 0.30 needs (later versions accept it)."""
-import sys, torch, diffusers
+import diffusers
+import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from sra_plugin import SelfRepresentationAlignment
@@ -22,7 +23,12 @@ grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arang
 cond = dict(encoder_hidden_states=torch.randn(2, 3, 16, generator=g), pooled_projections=torch.randn(2, 8, generator=g),
             img_ids=grid.expand(2, 16, 3), txt_ids=torch.zeros(2, 3, 3), joint_attention_kwargs={"scale": 0.5}, return_dict=False)
 t, s = torch.tensor([0.7, 0.5]), torch.tensor([0.6, 0.4])
-scal = lambda: sorted({m.scaling["default"] for m in model.modules() if isinstance(m, BaseTunerLayer)})
+
+
+def scal() -> list[float]:
+    return sorted({m.scaling["default"] for m in model.modules() if isinstance(m, BaseTunerLayer)})
+
+
 with torch.no_grad():
     ref = model(x_t, timestep=t, **cond)[0]
 print("diffusers", diffusers.__version__, "scaling before", scal())

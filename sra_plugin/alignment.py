@@ -46,7 +46,7 @@ class SelfRepresentationAlignment(StudentAligner):
 
     Every pass it stops early (teacher, student re-run) restores the LoRA ``scaling`` of the model's
     peft layers, which a forward that scales them at its start and unscales them only at its end
-    (diffusers 0.30-0.35 with ``joint_attention_kwargs={"scale": s}``) would leave changed. An owned
+    (diffusers 0.30 with ``joint_attention_kwargs={"scale": s}``; 0.42 unscales in a ``finally``) would leave changed. An owned
     teacher needs the LoRA unmerged (``fuse_lora()``/``merge_adapter()`` make the teacher pass,
     ``teacher_weights()`` and ``update_teacher()`` raise).
     """

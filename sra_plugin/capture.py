@@ -135,7 +135,7 @@ def restoring_model_state(model: nn.Module) -> Iterator[None]:
     """Put back what a stopped pass leaves changed.
 
     A forward may change state at its start and undo it at its end; a pass stopped after a block skips
-    the undo unless the forward wraps it in ``try``/``finally``. diffusers up to 0.3x multiplies every
+    the undo unless the forward wraps it in ``try``/``finally``. diffusers 0.30 (not 0.42) multiplies every
     LoRA layer's ``scaling`` by ``attention_kwargs["scale"]`` (``scale_lora_layers``) and divides it back
     after the last block (``unscale_lora_layers``), so each stopped pass would leave the LoRA scaled once
     more. The rule: every pass this library stops early restores the ``scaling`` of each LoRA layer of
