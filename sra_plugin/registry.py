@@ -192,6 +192,12 @@ class Adapter:
             "pass LatentAlignment(..., target_dim=C * p * p) or override Adapter.patch_dim"
         )
 
+    def target_shape(self, model: nn.Module, x_t: Tensor, call: ModelCall) -> tuple[int, ...]:
+        """The shape ``patchify`` wants its ``x0`` in, for a forward on ``x_t`` with the conditioning of
+        ``call``: the clean latent of what the model predicts. By default ``x_t``'s own shape; a model
+        that stacks conditioning channels onto ``x_t``, or appends reference tokens to it, predicts less."""
+        return tuple(x_t.shape)
+
     def watch(self, model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[tuple, dict], Any]]]:
         """Values to record during the student's forward: ``name -> (module, read(args, kwargs))``.
 
