@@ -332,7 +332,7 @@ class LayerReport:
             )
         if self.ranking_is_flat:
             notes.append(
-                f"every pair with a later teacher block scores within {self.ranking_spread:.3g} of the others: "
+                f"every pair with a later teacher block scores within {self.ranking_spread:.3f} of the others: "
                 "the ranking means nothing here (an untrained model, whose blocks still pass their input through, "
                 "or images too few or too alike); look at a trained checkpoint"
             )
@@ -549,14 +549,17 @@ CONDITIONING_HELP = (
 )
 
 
-def _named_keys(values: list[str], flag: str, p: argparse.ArgumentParser) -> list[tuple[str, str]]:
-    pairs = []
+def _named_keys(values: list[str], flag: str, p: argparse.ArgumentParser, axis: bool = False) -> list[tuple[str, str, int]]:
+    """``NAME=KEY`` (``NAME`` alone: ``KEY == NAME``), with ``axis``: optionally ``@AXIS``, the image axis."""
+    triples = []
     for value in values:
         name, _, key = value.partition("=")
-        if not name.isidentifier():
-            p.error(f"{flag} {value!r} is not accepted: use NAME=KEY (or NAME, for KEY == NAME), NAME a keyword of the model's forward")
-        pairs.append((name, key or name))
-    return pairs
+        key, _, at = (key or name).rpartition("@") if axis and "@" in (key or name) else (key or name, "", "0")
+        if not name.isidentifier() or not key or not at.lstrip("-").isdigit():
+            form = "NAME=KEY[@AXIS]" if axis else "NAME=KEY"
+            p.error(f"{flag} {value!r} is not accepted: use {form} (or NAME, for KEY == NAME), NAME a keyword of the model's forward")
+        triples.append((name, key, int(at)))
+    return triples
 
 
 def _data_entry(data: Mapping, key: str, flag: str, p: argparse.ArgumentParser) -> Any:
@@ -565,15 +568,23 @@ def _data_entry(data: Mapping, key: str, flag: str, p: argparse.ArgumentParser) 
     return data[key]
 
 
-def _per_image(value: Any, key: str, flag: str, n: int, p: argparse.ArgumentParser) -> Any:
-    if not isinstance(value, (Tensor, list, tuple)) or len(value) < n:
-        size = tuple(value.shape) if isinstance(value, Tensor) else (len(value) if isinstance(value, (list, tuple)) else type(value).__name__)
-        p.error(f"{flag}: --data[{key!r}] ({size}) is not per image: use a tensor or list with one entry per image "
-                f"(at least {n}), or --shared-kwarg for a value every batch shares")
-    return value
+def _per_image(value: Any, key: str, flag: str, n: int, p: argparse.ArgumentParser, axis: int = 0) -> Any:
+    if isinstance(value, Tensor) and -value.dim() <= axis < value.dim() and value.shape[axis] >= n:
+        return value
+    if isinstance(value, (list, tuple)) and axis == 0 and len(value) >= n:
+        return value
+    size = tuple(value.shape) if isinstance(value, Tensor) else (len(value) if isinstance(value, (list, tuple)) else type(value).__name__)
+    p.error(f"{flag}: --data[{key!r}] ({size}) is not per image along axis {axis}: use a tensor or list with one entry per "
+            f"image (at least {n}) on that axis, or --shared-kwarg for a value every batch shares")
+
+
+def _images(value: Any, axis: int, lo: int, hi: int) -> Any:
+    return value.narrow(axis, lo, hi - lo) if isinstance(value, Tensor) else value[lo:hi]
 
 
 def _to(value: Any, device: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
     return value.to(device) if isinstance(value, Tensor) else value
 
 
@@ -596,7 +607,8 @@ def main(argv: list[str] | None = None) -> LayerReport:
     p.add_argument("--cond-value", type=int, default=None, help="a constant integer conditioning for every image, passed "
                    "positionally after t (e.g. the null label, num_classes, of a class-conditional model)")
     p.add_argument("--cond-kwarg", action="append", default=[], metavar="NAME=KEY",
-                   help="per-image conditioning passed by keyword NAME, from --data[KEY] (repeatable)")
+                   help="per-image conditioning passed by keyword NAME, from --data[KEY], cut into batches along its first axis, "
+                   "or along AXIS with NAME=KEY@AXIS (repeatable)")
     p.add_argument("--shared-kwarg", action="append", default=[], metavar="NAME=KEY",
                    help="conditioning passed unchanged to every batch by keyword NAME, from --data[KEY] (repeatable)")
     p.add_argument("--time", choices=tuple(TIMES), default="unit",
@@ -625,7 +637,7 @@ def main(argv: list[str] | None = None) -> LayerReport:
             p.error(f"{flag} {value} is not accepted: give a noise level in [0, 1]; --time {args.time} converts it for the model")
     if args.time == "ddpm" and args.path is not None:
         p.error("--path is not used with --time ddpm (x_t comes from DDPM's own schedule): leave it out")
-    cond_kwargs = _named_keys(args.cond_kwarg, "--cond-kwarg", p)
+    cond_kwargs = _named_keys(args.cond_kwarg, "--cond-kwarg", p, axis=True)
     shared_kwargs = _named_keys(args.shared_kwarg, "--shared-kwarg", p)
     from .noise import CosinePath, DDPMPath, LinearPath
 
@@ -651,8 +663,9 @@ def main(argv: list[str] | None = None) -> LayerReport:
     positional = None
     if args.cond_key is not None:
         positional = _per_image(_data_entry(data, args.cond_key, "--cond-key", p), args.cond_key, "--cond-key", n, p)
-    per_image = {name: _per_image(_data_entry(data, key, "--cond-kwarg", p), key, "--cond-kwarg", n, p) for name, key in cond_kwargs}
-    shared = {name: _to(_data_entry(data, key, "--shared-kwarg", p), args.device) for name, key in shared_kwargs}
+    per_image = {name: (_per_image(_data_entry(data, key, "--cond-kwarg", p), key, "--cond-kwarg", n, p, axis), axis)
+                 for name, key, axis in cond_kwargs}
+    shared = {name: _to(_data_entry(data, key, "--shared-kwarg", p), args.device) for name, key, _ in shared_kwargs}
     if args.time == "ddpm":
         path, steps = DDPMPath.linear(), len(DDPMPath.linear().alphas_cumprod)
         model_time = lambda v: torch.full((len(xb),), min(round(steps * v), steps - 1), dtype=torch.long)  # noqa: E731
@@ -675,7 +688,7 @@ def main(argv: list[str] | None = None) -> LayerReport:
             cond = (_to(positional[lo:hi], dev),)
         elif args.cond_value is not None:
             cond = (torch.full((len(xb),), args.cond_value, dtype=torch.long, device=dev),)
-        batch_kwargs = {**shared, **{name: _to(value[lo:hi], dev) for name, value in per_image.items()}}
+        batch_kwargs = {**shared, **{name: _to(_images(value, axis, lo, hi), dev) for name, (value, axis) in per_image.items()}}
         batches.append({"x_t": x_t.to(dev), "x_s": x_s.to(dev), "t": model_time(args.t).to(dev), "s": model_time(args.s).to(dev),
                         "args": cond, "kwargs": batch_kwargs})
     labels = _data_entry(data, args.labels_key, "--labels-key", p)[:n] if args.labels_key else None
