@@ -314,6 +314,12 @@ class FluxAdapter(DiffusersAdapter):
         generated = ids[:, 0] == 0
         n = int(generated.sum())
         if n == n_image:
+            if torch.unique(ids, dim=0).shape[0] < n_image:  # two images on one grid: a reference not told apart
+                raise ValueError(
+                    f"img_ids gives several of the {n_image} image tokens of {type(model).__name__} the same position, all "
+                    "with img_ids[:, 0] == 0: SRA cannot tell the generated image's tokens from a reference image's. Give "
+                    "the reference tokens img_ids[:, 0] != 0, after the generated ones (as FluxKontextPipeline does)"
+                )
             return None
         if n == 0 or not bool(generated[:n].all()):
             raise ValueError(

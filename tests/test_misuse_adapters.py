@@ -307,3 +307,24 @@ def test_bare_conv_embedder_whose_kernel_is_not_its_stride_is_refused() -> None:
     model.x_embedder = nn.Conv2d(4, 32, kernel_size=3, stride=2, padding=1)
     with pytest.raises(ValueError, match="cannot tell the patch size of Conv2d"):
         resolve_adapter(model).patchify(model, torch.randn(B, 4, 8, 8))
+
+
+# ------------------------------------------------------------------ more misuses of the same features
+def test_target_dim_of_the_input_width_on_a_stacked_model_is_refused_at_the_first_call() -> None:
+    """The old habit, target_dim = in_channels * patch, no longer matches the target: loud, naming target_dim."""
+    case, out_shape = stacked_case("wan-i2v")
+    model = case.build().train()
+    x_t, x0, t, cond = stacked_inputs(case, out_shape)
+    align = LatentAlignment(model, layer=1, target_dim=12 * 4)
+    with pytest.raises(ValueError, match=r"head outputs 48 values per token.*target_dim="):
+        align(model, x_t, x0, t, **cond)
+
+
+def test_flux_edit_with_reference_ids_not_offset_is_refused() -> None:
+    """Reference ids made like the generated image's (first coordinate 0): the same positions twice, no way to tell."""
+    case, _, x_t, x_s, t, s, cond = edit_inputs("flux")
+    cond["img_ids"][G:, 0] = 0.0
+    model = case.build().train()
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
+    with pytest.raises(ValueError, match=r"the same position.*reference tokens img_ids\[:, 0\] != 0"):
+        sra(model, x_t, x_s, t, s, **cond)
