@@ -38,7 +38,10 @@ class LatentAlignment(StudentAligner):
     smooth-L1 with beta 0.05, weight 0.2. ``weight`` may be a number, a 0-dim tensor or a
     schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
     enabled (set ``align.step`` yourself to count optimizer steps under gradient accumulation).
-    ``target_dim`` (``C * p * p``) is read from the model's patch embedder unless given.
+    ``target_dim`` (``C * p * p``) comes from the adapter (``Adapter.patch_dim``) unless given. ``x0`` is the
+    clean latent of what the model predicts (``Adapter.target_shape``): of its output channels where the
+    input stacks conditioning channels (image-to-video, fill), of the generated image's tokens where an
+    edit model appends reference-image tokens.
     """
 
     def __init__(

@@ -104,8 +104,8 @@ class Adapter:
 
     Required: ``matches``, ``blocks``. Optional: ``tokens`` (default: the block's output tensor, or
     the first element of a tuple output), ``forward`` (how to call the model), ``dim`` (feature width
-    of a block's tokens), ``patchify`` (the clean latent in the model's token layout, for
-    ``LatentAlignment``), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
+    of a block's tokens), ``patchify``, ``patch_dim`` and ``target_shape`` (the clean latent in the
+    model's token layout, its width per token and the shape it is given in, for ``LatentAlignment``), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
     own forward, such as labels dropped for classifier-free guidance).
 
     ``tokens(output, model, call)`` also receives the ``ModelCall`` of the model forward the block ran

@@ -6,10 +6,15 @@ block's image tokens through the adapter registry (forward hooks on ``adapter.bl
 from ``adapter.tokens``, the call through ``adapter.forward``) and computes
 
 - ``cka[i, j]``: linear CKA (Kornblith et al., 2019) between student block ``i+1``'s features on
-  ``x_t`` and teacher block ``j+1``'s features on ``x_s``, over the same images:
-  ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc``, ``Yc`` the column-centred
-  feature matrices (rows are samples). It is 1 for identical features, invariant to orthogonal
-  transforms and isotropic scaling of either side, and needs no labels.
+  ``x_t`` and teacher block ``j+1``'s features on ``x_s``, over the same images. By default from the
+  unbiased HSIC estimator (Song et al., 2012; the "debiased CKA" of Nguyen et al., 2021:
+  ``debiased_cka``), because the plain estimate ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``
+  (``linear_cka``, ``estimator="biased"``) is pulled towards 1 by few samples: two independent random
+  64-feature sets read 0.95 at 4 images, 0.89 at 8, 0.50 at 64, where the debiased one reads about 0
+  (spread about 1.4 / n). Both are 1 for identical features, invariant to orthogonal transforms,
+  isotropic scaling and shifts of either side, and need no labels; the debiased one can be slightly
+  negative. The report warns below 32 images (``FEW_IMAGES``) and when every pair scores alike (an
+  untrained model: the ranking then means nothing).
   ``pool="mean"``: one row per image, its tokens averaged. ``pool="tokens"``: one row per token, at
   ``tokens_per_image`` evenly spaced token positions that are the same on both sides (so both sides
   need the same token count).
@@ -25,12 +30,18 @@ Python::
 
 Each batch is ``(x_t, x_s, t, s, *cond)``, the arguments of ``sra(model, x_t, x_s, t, s, *cond)``, or a
 mapping with keys ``x_t``, ``x_s``, ``t``, ``s`` and optionally ``args`` (tuple) and ``kwargs`` (dict).
-Command line (a model built by an importable factory, weights from a checkpoint, images from a
-``torch.save``d dict)::
+Command line (a model built by an importable factory, weights from a checkpoint, clean latents and
+conditioning from a ``torch.save``d dict, the latents under ``x0`` unless ``--x-key`` says otherwise)::
 
     python -m sra_plugin.report --model examples.models.sit:SiT --model-kwargs '{"input_size": 32, ...}' \\
         --checkpoint run.pt --state-key model --teacher-state-key ema --data images.pt --labels-key y \\
         --cond-value 10 --t 0.5 --s 0.4 --png layers.png
+
+Conditioning: ``--cond-key KEY`` / ``--cond-value INT`` (one positional argument after t, such as class
+labels), ``--cond-kwarg NAME=KEY[@AXIS]`` (per image, by keyword: ``encoder_hidden_states=prompt_embeds``)
+and ``--shared-kwarg NAME=KEY`` (the same for every batch: ``img_ids``). ``--t``/``--s`` are noise levels
+in [0, 1]; ``--time`` says what the model is given: ``unit`` (as is), ``sigma1000`` (x 1000), ``ddpm``
+(integer steps, x_t from DDPM's linear betas).
 
 A high CKA says the two blocks' features already agree (up to a linear map that CKA ignores); it does
 not say that aligning them helps training. Use it to see where a pair sits, not as a verdict.
