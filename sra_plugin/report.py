@@ -141,7 +141,8 @@ FEW_IMAGES = 32
 """Below this many images the report warns. The debiased CKA of two independent random feature sets
 (64, 8 or 384 features, 200 draws each) has mean about 0 at every n but a spread (sd) of about 1.4 / n:
 0.70 at 4 images, 0.21 at 8, 0.10 at 16, 0.05 at 32, 0.022 at 64, 0.011 at 128; at 16 images 4% of the
-draws read |CKA| > 0.2, at 32 none. Under 32 images, pairs that differ by 0.1 can differ by chance."""
+draws read |CKA| > 0.2, at 32 none. Under 32 images, pairs that differ by 0.1 can differ by chance.
+Measured by ``benchmarks/cka_small_n.py --features 8 64 384`` (``benchmarks/results/cka_small_n.json``)."""
 
 
 def noise_level(n: int) -> float:
