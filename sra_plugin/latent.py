@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
+from .registry import Adapter, ModelCall, resolve_blocks
 from .student import StudentAligner, Weight, check_weight, head_on_model
 
 __all__ = ["LatentAlignment"]
@@ -39,7 +39,10 @@ class LatentAlignment(StudentAligner):
     schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
     enabled, as SRA's does when ``update_teacher()`` is not called (set ``align.step`` yourself to count
     optimizer steps under gradient accumulation).
-    ``target_dim`` (``C * p * p``) is read from the model's patch embedder unless given.
+    ``target_dim`` (``C * p * p``) comes from the adapter (``Adapter.patch_dim``) unless given. ``x0`` is the
+    clean latent of what the model predicts (``Adapter.target_shape``): of its output channels where the
+    input stacks conditioning channels (image-to-video, fill), of the generated image's tokens where an
+    edit model appends reference-image tokens.
     """
 
     def __init__(
@@ -82,15 +85,20 @@ class LatentAlignment(StudentAligner):
         """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``."""
         return self.adapter.patchify(self._student, x0)
 
-    def _check_inputs(self, model: Any, x_t: Any, x0: Any, t: Any, sample_weight: Any) -> None:
+    def _check_inputs(self, model: Any, x_t: Any, x0: Any, t: Any, sample_weight: Any, call: ModelCall) -> None:
         self._check_model(model)
         for name, value in (("x_t", x_t), ("x0", x0)):
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if x0.shape != x_t.shape:
+        expected = tuple(self.adapter.target_shape(self._student, x_t, call))
+        if tuple(x0.shape) != expected:
+            same = "" if expected == tuple(x_t.shape) else (
+                f", not x_t's {tuple(x_t.shape)}: the model predicts only the noisy latent's channels/tokens, "
+                "not the conditioning channels or reference tokens stacked onto its input")
             raise ValueError(
-                f"x0 has shape {tuple(x0.shape)} but x_t {tuple(x_t.shape)}: pass the clean latent of this batch, "
-                "in the layout the model takes (the x_t was made from it)"
+                f"x0 has shape {tuple(x0.shape)}, but {type(self._student).__name__} on this x_t wants the clean latent "
+                f"of shape {expected}{same}: pass the clean latent of this batch (the one x_t was made from), "
+                "in the layout the model predicts"
             )
         batch = x_t.shape[0] if x_t.dim() else None
         self._check_times(batch, t=t)
@@ -100,7 +108,7 @@ class LatentAlignment(StudentAligner):
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The weighted SRA 2 loss for one step. ``args``/``kwargs`` are the model's conditioning, as
         for ``model(x_t, t, ...)``; ``sample_weight`` (``(B,)``) weighs each sample's loss."""
-        self._check_inputs(model, x_t, x0, t, sample_weight)
+        self._check_inputs(model, x_t, x0, t, sample_weight, ModelCall(args, kwargs))
         weight = self.current_weight()
         if self._is_zero(weight):
             self._count_training_call()
