@@ -254,3 +254,37 @@ def test_finetune_lora_example(capsys, keep_threads) -> None:
     assert result["sra_teacher_bytes"] == result["lora_bytes"] + 1  # + the one-byte "initted" flag
     assert result["sra_teacher_bytes"] < result["base_bytes"] / 10
     assert result["export_keys"] and all("lora_" in k for k in result["export_keys"])
+
+
+EXAMPLE_SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
+def test_every_example_takes_help(script: str, tmp_path: Path) -> None:
+    """``python examples/<script> --help`` from outside the checkout: usage on stdout, exit 0, nothing run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:") and "--help" in proc.stdout
+    assert not list(tmp_path.iterdir())  # --help wrote nothing
+
+
+def test_quickstart_runs_on_one_thread_unless_told(monkeypatch, capsys, keep_threads) -> None:
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "1"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    assert torch.get_num_threads() == 1
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "1", "--threads", "2"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    assert torch.get_num_threads() == 2
+    assert capsys.readouterr().out.count("done: diffusion") == 2
+
+
+def test_custom_backbone_sets_threads(monkeypatch, keep_threads) -> None:
+    from examples import custom_backbone
+
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sys, "argv", ["custom_backbone.py", "--steps", "1", "--batch", "4"])
+    custom_backbone.main()
+    assert torch.get_num_threads() == 1
