@@ -288,3 +288,62 @@ def test_custom_backbone_sets_threads(monkeypatch, keep_threads) -> None:
     monkeypatch.setattr(sys, "argv", ["custom_backbone.py", "--steps", "1", "--batch", "4"])
     custom_backbone.main()
     assert torch.get_num_threads() == 1
+
+
+def test_train_digits_summary_says_which_way_is_better_and_flags_worse() -> None:
+    from examples.train_digits import summary_table
+
+    results = {
+        "without SRA": {"heldout_diffusion_loss_ema": 0.2172, "probe_accuracy_block2_t0.5": 0.40, "train_seconds": 10.0},
+        "with SRA": {"heldout_diffusion_loss_ema": 0.2288, "probe_accuracy_block2_t0.5": 0.45, "train_seconds": 12.0,
+                     "align_loss_last10pct": 0.3},
+    }
+    rows = {line.split()[0]: line for line in summary_table(results).splitlines()[1:]}
+    assert rows["heldout_diffusion_loss_ema"].split()[3:] == ["lower", "WORSE"]
+    assert rows["probe_accuracy_block2_t0.5"].split()[3:] == ["higher", "better"]
+    assert rows["train_seconds"].split()[3:] == ["lower", "WORSE", "(slower)"]
+    assert "SRA run only" in rows["align_loss_last10pct"]
+    results["with SRA"]["heldout_diffusion_loss_ema"] = 0.2
+    assert summary_table(results).splitlines()[1].split()[3:] == ["lower", "better"]
+
+
+def test_train_digits_help_prints_each_default_once() -> None:
+    from examples.train_digits import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # undo the line wrapping
+    with_default = [a for a in parser._actions if a.default is not None and a.default is not False and a.dest != "help"]
+    assert len(with_default) >= 10
+    for action in with_default:
+        assert f"(default: {action.default})" in text, action.dest
+    assert text.lower().count("default") == len(with_default)  # once each, and nowhere else
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_train_digits_titles_plots_and_caches_the_classifier_outside_out(tmp_path: Path, monkeypatch, capsys, keep_threads) -> None:
+    import matplotlib.figure
+    from examples import train_digits
+
+    fast_classifier = D.train_classifier
+    monkeypatch.setattr(D, "train_classifier", lambda data, epochs, seed: fast_classifier(data, epochs=1, seed=seed))
+    titles: dict[str, list[str]] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        titles[Path(path).name] = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    train_digits.main(["--steps", "3", "--model-size", "tiny", "--sample-steps", "2", "--cfg-scale", "1.5", "--per-class", "2",
+                       "--quiet", "--out", str(out), "--classifier-cache", str(cache)])
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["loss_curves.png", "metrics.json", "samples.png"]
+    assert (cache / "digit_classifier.pt").exists() and str(cache / "digit_classifier.pt") in printed
+    samples_title = titles["samples.png"][0]
+    assert "Euler, 2 steps" in samples_title and "guidance scale 1.5" in samples_title
+    curves = titles["loss_curves.png"]
+    assert "with SRA" in curves[0] and "blocks 2->4" in curves[0] and all(curves[1:3])
+    assert "better  SRA was" in printed and "classifier_accuracy_on_samples" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["better"]["heldout_diffusion_loss_ema"] == "lower" and saved["better"]["classifier_accuracy_on_samples"] == "higher"
