@@ -347,3 +347,35 @@ def test_train_digits_titles_plots_and_caches_the_classifier_outside_out(tmp_pat
     assert "better  SRA was" in printed and "classifier_accuracy_on_samples" in printed
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["better"]["heldout_diffusion_loss_ema"] == "lower" and saved["better"]["classifier_accuracy_on_samples"] == "higher"
+
+
+def test_ddp_example_modes_log_raw_alignment_and_check_ranks(monkeypatch, capsys) -> None:
+    """Plain DDP and accelerate print the same figures: the raw alignment loss (sra.metrics) and the rank check."""
+    pytest.importorskip("accelerate")
+    from examples import accelerate_ddp
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    outputs = {}
+    for mode in ([], ["--accelerate"]):
+        accelerate_ddp.main(["--steps", "1", "--batch-size", "4", *mode])
+        outputs[bool(mode)] = capsys.readouterr().out
+    for out in outputs.values():
+        assert "alignment (raw, before weight 0.2)" in out
+        assert "1 rank(s), 1 steps: student, head and teacher agree across ranks" in out
+    raw = [float(out.split("weight 0.2) ")[1].split()[0]) for out in outputs.values()]
+    assert raw[0] > 0.2 and raw[1] > 0.2  # the raw loss, not 0.2 times it (the weighted term is about 0.1 here)
+
+
+def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4", "--accelerate"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 rank(s), 2 steps: student, head and teacher agree across ranks" in proc.stdout
