@@ -61,3 +61,46 @@ def test_bad_flags_name_the_flag(capsys) -> None:
         with pytest.raises(SystemExit):
             F.parse_args(argv)
         assert word in capsys.readouterr().err
+
+
+def _tiny_sit_pair():
+    from examples.models import SiT
+    from sra_plugin import SelfRepresentationAlignment
+
+    torch.manual_seed(0)
+    model = SiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10)
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=3)
+    return model, sra
+
+
+@pytest.mark.parametrize("way", ["prepared, safe_serialization=False", "register_for_checkpointing"])
+def test_accelerate_checkpoints_without_hooks_restore_sra(way: str, tmp_path: Path) -> None:
+    """The two hook-free ways the README gives: sra's head, owned EMA teacher and step come back."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model, sra = _tiny_sit_pair()
+    opt = torch.optim.AdamW([*model.parameters(), *sra.head.parameters()])
+    if way == "register_for_checkpointing":
+        model, opt = accelerator.prepare(model, opt)
+        accelerator.register_for_checkpointing(sra)
+        save = dict()
+    else:
+        model, _, opt = accelerator.prepare(model, sra, opt)
+        save = dict(safe_serialization=False)
+    sra.update_teacher()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.add_(1.0)  # so the teacher and the model differ
+    sra.update_teacher()
+    saved = {k: v.clone() for k, v in sra.state_dict().items() if isinstance(v, torch.Tensor)}
+    accelerator.save_state(str(tmp_path), **save)
+    with torch.no_grad():
+        for v in sra.state_dict().values():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v.zero_()
+    sra.step = 0
+    accelerator.load_state(str(tmp_path))
+    restored = sra.state_dict()
+    assert sra.step == 2 and saved.keys() <= restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if v.is_floating_point() and not k.startswith("head"))
