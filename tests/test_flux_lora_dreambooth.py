@@ -12,6 +12,17 @@ import torch
 from examples import flux_lora_dreambooth as F
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: another test's Accelerator(mixed_precision="no") would
+    refuse this module's bf16 one, and the other way round (a real run makes one per process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def keep_threads():
     n = torch.get_num_threads()
