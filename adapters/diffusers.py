@@ -237,7 +237,7 @@ class DiffusersAdapter(Adapter):
             n = self.num_target_tokens(model, inputs)
             return (x_t.shape[0], x_t.shape[1] if n is None else n, self.patch_dim(model))
         shape = list(x_t.shape)
-        if len(shape) > self.channel_axis:
+        if len(shape) >= 4:  # a latent grid; anything else is refused by patchify with its own message
             shape[self.channel_axis] = self.predicted_channels(model)
         return tuple(shape)
 
