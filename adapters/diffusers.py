@@ -237,7 +237,7 @@ class DiffusersAdapter(Adapter):
             n = self.num_target_tokens(model, inputs)
             return (x_t.shape[0], x_t.shape[1] if n is None else n, self.patch_dim(model))
         shape = list(x_t.shape)
-        if len(shape) > self.channel_axis:
+        if len(shape) >= 4:  # a latent grid; anything else is refused by patchify with its own message
             shape[self.channel_axis] = self.predicted_channels(model)
         return tuple(shape)
 
@@ -304,31 +304,36 @@ class FluxAdapter(DiffusersAdapter):
         ids = call.get("img_ids") if call is not None else None
         if not isinstance(ids, Tensor):
             return None
-        ids = ids[0] if ids.dim() == 3 else ids
-        n_image = _packed_tokens(self, model, call)
-        if ids.dim() != 2 or ids.shape[0] != n_image:
+        return _generated_prefix(ids, _packed_tokens(self, model, call), type(model).__name__)
+
+
+@torch.compiler.disable  # reads values of img_ids: under torch.compile a clean graph break, not a traced .item()
+def _generated_prefix(ids: Tensor, n_image: int, model: str) -> int | None:
+    """How many of the ``n_image`` tokens are the generated image's (first, ``img_ids[:, 0] == 0``); None: all."""
+    ids = ids[0] if ids.dim() == 3 else ids
+    if ids.dim() != 2 or ids.shape[0] != n_image:
+        raise ValueError(
+            f"img_ids of shape {tuple(ids.shape)} does not fit hidden_states' {n_image} tokens: "
+            f"{model} needs one id row per image token"
+        )
+    generated = ids[:, 0] == 0
+    n = int(generated.sum())
+    if n == n_image:
+        if torch.unique(ids, dim=0).shape[0] < n_image:  # two images on one grid: a reference not told apart
             raise ValueError(
-                f"img_ids of shape {tuple(ids.shape)} does not fit hidden_states' {n_image} tokens: "
-                f"{type(model).__name__} needs one id row per image token"
+                f"img_ids gives several of the {n_image} image tokens of {model} the same position, all "
+                "with img_ids[:, 0] == 0: SRA cannot tell the generated image's tokens from a reference image's. Give "
+                "the reference tokens img_ids[:, 0] != 0, after the generated ones (as FluxKontextPipeline does)"
             )
-        generated = ids[:, 0] == 0
-        n = int(generated.sum())
-        if n == n_image:
-            if torch.unique(ids, dim=0).shape[0] < n_image:  # two images on one grid: a reference not told apart
-                raise ValueError(
-                    f"img_ids gives several of the {n_image} image tokens of {type(model).__name__} the same position, all "
-                    "with img_ids[:, 0] == 0: SRA cannot tell the generated image's tokens from a reference image's. Give "
-                    "the reference tokens img_ids[:, 0] != 0, after the generated ones (as FluxKontextPipeline does)"
-                )
-            return None
-        if n == 0 or not bool(generated[:n].all()):
-            raise ValueError(
-                f"img_ids does not say which of the {n_image} image tokens of {type(model).__name__} are the generated "
-                f"image's: for an edit call SRA needs them first in hidden_states, with img_ids[:, 0] == 0, and the "
-                "reference images' after them with img_ids[:, 0] != 0 (as FluxKontextPipeline and Flux2Pipeline build them); "
-                f"here {n} rows have img_ids[:, 0] == 0 {'but not as the first rows' if n else ''}".rstrip()
-            )
-        return n
+        return None
+    if n == 0 or not bool(generated[:n].all()):
+        raise ValueError(
+            f"img_ids does not say which of the {n_image} image tokens of {model} are the generated "
+            f"image's: for an edit call SRA needs them first in hidden_states, with img_ids[:, 0] == 0, and the "
+            "reference images' after them with img_ids[:, 0] != 0 (as FluxKontextPipeline and Flux2Pipeline build them); "
+            f"here {n} rows have img_ids[:, 0] == 0 {'but not as the first rows' if n else ''}".rstrip()
+        )
+    return n
 
 
 class Flux2Adapter(FluxAdapter):

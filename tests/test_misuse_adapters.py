@@ -328,3 +328,16 @@ def test_flux_edit_with_reference_ids_not_offset_is_refused() -> None:
     sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2)
     with pytest.raises(ValueError, match=r"the same position.*reference tokens img_ids\[:, 0\] != 0"):
         sra(model, x_t, x_s, t, s, **cond)
+
+
+def test_flux_edit_under_torch_compile_gives_the_eager_loss() -> None:
+    """Reading img_ids' values inside the hooks is a graph break under torch.compile, not an error or a rerun."""
+    case, _, x_t, x_s, t, s, cond = edit_inputs("flux")
+    model = case.build().train()
+    sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=2, head="identity", loss="mse", weight=1.0)
+    model(hidden_states=x_t, timestep=t, **cond)
+    eager = sra(model, x_t, x_s, t, s, **cond)
+    compiled = torch.compile(model, backend="eager")
+    compiled(hidden_states=x_t, timestep=t, **cond)
+    torch.testing.assert_close(sra(compiled, x_t, x_s, t, s, **cond), eager, rtol=1e-5, atol=1e-7)
+    assert sra.student_reruns == 0

@@ -450,3 +450,20 @@ def test_report_command_line_on_every_diffusers_family(name: str, tmp_path: Path
         want = layer_report(family_model(name), by_hand)
     assert rep.cka.shape == (case.depth, case.depth) and np.isfinite(rep.cka).all()
     np.testing.assert_allclose(rep.cka, want.cka, rtol=1e-6, atol=1e-9)
+
+
+def test_report_command_line_takes_a_dotted_factory_such_as_a_classmethod(tmp_path: Path, capsys) -> None:
+    """``--model package:Class.from_config`` (or ``.from_pretrained``): how a diffusers model is built, no wrapper module."""
+    from tests.test_diffusers_families import CASES
+
+    gen = torch.Generator().manual_seed(0)
+    n, text = 8, 5
+    data = tmp_path / "sd3.pt"
+    torch.save({"x0": torch.randn(n, 4, 8, 8, generator=gen), "prompt_embeds": torch.randn(n, text, 16, generator=gen),
+                "pooled": torch.randn(n, 8, generator=gen)}, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = main(["--model", "diffusers:SD3Transformer2DModel.from_config", "--model-kwargs", json.dumps({"config": CASES["sd3"].config}),
+                    "--data", str(data), "--cond-kwarg", "encoder_hidden_states=prompt_embeds", "--cond-kwarg", "pooled_projections=pooled",
+                    "--time", "sigma1000", "--png", str(tmp_path / "l.png")])
+    assert rep.cka.shape == (3, 3) and "linear CKA" in capsys.readouterr().out
