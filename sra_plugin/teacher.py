@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["EMATeacher", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
+__all__ = ["EMATeacher", "TeacherPass", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
 
 
 def ema_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -245,3 +245,58 @@ class EMATeacher(nn.Module):
             return
         with _reparametrize_module(module, values, tie_weights=True, strict=False):
             yield module
+
+
+class TeacherPass:
+    """The target of SRA: the tokens of block ``layer`` of the EMA teacher on ``(x_s, s)``, no gradient,
+    eval mode, the pass stopped after that block. One implementation for the three teacher kinds: the
+    user's EMA model, an owned full copy, and the owned shared-weight EMA (the student's own modules
+    with EMA values, its capture paused meanwhile).
+
+    With ``compile_teacher`` (or a compiled model when it is ``None``) an owned copy's blocks before
+    ``layer`` run compiled; block ``layer`` stays eager: the hook that ends the pass is on it. The
+    compiled calls live here, not on the modules, so a copy or a pickle of the teacher carries none.
+    """
+
+    def __init__(self, student: nn.Module, adapter, layer: int, ema: EMATeacher | None,
+                 user_teacher: nn.Module | None, compile_teacher: bool | dict | None, capture, mode=eval_mode) -> None:
+        self.student, self.adapter, self.layer = student, adapter, layer
+        self.ema, self.user_teacher, self.compile_teacher = ema, user_teacher, compile_teacher
+        self.capture = capture
+        self.mode = mode
+        self.module = student if ema is not None and ema.shared else (user_teacher if user_teacher is not None else ema.model)
+        self.block = adapter.blocks(self.module)[layer - 1]
+        self._compiled_blocks: list | None = None  # built at the first compiled pass
+
+    def tokens(self, model: nn.Module, x_s: Tensor, s, args: tuple, kwargs: dict, watched: dict) -> Tensor:
+        from .capture import run_until
+
+        t_args, t_kwargs = self.adapter.teacher_inputs(self.student, args, kwargs, watched)
+        if self.user_teacher is not None:
+            with torch.no_grad(), self.mode(self.user_teacher):
+                return run_until(self.user_teacher, self.block, self.adapter, x_s, s, t_args, t_kwargs)
+        with torch.no_grad(), self.ema.module_for_pass() as module, self.mode(module), self._compiled(model):
+            with self.capture.pausing():  # a shared-weight pass runs the student's own hooked modules
+                return run_until(module, self.block, self.adapter, x_s, s, t_args, t_kwargs)
+
+    def _wants_compiled(self, model: nn.Module) -> bool:
+        if self.compile_teacher is None:
+            return hasattr(model, "_orig_mod") or getattr(self.student, "_compiled_call_impl", None) is not None
+        return bool(self.compile_teacher) or self.compile_teacher == {}
+
+    @contextmanager
+    def _compiled(self, model: nn.Module) -> Iterator[None]:
+        if self.ema is None or self.ema.shared or not self._wants_compiled(model):
+            yield
+            return
+        blocks = self.adapter.blocks(self.ema.model)[: self.layer - 1]
+        if self._compiled_blocks is None:
+            options = self.compile_teacher if isinstance(self.compile_teacher, dict) else {}
+            self._compiled_blocks = [torch.compile(b._call_impl, **options) for b in blocks]
+        for block, call in zip(blocks, self._compiled_blocks):
+            block._compiled_call_impl = call
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None
