@@ -2,6 +2,8 @@
 
 from .alignment import SelfRepresentationAlignment
 from .latent import LatentAlignment
+from .layersync import LayerSync
+from .dispersive import Dispersive
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
 from . import schedules
@@ -41,6 +43,8 @@ __version__ = "0.2.0"
 __all__ = [
     "SelfRepresentationAlignment",
     "LatentAlignment",
+    "LayerSync",
+    "Dispersive",
     "NoiseGap",
     "LinearPath",
     "CosinePath",

@@ -91,10 +91,6 @@ class LatentAlignment(Objective):
             )
         self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
 
-    def _begin_step(self) -> None:
-        if torch.is_grad_enabled():
-            self.step += 1
-
     def _target(self, model: nn.Module, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict, x0: Tensor) -> Tensor:
         tokens = taps["student"]
         with torch.no_grad():

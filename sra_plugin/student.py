@@ -172,7 +172,10 @@ class Objective(nn.Module):
         self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
 
     def _begin_step(self) -> None:
-        """Before the work of a call (past every check): SRA starts its EMA, SRA 2 counts the step."""
+        """Before the work of a call, past every check: ``step`` counts calls with gradients enabled
+        (SRA instead starts its EMA here and counts ``update_teacher()`` calls)."""
+        if torch.is_grad_enabled():
+            self.step += 1
 
     def _target(self, model: nn.Module, taps: dict[str, Tensor], watched: dict, t: Any, args: tuple,
                 kwargs: dict, **inputs: Any) -> Tensor | None:
