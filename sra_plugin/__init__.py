@@ -4,6 +4,7 @@ from .alignment import SelfRepresentationAlignment
 from .latent import LatentAlignment
 from .layersync import LayerSync
 from .dispersive import Dispersive
+from .repa import REPA
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
 from . import schedules
@@ -45,6 +46,7 @@ __all__ = [
     "LatentAlignment",
     "LayerSync",
     "Dispersive",
+    "REPA",
     "NoiseGap",
     "LinearPath",
     "CosinePath",

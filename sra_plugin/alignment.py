@@ -164,7 +164,7 @@ class SelfRepresentationAlignment(Objective):
         if self.ema is not None:
             self.ema.init_if_needed()
 
-    def _target(self, model: nn.Module, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict,
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict,
                 x_s: Tensor, s: Any) -> Tensor:
         return self._teacher_pass.tokens(model, x_s, s, args, kwargs, watched)
 

@@ -92,7 +92,7 @@ class Dispersive(Objective):
                 "leave sample_weight=None and scale the term with weight="
             )
 
-    def _target(self, model: nn.Module, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> None:
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> None:
         return None
 
     def _loss(self, taps: dict[str, Tensor], target: None, weight: float | Tensor, sample_weight: None) -> Tensor:

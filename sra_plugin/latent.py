@@ -91,7 +91,7 @@ class LatentAlignment(Objective):
             )
         self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
 
-    def _target(self, model: nn.Module, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict, x0: Tensor) -> Tensor:
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict, x0: Tensor) -> Tensor:
         tokens = taps["student"]
         with torch.no_grad():
             target = self.target(x0.detach())

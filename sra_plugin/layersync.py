@@ -70,7 +70,7 @@ class LayerSync(Objective):
         self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         self._init_student(student)
 
-    def _target(self, model: nn.Module, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> Tensor:
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> Tensor:
         return taps["target"].detach()
 
     def forward(self, model: nn.Module, x_t: Tensor, t: Any, *args: Any,

@@ -19,7 +19,7 @@ from .capture import Decision, Subscription, probe_call, subscribe
 from .heads import build_head
 from .wrappers import unwrap
 
-__all__ = ["Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model"]
+__all__ = ["Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model", "placed_like"]
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
 
@@ -49,10 +49,13 @@ def head_on_model(head: str | nn.Module, dim: int, target_dim: int, student: nn.
     """``build_head``, placed where it computes: a named head on the student's device, in the dtype of its
     trainable parameters (``first_float_parameter``); a module of the user's as given."""
     module = build_head(head, dim, target_dim)
+    return module if isinstance(head, nn.Module) else placed_like(module, student)
+
+
+def placed_like(module: nn.Module, student: nn.Module) -> nn.Module:
+    """A head the package builds, on the student's device, in the dtype of its trainable parameters."""
     like = first_float_parameter(student)
-    if not isinstance(head, nn.Module) and like is not None:
-        module = module.to(device=like.device, dtype=like.dtype)
-    return module
+    return module if like is None else module.to(device=like.device, dtype=like.dtype)
 
 
 def _batch_of(value: Any) -> int | None:
@@ -161,7 +164,7 @@ class Objective(nn.Module):
         if self._is_zero(weight):
             return self._skipped(x_t.device)
         taps, watched = self._student_taps(model, x_t, t, args, kwargs)
-        target = self._target(model, taps, watched, t, args, kwargs, **inputs)
+        target = self._target(model, x_t, taps, watched, t, args, kwargs, **inputs)
         if self.check_finite:
             self._check_finite(taps["student"], target)
         loss = self._loss(taps, target, weight, sample_weight)
@@ -177,8 +180,8 @@ class Objective(nn.Module):
         if torch.is_grad_enabled():
             self.step += 1
 
-    def _target(self, model: nn.Module, taps: dict[str, Tensor], watched: dict, t: Any, args: tuple,
-                kwargs: dict, **inputs: Any) -> Tensor | None:
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict[str, Tensor], watched: dict, t: Any,
+                args: tuple, kwargs: dict, **inputs: Any) -> Tensor | None:
         raise NotImplementedError
 
     def _after_step(self, t: Any, **inputs: Any) -> None:
