@@ -340,8 +340,8 @@ class StudentCapture:
         self.adapter = adapter
         self.blocks = adapter.blocks(model)
         self._read_tokens = token_reader(adapter)
-        self.record: Captured | None = None
         self.subscribers: list[Subscription] = []
+        self._record: Captured | None = None
         self._forced = False
         self._paused = 0
         self.forwards_seen = 0  # 0 until the model's forward first ran with our hooks (compile-order hint)
@@ -357,6 +357,17 @@ class StudentCapture:
         for name, (module, read) in adapter.watch(model).items():
             self._watched[name] = read
             self.handles.append(module.register_forward_pre_hook(_Hook(self, "_watch", module, name), with_kwargs=True))
+
+    @property
+    def record(self) -> Captured | None:
+        """The pending training forward, until every subscriber took it."""
+        return self._record
+
+    @record.setter
+    def record(self, value: Captured | None) -> None:
+        self._record = value
+        for sub in self.subscribers:
+            sub._view = None  # a view must not keep an old forward's activations alive
 
     # -------------------------------------------------------------- subscribers
     def subscribe(self, taps: dict[str, int], grad_taps: frozenset[str]) -> Subscription:

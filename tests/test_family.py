@@ -269,3 +269,23 @@ def test_removing_one_objective_keeps_the_others_hooks():
 
     gc.collect()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_no_activation_outlives_the_step():
+    import gc
+    import weakref
+
+    model = tiny_sit(class_dropout_prob=0.0)
+    sra, ls, disp = SelfRepresentationAlignment(model, 2, 4), LayerSync(model, 2, 5), Dispersive(model, layer=3)
+    x_t, x_s, t, s, y, v = flow_batch()
+    kept = []
+    for k in (1, 2, 4):
+        model.blocks[k].register_forward_hook(lambda m, a, o: kept.append(weakref.ref(o)))
+    out = model(x_t, t, y)
+    for objective in (sra, ls, disp):  # every view of the record is read, as tests and users may do
+        assert objective._capture.record.tokens is not None
+    loss = (out - v).pow(2).mean() + sra(model, x_t, x_s, t, s, y) + ls(model, x_t, t, y) + disp(model, x_t, t, y)
+    loss.backward()
+    del out, loss
+    gc.collect()
+    assert len(kept) == 3 and all(ref() is None for ref in kept)
