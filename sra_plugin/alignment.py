@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import is_real
 from .layers import resolve_layer
 from .losses import build_loss
 from .registry import Adapter, resolve_blocks
 from .student import Objective, Weight, check_weight, head_on_model
-from .teacher import EMATeacher, TeacherPass, check_same_structure, eval_mode, swap_in
-from .wrappers import unwrap
+from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
 
 __all__ = ["SelfRepresentationAlignment"]
 
@@ -65,29 +63,10 @@ class SelfRepresentationAlignment(Objective):
                 f"teacher_layer={teacher_layer!r} (block {teacher_index}) comes before student_layer={student_layer!r} "
                 f"(block {student_index}): the teacher's block must be the same or a later one"
             )
-        if not is_real(ema_decay) or not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"ema_decay={ema_decay!r} is not accepted: use a number in [0, 1]")
-        if not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point:
-            raise TypeError(f"ema_dtype={ema_dtype!r} is not accepted: use a floating torch.dtype (torch.float32 is the default)")
         if not callable(weight):
             weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
-        if not (compile_teacher is None or isinstance(compile_teacher, (bool, dict))):
-            raise TypeError(
-                f"compile_teacher={compile_teacher!r} is not accepted: use None (compile when the model is compiled), "
-                "True, False, or a dict of torch.compile options"
-            )
-        if isinstance(teacher, str):
-            if teacher != "ema":
-                raise ValueError(f"teacher={teacher!r} is not accepted: use 'ema' or an nn.Module (the EMA model you keep)")
-            user_teacher = None
-        elif isinstance(teacher, nn.Module):
-            user_teacher = unwrap(teacher)
-            if user_teacher is student:
-                raise ValueError("teacher is the model itself: pass its EMA copy, or teacher='ema'")
-            check_same_structure(user_teacher, student)
-        else:
-            raise TypeError(f"teacher={type(teacher).__name__} is not accepted: use 'ema' or an nn.Module")
+        user_teacher = check_teacher_options(teacher, student, ema_decay, ema_dtype, compile_teacher)
         teacher_model = user_teacher if user_teacher is not None else student
         dim = adapter.dim(student, blocks[student_index - 1])
         target_dim = adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1])
@@ -119,33 +98,18 @@ class SelfRepresentationAlignment(Objective):
     def _compiled_blocks(self) -> list | None:
         return self._teacher_pass._compiled_blocks
 
-    # ------------------------------------------------------------------ properties
     @property
     def teacher(self) -> nn.Module:
         """The teacher module: the owned EMA copy (also the model to sample from) or the user's EMA model.
 
         With frozen parameters (LoRA) the owned EMA holds only the trainable ones and has no module of
         its own: use ``with sra.teacher_weights(): model(...)`` to compute with the teacher's weights."""
-        if self._user_teacher is not None:
-            return self._user_teacher
-        if self.ema.shared:
-            raise ValueError(
-                "sra.teacher: with frozen parameters the owned EMA keeps only the trainable ones and shares the rest "
-                "with the model, so there is no separate teacher module; use `with sra.teacher_weights(): model(...)`"
-            )
-        return self.ema.model
+        return self._teacher_pass.teacher_module()
 
-    @contextmanager
-    def teacher_weights(self) -> Iterator[nn.Module]:
+    def teacher_weights(self) -> AbstractContextManager[nn.Module]:
         """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
         weights come back exactly on exit. Not while a training graph through the model is alive."""
-        if self._user_teacher is not None:
-            values = dict(self._user_teacher.named_parameters())
-        else:
-            self.ema.init_if_needed()
-            values = self.ema.values()
-        with swap_in(self._student, values):
-            yield self._student
+        return self._teacher_pass.weights_on_student()
 
     # ------------------------------------------------------------------ the step
     def _check_inputs(self, x_t: Tensor, t: Any, x_s: Any = None, s: Any = None) -> None:

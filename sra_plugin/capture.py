@@ -1,5 +1,11 @@
-"""Forward hooks: keep a block's tokens from the user's own forward, decide whether they may be reused,
-and stop a pass early.
+"""Forward hooks: keep the tokens of the tapped blocks from the user's own forward, decide whether they
+may be reused, and stop a pass early.
+
+One ``StudentCapture`` per model (and adapter) is shared by every objective on it (``subscribe``): each
+objective holds a ``Subscription`` naming its taps (1-based blocks), so SRA, LayerSync, Dispersive, ...
+on one model share one set of hooks and one record of the forward, and the student's blocks run once
+per step. A call whose inputs do not match the captured forward re-runs the model once, up to the
+deepest tap any subscriber needs; the other objectives of that step reuse that re-run.
 
 Hook hygiene, in one place:
 - ``copy.deepcopy(model)`` and pickling copy registered hooks: ours copy as inert hooks, and every

@@ -19,10 +19,9 @@ from torch import Tensor, nn
 
 from .layers import resolve_layer
 from .losses import build_loss
-from .protocols import EncodesImages
-from .registry import Adapter, resolve_adapter, resolve_blocks
+from .registry import Adapter, resolve_blocks
 from .student import Objective, Weight, check_weight, head_on_model, placed_like
-from .targets import EncoderTarget
+from .targets import EncoderTarget, encoder_reader
 
 __all__ = ["REPA", "REPAProjector"]
 
@@ -32,32 +31,6 @@ class REPAProjector(nn.Sequential):
 
     def __init__(self, dim: int, target_dim: int, hidden: int = 2048) -> None:
         super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, target_dim))
-
-
-def _encoder_reader(encoder: nn.Module, read: Callable | None, dim: int | None) -> tuple[Callable, int]:
-    """How to read ``encoder``'s patch tokens and their width: ``read``/``dim`` as given, else the
-    registered adapter's ``EncodesImages`` protocol (built in for timm ViTs)."""
-    adapter = None
-    try:
-        adapter = resolve_adapter(encoder)
-    except ValueError:
-        pass
-    if read is None:
-        if not isinstance(adapter, EncodesImages):
-            raise ValueError(
-                f"encoder={type(encoder).__name__} is not accepted: no registered adapter says how to read its patch "
-                "tokens; pass encoder_tokens=callable(encoder, images) -> (B, N, D) and encoder_dim=D"
-            )
-        read = adapter.encoder_tokens
-    elif not callable(read):
-        raise TypeError(f"encoder_tokens={read!r} is not accepted: use callable(encoder, images) -> (B, N, D) or None")
-    if dim is None:
-        if not isinstance(adapter, EncodesImages):
-            raise ValueError(f"encoder_dim=None is not accepted for encoder={type(encoder).__name__}: give the width D of its tokens")
-        dim = adapter.encoder_dim(encoder)
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise ValueError(f"encoder_dim={dim!r} is not accepted: use a positive int, the width of the encoder's tokens")
-    return read, int(dim)
 
 
 class REPA(Objective):
@@ -100,7 +73,7 @@ class REPA(Objective):
         if not callable(weight):
             weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
-        read, target_dim = _encoder_reader(encoder, encoder_tokens, encoder_dim)
+        read, target_dim = encoder_reader(encoder, encoder_tokens, encoder_dim)
         if isinstance(projector_dim, bool) or not isinstance(projector_dim, numbers.Integral) or projector_dim < 1:
             raise ValueError(f"projector_dim={projector_dim!r} is not accepted: use a positive int")
         dim = adapter.dim(student, blocks[index - 1])
@@ -122,7 +95,7 @@ class REPA(Objective):
 
     def _attach(self) -> None:
         super()._attach()
-        read, _ = _encoder_reader(self._encoder, self._encoder_read, self.target_dim)
+        read, _ = encoder_reader(self._encoder, self._encoder_read, self.target_dim)
         object.__setattr__(self, "_encoder_target", EncoderTarget(self._encoder, read))
 
     @property

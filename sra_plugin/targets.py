@@ -9,15 +9,18 @@ another tap of the same forward, detached, and "no target" are one line in their
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .protocols import EncodesImages
+from .registry import resolve_adapter
 from .teacher import eval_mode
 
-__all__ = ["EncoderTarget", "grid_of", "resize_grid"]
+__all__ = ["EncoderTarget", "encoder_reader", "grid_of", "resize_grid"]
 
 
 def grid_of(tokens: int, height: int, width: int, what: str) -> tuple[int, int]:
@@ -41,6 +44,32 @@ def resize_grid(tokens: Tensor, grid: tuple[int, int], size: tuple[int, int]) ->
     image = tokens.float().transpose(1, 2).reshape(b, d, *grid)
     resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
     return resized.reshape(b, d, -1).transpose(1, 2).to(tokens.dtype)
+
+
+def encoder_reader(encoder: nn.Module, read: Callable | None, dim: int | None) -> tuple[Callable, int]:
+    """How to read ``encoder``'s patch tokens and their width: ``read``/``dim`` as given, else the
+    registered adapter's ``EncodesImages`` protocol (built in for timm ViTs)."""
+    adapter = None
+    try:
+        adapter = resolve_adapter(encoder)
+    except ValueError:
+        pass
+    if read is None:
+        if not isinstance(adapter, EncodesImages):
+            raise ValueError(
+                f"encoder={type(encoder).__name__} is not accepted: no registered adapter says how to read its patch "
+                "tokens; pass encoder_tokens=callable(encoder, images) -> (B, N, D) and encoder_dim=D"
+            )
+        read = adapter.encoder_tokens
+    elif not callable(read):
+        raise TypeError(f"encoder_tokens={read!r} is not accepted: use callable(encoder, images) -> (B, N, D) or None")
+    if dim is None:
+        if not isinstance(adapter, EncodesImages):
+            raise ValueError(f"encoder_dim=None is not accepted for encoder={type(encoder).__name__}: give the width D of its tokens")
+        dim = adapter.encoder_dim(encoder)
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"encoder_dim={dim!r} is not accepted: use a positive int, the width of the encoder's tokens")
+    return read, int(dim)
 
 
 class EncoderTarget:

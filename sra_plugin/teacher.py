@@ -25,7 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["EMATeacher", "TeacherPass", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
+from ._checks import is_real
+from .capture import run_until
+from .wrappers import unwrap
+
+__all__ = ["EMATeacher", "TeacherPass", "check_teacher_options", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
 
 
 def ema_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -247,6 +251,31 @@ class EMATeacher(nn.Module):
             yield module
 
 
+def check_teacher_options(teacher: str | nn.Module, student: nn.Module, ema_decay: float, ema_dtype: torch.dtype,
+                          compile_teacher: bool | dict | None) -> nn.Module | None:
+    """Check SRA's teacher arguments; the user's EMA model (unwrapped) if ``teacher`` is one, else None."""
+    if not is_real(ema_decay) or not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"ema_decay={ema_decay!r} is not accepted: use a number in [0, 1]")
+    if not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point:
+        raise TypeError(f"ema_dtype={ema_dtype!r} is not accepted: use a floating torch.dtype (torch.float32 is the default)")
+    if not (compile_teacher is None or isinstance(compile_teacher, (bool, dict))):
+        raise TypeError(
+            f"compile_teacher={compile_teacher!r} is not accepted: use None (compile when the model is compiled), "
+            "True, False, or a dict of torch.compile options"
+        )
+    if isinstance(teacher, str):
+        if teacher != "ema":
+            raise ValueError(f"teacher={teacher!r} is not accepted: use 'ema' or an nn.Module (the EMA model you keep)")
+        return None
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher={type(teacher).__name__} is not accepted: use 'ema' or an nn.Module")
+    user_teacher = unwrap(teacher)
+    if user_teacher is student:
+        raise ValueError("teacher is the model itself: pass its EMA copy, or teacher='ema'")
+    check_same_structure(user_teacher, student)
+    return user_teacher
+
+
 class TeacherPass:
     """The target of SRA: the tokens of block ``layer`` of the EMA teacher on ``(x_s, s)``, no gradient,
     eval mode, the pass stopped after that block. One implementation for the three teacher kinds: the
@@ -268,9 +297,28 @@ class TeacherPass:
         self.block = adapter.blocks(self.module)[layer - 1]
         self._compiled_blocks: list | None = None  # built at the first compiled pass
 
-    def tokens(self, model: nn.Module, x_s: Tensor, s, args: tuple, kwargs: dict, watched: dict) -> Tensor:
-        from .capture import run_until
+    def teacher_module(self) -> nn.Module:
+        if self.user_teacher is not None:
+            return self.user_teacher
+        if self.ema.shared:
+            raise ValueError(
+                "sra.teacher: with frozen parameters the owned EMA keeps only the trainable ones and shares the rest "
+                "with the model, so there is no separate teacher module; use `with sra.teacher_weights(): model(...)`"
+            )
+        return self.ema.model
 
+    @contextmanager
+    def weights_on_student(self) -> Iterator[nn.Module]:
+        """The student computing with the teacher's weights; the training weights come back exactly on exit."""
+        if self.user_teacher is not None:
+            values = dict(self.user_teacher.named_parameters())
+        else:
+            self.ema.init_if_needed()
+            values = self.ema.values()
+        with swap_in(self.student, values):
+            yield self.student
+
+    def tokens(self, model: nn.Module, x_s: Tensor, s, args: tuple, kwargs: dict, watched: dict) -> Tensor:
         t_args, t_kwargs = self.adapter.teacher_inputs(self.student, args, kwargs, watched)
         if self.user_teacher is not None:
             with torch.no_grad(), self.mode(self.user_teacher):

@@ -201,7 +201,7 @@ def test_dispersive_of_one_sample_is_zero():
     disp = Dispersive(model)
     x, t = toy_batch(n=1)
     model(x, t)
-    assert float(quiet(disp, model, x, t)) == 0.0
+    assert float(quiet(disp, model, x, t).detach()) == 0.0
 
 
 # ---------------------------------------------------------------- composition
