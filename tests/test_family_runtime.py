@@ -135,3 +135,65 @@ def test_bf16_autocast_losses_are_float32_and_match_the_features():
     cos = F.cosine_similarity(kept[2].float(), kept[5].float(), dim=-1)
     torch.testing.assert_close(a, 0.2 * (1 - cos).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, 0.5 * dispersive_loss(kept[2].float()), rtol=1e-5, atol=1e-6)
+
+
+def fsdp_build():
+    model = tiny_sit(seed=0, depth=4, class_dropout_prob=0.0)
+    torch.manual_seed(1)
+    return model, LayerSync(model, 1, 3, head="linear"), Dispersive(model, layer=2, weight=0.0)
+
+
+def fsdp_train(model, ls, disp, batches) -> torch.Tensor:
+    opt = torch.optim.AdamW([*model.parameters(), *ls.parameters()], lr=1e-3)
+    losses = []
+    for x_t, _, t, _, y, target in batches:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="(LayerSync|Dispersive)")  # no re-run
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+            pred = model(x_t, t, y)
+            terms = ls(model, x_t, t, y) + disp(model, x_t, t, y)
+        (F.mse_loss(pred, target) + terms).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(terms.detach())
+    return torch.stack(losses)
+
+
+def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        model, ls, disp = fsdp_build()  # objectives first (hooks), then shard
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        fully_shard(ls.head, mesh=mesh)
+        losses = fsdp_train(model, ls, disp, [flow_batch(4, 100 * step + rank) for step in range(STEPS)])
+        full = lambda m: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.state_dict().items()}  # noqa: E731
+        torch.save({"model": full(model), "head": full(ls.head), "losses": losses,
+                    "reruns": ls.student_reruns + disp.student_reruns}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_fsdp2_layersync_matches_across_ranks_and_one_process():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(fsdp_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
+        r0, r1 = (torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD))
+    assert r0["reruns"] == r1["reruns"] == 0 and not torch.equal(r0["losses"], r1["losses"])
+    for part in ("model", "head"):
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    # One process on both ranks' batches: LayerSync is a mean per sample, so it is the same training.
+    # (Dispersive, weight 0 here, is a per-batch loss: each rank disperses its own batch.)
+    model, ls, disp = fsdp_build()
+    fsdp_train(model, ls, disp, [[torch.cat(v) for v in zip(*(flow_batch(4, 100 * step + r) for r in range(WORLD)))]
+                                 for step in range(STEPS)])
+    for part, module in (("model", model), ("head", ls.head)):
+        for name, value in module.state_dict().items():
+            torch.testing.assert_close(r0[part][name], value, rtol=1e-4, atol=1e-6, msg=f"{part}.{name}")
