@@ -46,7 +46,11 @@ class ToyDenoiser(nn.Module):
         return self.out(h).reshape(b, 4, 4, 2, 2, 1).permute(0, 5, 1, 3, 2, 4).reshape(b, 1, 8, 8)
 
 
-register_adapter("toy-denoiser", matches=ToyDenoiser, blocks="layers", dim=lambda model, block: model.embed.out_features)
+def toy_width(model: ToyDenoiser, block: nn.Module) -> int:
+    return model.embed.out_features
+
+
+register_adapter("toy-denoiser", matches=ToyDenoiser, blocks="layers", dim=toy_width)
 
 
 def toy_batch(n: int = 5, seed: int = 0):
@@ -289,3 +293,21 @@ def test_no_activation_outlives_the_step():
     del out, loss
     gc.collect()
     assert len(kept) == 3 and all(ref() is None for ref in kept)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_model_with_its_objectives_works_alone(how):
+    import pickle
+
+    model = ToyDenoiser()
+    ls, disp = LayerSync(model, 1, 4, head="linear"), Dispersive(model, layer=2)
+    x, t = toy_batch()
+    group = (model, ls, disp)
+    model2, ls2, disp2 = copy.deepcopy(group) if how == "deepcopy" else pickle.loads(pickle.dumps(group))
+    assert ls2._capture.capture is disp2._capture.capture  # the copies share one capture, on the copy
+    assert ls2._capture.capture is not ls._capture.capture
+    model2(x, t)
+    assert ls._capture.record is None and disp._capture.record is None  # the copy's forward feeds the copy only
+    a2, b2 = quiet(ls2, model2, x, t), quiet(disp2, model2, x, t)
+    model(x, t)
+    torch.testing.assert_close((a2, b2), (quiet(ls, model, x, t), quiet(disp, model, x, t)), rtol=0, atol=0)
