@@ -278,7 +278,7 @@ class Objective(nn.Module):
             f"Running the student up to block {self.student_layer} again, which costs an extra partial forward; "
             f"metrics['student_reruns'] counts these.{hint}",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=7,  # the user's line: _wrapped_call_impl -> _call_impl -> forward -> _run -> _student_taps -> _warn
         )
 
     # ------------------------------------------------------------------ the loss

@@ -147,8 +147,9 @@ def test_layersync_misuse_another_forward_or_an_in_place_edit_reruns_and_stays_r
     want = 0.2 * (1 - F.cosine_similarity(hand[1], hand[3], dim=-1)).mean()
     model(x, t)
     model(x + 1, t)  # another forward in between
-    with pytest.warns(RuntimeWarning, match="different 'x'"):
+    with pytest.warns(RuntimeWarning, match="different 'x'") as caught:
         torch.testing.assert_close(ls(model, x, t), want, rtol=1e-5, atol=1e-7)
+    assert caught[0].filename == __file__  # the warning points at the user's call
     model(x, t)
     ls._capture.record.taps["target"].mul_(2)  # the deeper block's output edited in place
     with pytest.warns(RuntimeWarning, match="changed in place"):
