@@ -312,3 +312,20 @@ def test_a_copied_model_with_its_objectives_works_alone(how):
     a2, b2 = quiet(ls2, model2, x, t), quiet(disp2, model2, x, t)
     model(x, t)
     torch.testing.assert_close((a2, b2), (quiet(ls, model, x, t), quiet(disp, model, x, t)), rtol=0, atol=0)
+
+
+def test_layer_report_suggests_a_layersync_pair_from_the_probes():
+    import numpy as np
+
+    from sra_plugin.report import LayerReport
+
+    def report(probe):
+        return LayerReport(cka=np.eye(len(probe)), student_probe=np.array(probe), teacher_probe=np.array(probe),
+                           pool="mean", n_images=8, t_mean=0.5, s_mean=0.4)
+
+    rep = report([0.2, 0.3, 0.5, 0.6, 0.9, 0.7, 0.4, 0.3])  # the probe at t peaks at block 5
+    assert rep.layersync_pair() == (2, 5)
+    assert rep.layersync_pair()[1] == 5 and "LayerSync(model, " in rep.table() and rep.to_dict()["layersync_pair"][1] == 5
+    assert report([0.9, 0.1]).layersync_pair() == (1, 2)  # a peak at block 1 leaves no earlier block: the next one
+    assert LayerReport(cka=np.eye(3), student_probe=None, teacher_probe=None, pool="mean", n_images=8,
+                       t_mean=0.5, s_mean=0.4).layersync_pair() is None
