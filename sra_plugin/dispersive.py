@@ -7,7 +7,9 @@ tokens of the block, ``N * D``), the squared L2 distance of every pair is divide
 is ``log mean_ij exp(-d_ij / tau)`` over the full ``B x B`` matrix, its zero diagonal included. That
 release has no separate temperature (``tau = 1`` on the distance divided by ``F``), which is this
 class's default; ``temperature`` divides the scaled distance further. The released code puts it on
-the last block (``act[-1]``), which is the default ``layer=-1`` here.
+the last block (``act[-1]``), which is the default ``layer=-1`` here. Weight: 0.5, the default of the
+reimplementations we could read (e.g. PixNerd's ``DisperseTrainer``: weight 0.5, temperature 1.0); the
+copy of the release we read adds ``0.25 * disp_loss``, and the paper's own lambda was not checked here.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class Dispersive(Objective):
         pred = model(x_t, t, y)
         loss = diff_loss + disp(model, x_t, t, y)
 
-    Defaults: ``layer=-1`` (the last block), ``weight=0.5``, ``temperature=1.0`` (see the module
-    docstring for where they come from). The loss is reduced over the batch, so ``sample_weight``
+    Defaults: ``layer=-1`` (the last block), ``weight=0.5``, ``temperature=1.0`` (the module docstring
+    says where each comes from). The loss is reduced over the batch, so ``sample_weight``
     has no meaning here and is refused. Under data parallelism each process disperses its own batch,
     as in the authors' code.
     """

@@ -67,13 +67,15 @@ class REPA(Objective):
     ) -> None:
         super().__init__()
         student, adapter, blocks = resolve_blocks(model, adapter)
-        if not isinstance(encoder, nn.Module) or encoder is student:
-            raise TypeError(f"encoder={type(encoder).__name__} is not accepted: use the frozen image encoder (an nn.Module), not the model")
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder={type(encoder).__name__} is not accepted: use the frozen image encoder, an nn.Module")
+        if encoder is student:
+            raise ValueError("encoder is the model itself: REPA aligns to a separate, frozen image encoder (e.g. DINOv2)")
         index = resolve_layer(layer, len(blocks), "layer")
         if not callable(weight):
             weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
-        read, target_dim = encoder_reader(encoder, encoder_tokens, encoder_dim)
+        _, target_dim = encoder_reader(encoder, encoder_tokens, encoder_dim)
         if isinstance(projector_dim, bool) or not isinstance(projector_dim, numbers.Integral) or projector_dim < 1:
             raise ValueError(f"projector_dim={projector_dim!r} is not accepted: use a positive int")
         dim = adapter.dim(student, blocks[index - 1])

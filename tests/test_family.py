@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sra_plugin import Dispersive, LatentAlignment, LayerSync, SelfRepresentationAlignment, register_adapter
+from sra_plugin import Dispersive, LatentAlignment, LayerSync, SelfRepresentationAlignment
+from sra_plugin.registry import DeclaredAdapter
 from tests._models import flow_batch, tiny_sit
 
 
@@ -50,7 +51,7 @@ def toy_width(model: ToyDenoiser, block: nn.Module) -> int:
     return model.embed.out_features
 
 
-register_adapter("toy-denoiser", matches=ToyDenoiser, blocks="layers", dim=toy_width)
+TOY = DeclaredAdapter("toy-denoiser", matches=ToyDenoiser, blocks="layers", dim=toy_width)  # passed as adapter=, not registered
 
 
 def toy_batch(n: int = 5, seed: int = 0):
@@ -83,7 +84,7 @@ def grads(module: nn.Module) -> bool:
 # ---------------------------------------------------------------- LayerSync
 def test_layersync_equals_the_hand_computed_negative_cosine_of_two_blocks():
     model = ToyDenoiser()
-    ls = LayerSync(model, student_layer=2, target_layer=4)
+    ls = LayerSync(model, student_layer=2, target_layer=4, adapter=TOY)
     x, t = toy_batch()
     hand = block_outputs(model, model.layers, x, t)
     model(x, t)
@@ -97,7 +98,7 @@ def test_layersync_equals_the_hand_computed_negative_cosine_of_two_blocks():
 
 def test_layersync_target_block_gets_no_gradient():
     model = ToyDenoiser()
-    ls = LayerSync(model, student_layer=2, target_layer=4)
+    ls = LayerSync(model, student_layer=2, target_layer=4, adapter=TOY)
     x, t = toy_batch()
     model(x, t)
     quiet(ls, model, x, t).backward()
@@ -108,7 +109,7 @@ def test_layersync_target_block_gets_no_gradient():
 
 def test_layersync_with_mlp_head_trains_the_head_and_resumes_exactly():
     model = ToyDenoiser()
-    ls = LayerSync(model, 2, 5, head="mlp", loss="mse", weight=lambda step: 0.1 * (step + 1))
+    ls = LayerSync(model, 2, 5, head="mlp", loss="mse", weight=lambda step: 0.1 * (step + 1), adapter=TOY)
     x, t = toy_batch()
     opt = torch.optim.SGD([*model.parameters(), *ls.parameters()], lr=0.1)
     for _ in range(2):
@@ -120,12 +121,12 @@ def test_layersync_with_mlp_head_trains_the_head_and_resumes_exactly():
     state = copy.deepcopy(ls.state_dict())
     assert ls.step == 2 and set(state) >= {"head.0.weight", "_extra_state"}
     model2 = copy.deepcopy(model)
-    again = LayerSync(model2, 2, 5, head="mlp", loss="mse", weight=lambda step: 0.1 * (step + 1))
+    again = LayerSync(model2, 2, 5, head="mlp", loss="mse", weight=lambda step: 0.1 * (step + 1), adapter=TOY)
     again.load_state_dict(state)
     model(x, t), model2(x, t)
     torch.testing.assert_close(quiet(again, model2, x, t), quiet(ls, model, x, t), rtol=0, atol=0)
     with pytest.raises(ValueError, match="target_layer: saved 5, here 4"):
-        LayerSync(copy.deepcopy(model), 2, 4, head="mlp").load_state_dict(state)
+        LayerSync(copy.deepcopy(model), 2, 4, head="mlp", adapter=TOY).load_state_dict(state)
 
 
 @pytest.mark.parametrize("layers, words", [((3, 3), "target_layer=3 (block 3) is not deeper"),
@@ -135,13 +136,13 @@ def test_layersync_refuses_a_target_that_is_not_deeper(layers, words):
     model = ToyDenoiser()
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        LayerSync(model, *layers)
+        LayerSync(model, *layers, adapter=TOY)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
 
 def test_layersync_misuse_another_forward_or_an_in_place_edit_reruns_and_stays_right():
     model = ToyDenoiser()
-    ls = LayerSync(model, 1, 3)
+    ls = LayerSync(model, 1, 3, adapter=TOY)
     x, t = toy_batch()
     hand = block_outputs(model, model.layers, x, t)
     want = 0.2 * (1 - F.cosine_similarity(hand[1], hand[3], dim=-1)).mean()
@@ -160,7 +161,7 @@ def test_layersync_misuse_another_forward_or_an_in_place_edit_reruns_and_stays_r
 # ---------------------------------------------------------------- Dispersive
 def test_dispersive_equals_the_hand_computed_log_mean_exp_over_all_pairs():
     model = ToyDenoiser()
-    disp = Dispersive(model, layer=3, weight=0.7, temperature=0.5)
+    disp = Dispersive(model, layer=3, weight=0.7, temperature=0.5, adapter=TOY)
     x, t = toy_batch(n=5)
     z = block_outputs(model, model.layers, x, t)[3].detach().reshape(5, -1).double()
     size = z.shape[1]
@@ -174,7 +175,7 @@ def test_dispersive_equals_the_hand_computed_log_mean_exp_over_all_pairs():
 
 def test_dispersive_gradient_reaches_blocks_up_to_its_layer_only():
     model = ToyDenoiser()
-    disp = Dispersive(model, layer=2)
+    disp = Dispersive(model, layer=2, adapter=TOY)
     x, t = toy_batch()
     model(x, t)
     quiet(disp, model, x, t).backward()
@@ -185,7 +186,7 @@ def test_dispersive_gradient_reaches_blocks_up_to_its_layer_only():
 
 def test_dispersive_refuses_sample_weight_and_changes_nothing():
     model = ToyDenoiser()
-    disp = Dispersive(model)
+    disp = Dispersive(model, adapter=TOY)
     x, t = toy_batch()
     model(x, t)
     record = disp._capture.record
@@ -198,12 +199,12 @@ def test_dispersive_refuses_sample_weight_and_changes_nothing():
 @pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), "1"])
 def test_dispersive_refuses_a_bad_temperature(temperature):
     with pytest.raises(ValueError, match=f"temperature={temperature!r} is not accepted: use a finite number > 0"):
-        Dispersive(ToyDenoiser(), temperature=temperature)
+        Dispersive(ToyDenoiser(), temperature=temperature, adapter=TOY)
 
 
 def test_dispersive_of_one_sample_is_zero():
     model = ToyDenoiser()
-    disp = Dispersive(model)
+    disp = Dispersive(model, adapter=TOY)
     x, t = toy_batch(n=1)
     model(x, t)
     assert float(quiet(disp, model, x, t).detach()) == 0.0
@@ -301,7 +302,7 @@ def test_a_copied_model_with_its_objectives_works_alone(how):
     import pickle
 
     model = ToyDenoiser()
-    ls, disp = LayerSync(model, 1, 4, head="linear"), Dispersive(model, layer=2)
+    ls, disp = LayerSync(model, 1, 4, head="linear", adapter=TOY), Dispersive(model, layer=2, adapter=TOY)
     x, t = toy_batch()
     group = (model, ls, disp)
     model2, ls2, disp2 = copy.deepcopy(group) if how == "deepcopy" else pickle.loads(pickle.dumps(group))

@@ -155,3 +155,12 @@ def test_encoder_tokens_that_are_no_grid_are_refused():
     model(x_t, t, y)
     with pytest.raises(ValueError, match="7 tokens do not form a grid"):
         repa(model, x_t, t, y, images=images)
+
+
+def test_the_model_or_a_non_module_is_not_an_encoder():
+    model, _, *_ = setup()
+    with pytest.raises(ValueError, match="encoder is the model itself"):
+        REPA(model, model)
+    with pytest.raises(TypeError, match="encoder=str is not accepted: use the frozen image encoder, an nn.Module"):
+        REPA(model, "dinov2")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
