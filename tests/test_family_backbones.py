@@ -82,3 +82,41 @@ def test_layersync_and_dispersive_on_every_family(name: str) -> None:
         if k > student:
             assert not has_grad(block), f"block {k} got LayerSync gradient through the detached target"
     assert has_grad(blocks[student - 1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_repa_on_every_family_right_or_loud(name: str) -> None:
+    """REPA with a random timm ViT of a 4x4 patch grid: on every image family (16 image tokens) the loss is
+    the hand computation on the training forward's tokens; on the video families (32 tokens over 2 frames,
+    no 2-D grid to resize the encoder's to) the call is refused with a ValueError."""
+    import timm
+
+    from sra_plugin import REPA
+
+    build, key = CASES[name]
+    model, x_t, t, args, kwargs, train_forward = build(key)
+    adapter = resolve_adapter(model)
+    torch.manual_seed(3)
+    encoder = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=2, num_classes=0)
+    images = torch.randn(x_t.shape[0], 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    repa = REPA(model, encoder, layer=1, projector_dim=8)
+    calls, outputs = [], {}
+    handles = [model.register_forward_pre_hook(lambda m, a, k: calls.append(ModelCall(a, k)), with_kwargs=True),
+               adapter.blocks(model)[0].register_forward_hook(lambda m, a, o: outputs.setdefault(1, o))]
+    train_forward()
+    for h in handles:
+        h.remove()
+    tokens = adapter.tokens(outputs[1], model, calls[0])
+    if tokens.shape[1] != 16 and x_t.dim() != 4:
+        with pytest.raises(ValueError, match="resizing the encoder's grid needs 2-D inputs"):
+            repa(model, x_t, t, *args, images=images, **kwargs)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = repa(model, x_t, t, *args, images=images, **kwargs)
+    with torch.no_grad():
+        target = encoder.eval().forward_features(images)[:, encoder.num_prefix_tokens:]
+    assert target.shape[1] == tokens.shape[1] == 16  # every image family here has a 4x4 grid (resizing: tests/test_repa.py)
+    want = 0.5 * (1 - F.cosine_similarity(repa.head(tokens.float()), target, dim=-1)).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-6)
+    assert repa.student_reruns == 0 and all(p.grad is None for p in encoder.parameters())
