@@ -330,3 +330,18 @@ def test_layer_report_suggests_a_layersync_pair_from_the_probes():
     assert report([0.9, 0.1]).layersync_pair() == (1, 2)  # a peak at block 1 leaves no earlier block: the next one
     assert LayerReport(cka=np.eye(3), student_probe=None, teacher_probe=None, pool="mean", n_images=8,
                        t_mean=0.5, s_mean=0.4).layersync_pair() is None
+
+
+def test_dispersive_state_carries_the_step_and_refuses_another_configuration():
+    model = ToyDenoiser()
+    disp = Dispersive(model, layer=2, temperature=0.5, weight=lambda step: 0.1 * step, adapter=TOY)
+    x, t = toy_batch()
+    for _ in range(3):
+        model(x, t)
+        quiet(disp, model, x, t)
+    state = disp.state_dict()
+    again = Dispersive(copy.deepcopy(model), layer=2, temperature=0.5, weight=lambda step: 0.1 * step, adapter=TOY)
+    again.load_state_dict(state)
+    assert again.step == 3 and again.current_weight() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="temperature: saved 0.5, here 1.0"):
+        Dispersive(copy.deepcopy(model), layer=2, adapter=TOY).load_state_dict(state)

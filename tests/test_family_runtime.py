@@ -83,15 +83,16 @@ def test_ddp_keeps_model_and_heads_identical_across_ranks():
 
 
 def run(model, call, objectives, steps=2):
-    ls, disp, sra = objectives
-    opt = torch.optim.SGD([*model.parameters(), *ls.parameters(), *sra.parameters()], lr=0.1)
+    ls, disp, sra, repa = objectives
+    opt = torch.optim.SGD([*model.parameters(), *ls.parameters(), *sra.parameters(), *repa.parameters()], lr=0.1)
     out = []
     for step in range(steps):
         x_t, x_s, t, s, y, target = flow_batch(seed=step)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             pred = call(x_t, t, y)
-            terms = [ls(call, x_t, t, y), disp(call, x_t, t, y), sra(call, x_t, x_s, t, s, y)]
+            terms = [ls(call, x_t, t, y), disp(call, x_t, t, y), sra(call, x_t, x_s, t, s, y),
+                     repa(call, x_t, t, y, images=images(step))]
         (F.mse_loss(pred, target) + sum(terms)).backward()
         opt.step(), opt.zero_grad()
         sra.update_teacher()
@@ -103,10 +104,12 @@ def build():
     model = tiny_sit(class_dropout_prob=0.0, depth=4)
     torch.manual_seed(0)
     return model, (LayerSync(model, 1, 3, head="linear"), Dispersive(model, layer=2),
-                   SelfRepresentationAlignment(model, 2, 3, ema_decay=0.5, compile_teacher=False))
+                   SelfRepresentationAlignment(model, 2, 3, ema_decay=0.5, compile_teacher=False),
+                   REPA(model, encoder(), layer=2, projector_dim=8))
 
 
 def test_compiled_forward_feeds_every_objective_and_matches_eager():
+    """LayerSync, Dispersive, SRA and REPA on one compiled model: no re-run, the same losses as eager."""
     torch._dynamo.reset()
     try:
         model, objectives = build()
