@@ -140,10 +140,10 @@ def test_bf16_autocast_losses_are_float32_and_match_the_features():
     torch.testing.assert_close(b, 0.5 * dispersive_loss(kept[2].float()), rtol=1e-5, atol=1e-6)
 
 
-def fsdp_build():
+def fsdp_build(disp_weight: float = 0.0):
     model = tiny_sit(seed=0, depth=4, class_dropout_prob=0.0)
     torch.manual_seed(1)
-    return model, LayerSync(model, 1, 3, head="linear"), Dispersive(model, layer=2, weight=0.0)
+    return model, LayerSync(model, 1, 3, head="linear"), Dispersive(model, layer=2, weight=disp_weight)
 
 
 def fsdp_train(model, ls, disp, batches) -> torch.Tensor:
@@ -171,29 +171,36 @@ def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        model, ls, disp = fsdp_build()  # objectives first (hooks), then shard
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        fully_shard(ls.head, mesh=mesh)
-        losses = fsdp_train(model, ls, disp, [flow_batch(4, 100 * step + rank) for step in range(STEPS)])
         full = lambda m: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.state_dict().items()}  # noqa: E731
-        torch.save({"model": full(model), "head": full(ls.head), "losses": losses,
-                    "reruns": ls.student_reruns + disp.student_reruns}, os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {}
+        for disp_weight in (0.0, 0.5):  # 0: comparable with one process; 0.5: Dispersive's gradient through the shards
+            model, ls, disp = fsdp_build(disp_weight)  # objectives first (hooks), then shard
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            fully_shard(ls.head, mesh=mesh)
+            losses = fsdp_train(model, ls, disp, [flow_batch(4, 100 * step + rank) for step in range(STEPS)])
+            result[disp_weight] = {"model": full(model), "head": full(ls.head), "losses": losses,
+                                   "reruns": ls.student_reruns + disp.student_reruns}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_fsdp2_layersync_matches_across_ranks_and_one_process():
+def test_fsdp2_layersync_and_dispersive_match_across_ranks_and_one_process():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(fsdp_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
-        r0, r1 = (torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD))
-    assert r0["reruns"] == r1["reruns"] == 0 and not torch.equal(r0["losses"], r1["losses"])
-    for part in ("model", "head"):
-        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    for disp_weight in (0.0, 0.5):
+        r0, r1 = (r[disp_weight] for r in ranks)
+        assert r0["reruns"] == r1["reruns"] == 0 and not torch.equal(r0["losses"], r1["losses"])
+        for part in ("model", "head"):
+            assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), (disp_weight, part)
+    assert not torch.equal(ranks[0][0.5]["model"]["blocks.0.attn.qkv.weight"], ranks[0][0.0]["model"]["blocks.0.attn.qkv.weight"])
+    r0 = ranks[0][0.0]
     # One process on both ranks' batches: LayerSync is a mean per sample, so it is the same training.
-    # (Dispersive, weight 0 here, is a per-batch loss: each rank disperses its own batch.)
+    # (Dispersive is a per-batch loss, each rank dispersing its own batch: compared across ranks only.)
     model, ls, disp = fsdp_build()
     fsdp_train(model, ls, disp, [[torch.cat(v) for v in zip(*(flow_batch(4, 100 * step + r) for r in range(WORLD)))]
                                  for step in range(STEPS)])
