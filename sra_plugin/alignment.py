@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
+from .registry import Adapter, ModelCall, resolve_blocks
 from .student import Objective, Weight, check_weight, head_on_model
 from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
 
@@ -35,6 +35,17 @@ class SelfRepresentationAlignment(Objective):
     Layers are 1-based block numbers, negative from the end, or fractions of depth (see
     ``sra_plugin.layers``). ``sra(...)`` returns the weighted loss; ``metrics`` holds the last call's
     figures as floats.
+
+    Many processes: wrap the model in DDP, and ``sra`` too when it has parameters that train (any head
+    but ``"identity"``). With ``head="identity"`` it has none, DDP refuses it ("not needed"), and there
+    is nothing to synchronise: call the bare ``sra`` with the DDP model (``accelerator.prepare`` skips
+    it by itself).
+
+    Every pass it stops early (teacher, student re-run) restores the LoRA ``scaling`` of the model's
+    peft layers, which a forward that scales them at its start and unscales them only at its end
+    (diffusers 0.30 with ``joint_attention_kwargs={"scale": s}``; 0.42 unscales in a ``finally``) would leave changed. An owned
+    teacher needs the LoRA unmerged (``fuse_lora()``/``merge_adapter()`` make the teacher pass,
+    ``teacher_weights()`` and ``update_teacher()`` raise).
     """
 
     def __init__(
@@ -112,7 +123,7 @@ class SelfRepresentationAlignment(Objective):
         return self._teacher_pass.weights_on_student()
 
     # ------------------------------------------------------------------ the step
-    def _check_inputs(self, x_t: Tensor, t: Any, x_s: Any = None, s: Any = None) -> None:
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x_s: Any = None, s: Any = None) -> None:
         if not isinstance(x_s, Tensor):
             raise TypeError(f"x_s must be a torch.Tensor, got {type(x_s).__name__}")
         if x_t.shape != x_s.shape:
@@ -125,8 +136,7 @@ class SelfRepresentationAlignment(Objective):
         self._check_times(x_t.shape[0] if x_t.dim() else None, t=t, s=s)
 
     def _begin_step(self) -> None:
-        if self.ema is not None:
-            self.ema.init_if_needed()
+        self._teacher_pass.begin()
 
     def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict,
                 x_s: Tensor, s: Any) -> Tensor:
@@ -151,11 +161,18 @@ class SelfRepresentationAlignment(Objective):
         """EMA step of an owned teacher (``decay * teacher + (1 - decay) * student``); always advances ``step``.
 
         Call it after each ``optimizer.step()``. The first call (or the first ``sra(...)``) starts the
-        EMA from the model's weights at that moment. With a teacher you keep yourself, update that EMA as usual.
+        EMA from the model's weights at that moment. With a teacher you keep yourself, update that EMA
+        as usual; calling this as well is optional.
+
+        The step rule (SRA and SRA 2): ``step`` counts training steps. Once ``update_teacher()`` has been
+        called, it alone advances ``step`` (so under gradient accumulation the step counts optimizer
+        steps); before that, and if it is never called, every call with gradients enabled advances it.
+        The first call replaces the steps that training calls had counted before it (a first optimizer
+        step of 4 accumulated micro-batches ends at step 1, not 4). A step that stands still
+        for 1000 training calls after ``update_teacher()`` was called warns once.
         """
-        if self.ema is not None:
-            self.ema.update()
-        self.step += 1
+        self._teacher_pass.update()
+        self._count_update()
 
     # ------------------------------------------------------------------ state
     def _identity(self) -> dict[str, Any]:

@@ -127,9 +127,40 @@ def _eager(*modules: nn.Module) -> Iterator[None]:
             m._compiled_call_impl = call
 
 
+def _lora_scalings(model: nn.Module) -> list[tuple[dict, dict]]:
+    """Every LoRA layer's ``scaling`` dict (peft's tuner layers: adapter name -> factor) with a copy of its
+    values. Read by duck typing: ``sra_plugin`` does not import peft."""
+    # Read from the instance dict: a getattr that misses goes through nn.Module.__getattr__ and costs
+    # ~5 us per module (6 ms per pass on a LoRA SiT-XL).
+    found = (vars(m).get("scaling") for m in model.modules())
+    return [(scaling, dict(scaling)) for scaling in found if isinstance(scaling, dict)]
+
+
+@contextmanager
+def restoring_model_state(model: nn.Module) -> Iterator[None]:
+    """Put back what a stopped pass leaves changed.
+
+    A forward may change state at its start and undo it at its end; a pass stopped after a block skips
+    the undo unless the forward wraps it in ``try``/``finally``. diffusers 0.30 (not 0.42) multiplies every
+    LoRA layer's ``scaling`` by ``attention_kwargs["scale"]`` (``scale_lora_layers``) and divides it back
+    after the last block (``unscale_lora_layers``), so each stopped pass would leave the LoRA scaled once
+    more. The rule: every pass this library stops early restores the ``scaling`` of each LoRA layer of
+    the model to its value before the pass. Other state a forward restores only at its end is not
+    restored (none is known in the supported backbones)."""
+    saved = _lora_scalings(model)
+    try:
+        yield
+    finally:
+        for scaling, values in saved:
+            if scaling != values:
+                scaling.clear()
+                scaling.update(values)
+
+
 def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t: Any,
               args: tuple, kwargs: dict) -> Tensor:
-    """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs."""
+    """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs.
+    State the forward would have restored at its end is restored (``restoring_model_state``)."""
     found: list[Tensor] = []
     calls: list[ModelCall] = []
     read_tokens = token_reader(adapter)
@@ -141,7 +172,7 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
         found.append(read_tokens(output, model, calls[-1] if calls else ModelCall()))
         raise StopForward
 
-    with _eager(model, block):
+    with _eager(model, block), restoring_model_state(model):
         handles = [attach(model, enter, pre=True), attach(block, stop)]
         try:
             adapter.forward(model, x, t, *args, **kwargs)
@@ -167,7 +198,7 @@ def probe_call(model: nn.Module, adapter: Adapter, x: Tensor, t: Any, args: tupl
         seen.append(ModelCall(args, kwargs))
         raise StopForward
 
-    with _eager(model):
+    with _eager(model):  # stopped before the model's forward began: nothing to restore
         handle = attach(model, record, pre=True, prepend=True)
         try:
             adapter.forward(model, x, t, *args, **kwargs)
@@ -202,6 +233,13 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
+
+
 def _same(a: Any, b: Any) -> bool:
     """The same object, or equal values (tensors: same shape, dtype, device and elements)."""
     if a is b:
@@ -222,16 +260,47 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What can tell that a tensor changed after the forward without reading its values: its version
+    counter (bumped by every in-place op) and where its data lives (``x.data = other`` rebinds it and
+    bumps nothing). In-place edits through ``x.data`` (``x.data.add_(1)``) change neither: they are the
+    one unsupported pattern, since catching them would need a copy or a checksum of every input per
+    step. Inference tensors (made under ``torch.inference_mode()``, e.g. cached text embeddings) have no
+    version counter, and only code under inference mode can change them in place: for them only the
+    data pointer is compared."""
+
+    tensor: Tensor
+    version: int  # -1: an inference tensor
+    data_ptr: int | None  # None: a tensor without plain storage (a tensor subclass)
+
+    @staticmethod
+    def of(tensor: Tensor) -> "Snapshot":
+        return Snapshot(tensor, -1 if tensor.is_inference() else tensor._version, _data_ptr(tensor))
+
+    def changed(self) -> bool:
+        t = self.tensor
+        moved = self.data_ptr is not None and _data_ptr(t) != self.data_ptr
+        return moved or (self.version >= 0 and t._version != self.version)
+
+
+def _data_ptr(tensor: Tensor) -> int | None:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class Captured:
     """What one training forward of the student left: its inputs, the tokens of every tapped block (by
     1-based block number), what the adapter watches. Shared by every objective on the model."""
 
     call: ModelCall
-    versions: list[tuple[Tensor, int]]  # every input tensor and its version counter at the forward
+    inputs: list[Snapshot]  # every input tensor, as it was at the forward
     grad: bool = True  # grad mode when the forward began
     taps: dict[int, Tensor] = field(default_factory=dict)
-    tap_versions: dict[int, int] = field(default_factory=dict)  # -1: not read (inside a compiled graph)
+    tap_snapshots: dict[int, Snapshot | None] = field(default_factory=dict)  # None: not read (inside a compiled graph)
     watched: dict[str, Any] = field(default_factory=dict)
     no_grad_blocks: set[int] = field(default_factory=set)
     taken: set[int] = field(default_factory=set)  # ids of the subscriptions that took it
@@ -445,8 +514,8 @@ class StudentCapture:
         self.forwards_seen = 1
         if self._capturing():
             call = ModelCall(args, kwargs)
-            versions = [] if torch.compiler.is_compiling() else [(v, v._version) for v in _tensors((args, kwargs))]
-            self.record = Captured(call, versions, torch.is_grad_enabled())
+            inputs = [] if torch.compiler.is_compiling() else [Snapshot.of(v) for v in _tensors((args, kwargs))]
+            self.record = Captured(call, inputs, torch.is_grad_enabled())
 
     def _keep(self, block: int, args: tuple, output: Any) -> None:
         if self._paused:
@@ -465,7 +534,7 @@ class StudentCapture:
                 record = self.record = Captured(ModelCall(), [], torch.is_grad_enabled())
             tokens = self._read_tokens(output, self.model, record.call)
             record.taps[block] = tokens
-            record.tap_versions[block] = -1 if torch.compiler.is_compiling() else tokens._version
+            record.tap_snapshots[block] = None if torch.compiler.is_compiling() else Snapshot.of(tokens)
 
     def _watch(self, name: str, args: tuple, kwargs: dict) -> None:
         if self._capturing() and self.record is not None:
@@ -482,22 +551,69 @@ class StudentCapture:
                 pass
         return {**{f"argument {i}": v for i, v in enumerate(call.args)}, **call.kwargs}
 
+    def _given(self, call: ModelCall) -> dict[str, Any]:
+        """The arguments ``call`` passed explicitly (no defaults), by name; a ``**kwargs`` catch-all is
+        spread into its names."""
+        if self._signature is not None:
+            try:
+                bound = self._signature.bind_partial(*call.args, **call.kwargs).arguments
+            except TypeError:
+                bound = None
+            if bound is not None:
+                given: dict[str, Any] = {}
+                for name, value in bound.items():
+                    if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        given.update(value)
+                    else:
+                        given[name] = value
+                return given
+        return {**{f"argument {i}": v for i, v in enumerate(call.args)}, **call.kwargs}
+
+    def _is_default(self, name: str, value: Any) -> bool:
+        """``None``, or the value the forward's signature gives ``name`` when it is left out."""
+        if value is None:
+            return True
+        parameter = self._signature.parameters.get(name) if self._signature is not None else None
+        return parameter is not None and parameter.default is not inspect.Parameter.empty and _same(value, parameter.default)
+
+    def _check_nothing_missing(self, seen: ModelCall, mine: ModelCall, ignored: set[str]) -> None:
+        """Raise ``ValueError`` if the training forward got an argument (not ``None`` or its default) that
+        this call lacks, while every argument this call gives equals the forward's: the same step with conditioning
+        left out of the objective's call (Flux's ``guidance=``, labels, ``joint_attention_kwargs``). Re-running
+        would crash inside the model or, worse, run the teacher without that conditioning."""
+        had, given = self._given(seen), self._given(mine)
+        missing = [n for n, v in had.items() if n not in given and n not in ignored and not self._is_default(n, v)]
+        if not missing or any(n not in had or not _same(had[n], v) for n, v in given.items() if n not in ignored):
+            return
+        names = ", ".join(repr(n) for n in missing)
+        raise ValueError(
+            f"this call lacks {names}, which the model's training forward on this x_t got "
+            f"({', '.join(f'{n}={_describe(had[n])}' for n in missing)}): pass "
+            f"{', '.join(f'{n}=...' for n in missing)} to this call as well (as keyword or in the same position "
+            "as in the forward), so that the teacher and any re-run see the same conditioning"
+        )
+
     def take(self, sub: Subscription, expected: Callable[[], ModelCall]) -> Decision:
         """The last training forward, as ``sub`` sees it, if it may stand for a call with the inputs
-        ``expected()`` returns; ``sub`` is done with it either way."""
+        ``expected()`` returns; ``sub`` is done with it either way, except when this call lacks an
+        argument the forward had (``ValueError``, nothing changed)."""
         view = sub.record
         if view is None:
             return Decision(None, "no-forward", "found no training forward since the last call")
-        self.mark_taken(sub)
         record = view.forward
         if any(record.taps.get(b) is None and b in record.no_grad_blocks for n, b in sub.taps.items() if n in sub.grad_taps):
+            self.mark_taken(sub)
             raise RuntimeError(NO_GRAD_BLOCK)
         if any(tokens is None for tokens in view.taps.values()):
+            self.mark_taken(sub)
             return Decision(None, "no-tokens", "the last training forward did not run the student block with its hooks")
         with self.pausing():
-            mine = self._arguments(expected())
-        seen = self._arguments(record.call)
+            call = expected()
         ignored = set(getattr(self.adapter, "output_form_arguments", ()))
+        self._check_nothing_missing(record.call, call, ignored)
+        self.mark_taken(sub)
+        mine = self._arguments(call)
+        seen = self._arguments(record.call)
         for name in dict.fromkeys([*seen, *mine]):
             if name in ignored:
                 continue
@@ -507,8 +623,8 @@ class StudentCapture:
                     f"the last training forward ran with a different {name!r} than this call (another time, "
                     "input or conditioning, e.g. an extra forward in between); its features are not used",
                 )
-        changed = [v for v, version in record.versions if v._version != version]
-        stale = [b for b in sub.taps.values() if record.tap_versions[b] >= 0 and record.taps[b]._version != record.tap_versions[b]]
+        changed = [v for v in record.inputs if v.changed()]
+        stale = [b for b in sub.taps.values() if (snapshot := record.tap_snapshots.get(b)) is not None and snapshot.changed()]
         if changed or stale:
             what = "an input of the forward" if changed else "the block's output"
             return Decision(None, "in-place", f"{what} was changed in place after the forward, so the captured features are stale")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
+from .registry import Adapter, ModelCall, resolve_blocks
 from .student import Objective, Weight, check_weight, head_on_model
 
 __all__ = ["LatentAlignment"]
@@ -37,8 +37,12 @@ class LatentAlignment(Objective):
     Defaults (the README says why): ``layer=0.3`` of the depth (SiT-XL/2: block 8), the MLP head,
     smooth-L1 with beta 0.05, weight 0.2. ``weight`` may be a number, a 0-dim tensor or a
     schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
-    enabled (set ``align.step`` yourself to count optimizer steps under gradient accumulation).
-    ``target_dim`` (``C * p * p``) is read from the model's patch embedder unless given.
+    enabled, as SRA's does when ``update_teacher()`` is not called (set ``align.step`` yourself to count
+    optimizer steps under gradient accumulation).
+    ``target_dim`` (``C * p * p``) comes from the adapter (``Adapter.patch_dim``) unless given. ``x0`` is the
+    clean latent of what the model predicts (``Adapter.target_shape``): of its output channels where the
+    input stacks conditioning channels (image-to-video, fill), of the generated image's tokens where an
+    edit model appends reference-image tokens.
     """
 
     def __init__(
@@ -81,13 +85,18 @@ class LatentAlignment(Objective):
         """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``."""
         return self.adapter.patchify(self._student, x0)
 
-    def _check_inputs(self, x_t: Tensor, t: Any, x0: Any = None) -> None:
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x0: Any = None) -> None:
         if not isinstance(x0, Tensor):
             raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-        if x0.shape != x_t.shape:
+        expected = tuple(self.adapter.target_shape(self._student, x_t, call))
+        if tuple(x0.shape) != expected:
+            same = "" if expected == tuple(x_t.shape) else (
+                f", not x_t's {tuple(x_t.shape)}: the model predicts only the noisy latent's channels/tokens, "
+                "not the conditioning channels or reference tokens stacked onto its input")
             raise ValueError(
-                f"x0 has shape {tuple(x0.shape)} but x_t {tuple(x_t.shape)}: pass the clean latent of this batch, "
-                "in the layout the model takes (the x_t was made from it)"
+                f"x0 has shape {tuple(x0.shape)}, but {type(self._student).__name__} on this x_t wants the clean latent "
+                f"of shape {expected}{same}: pass the clean latent of this batch (the one x_t was made from), "
+                "in the layout the model predicts"
             )
         self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
 

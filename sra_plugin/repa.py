@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
+from .registry import Adapter, ModelCall, resolve_blocks
 from .student import Objective, Weight, check_weight, head_on_model, placed_like
 from .targets import EncoderTarget, encoder_reader
 
@@ -108,7 +108,7 @@ class REPA(Objective):
     def layer(self) -> int:
         return self.student_layer
 
-    def _check_inputs(self, x_t: Tensor, t: Any, images: Any = None) -> None:
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, images: Any = None) -> None:
         if not isinstance(images, Tensor):
             raise TypeError(f"images={type(images).__name__} is not accepted: REPA needs images=, the batch's clean images as the encoder takes them")
         if images.dim() == 0 or x_t.dim() == 0 or images.shape[0] != x_t.shape[0]:

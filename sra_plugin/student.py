@@ -17,11 +17,16 @@ from . import losses as loss_module
 from ._checks import is_real
 from .capture import Decision, Subscription, probe_call, subscribe
 from .heads import build_head
+from .registry import ModelCall
 from .wrappers import unwrap
 
 __all__ = ["Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model", "placed_like"]
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
+
+STILL_STEP_CALLS = 1000
+"""Training calls at one step, after ``update_teacher()`` was called once, that make a warning: far
+more micro-batches than any gradient accumulation accumulates."""
 
 
 def check_weight(weight: Any, where: str) -> float | Tensor:
@@ -84,6 +89,12 @@ class Objective(nn.Module):
     def student_layer(self) -> int:
         return self.taps["student"]
 
+    # The step rule's bookkeeping (class defaults, so objects pickled by 0.2 load too).
+    _steps_from_updates = False  # True once update_teacher() was called: from then on it counts the steps
+    _counted_calls = 0  # steps counted by training calls before that (the first update replaces them)
+    _counted_until = 0  # the step those calls left
+    _calls_since_update = 0
+
     def _set_objective(self, head: str | nn.Module, head_module: nn.Module, loss: Any,
                        loss_fn: Callable[[Tensor, Tensor], Tensor], weight: Weight, check_finite: bool) -> None:
         """The head and the loss, already checked, and their names for ``repr`` and the state's identity."""
@@ -133,6 +144,41 @@ class Objective(nn.Module):
             return check_weight(self.weight(self.step), f"weight({self.step})")
         return self.weight
 
+    # The step rule, one for every objective: ``step`` counts training steps. A training step ends at
+    # each ``update_teacher()`` (SRA's); until that is first called on this object (a teacher the user
+    # updates, or an objective without a teacher) each call with gradients enabled ends one.
+    def _count_training_call(self) -> None:
+        """After a call's weight was read: the step advances if calls count the steps; a step that
+        has stood still for ``STILL_STEP_CALLS`` training calls warns once."""
+        if not torch.is_grad_enabled():
+            return
+        if not self._steps_from_updates:
+            self.step += 1
+            self._counted_calls += 1
+            self._counted_until = self.step
+            return
+        self._calls_since_update += 1
+        if self._calls_since_update == STILL_STEP_CALLS and "still-step" not in self._warned:
+            self._warned.add("still-step")
+            warnings.warn(
+                f"{type(self).__name__}.step has stayed at {self.step} for {STILL_STEP_CALLS} training calls: "
+                "once update_teacher() has been called, only update_teacher() advances the step (and the owned "
+                "EMA), so a weight schedule and the teacher stand still. Call update_teacher() after every "
+                "optimizer step, or never (then every training call counts as a step)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _count_update(self) -> None:
+        """``update_teacher()``: from now on it alone advances the step; the steps that this object's
+        training calls counted before the first update are replaced by that one."""
+        if not self._steps_from_updates:
+            self._steps_from_updates = True
+            if self._counted_calls and self.step == self._counted_until:
+                self.step -= self._counted_calls
+        self.step += 1
+        self._calls_since_update = 0
+
     @staticmethod
     def _is_zero(weight: float | Tensor) -> bool:
         """A weight of 0 skips the step's work: a number, or a CPU tensor (a device tensor is not read,
@@ -157,11 +203,12 @@ class Objective(nn.Module):
         self._check_model(model)
         if not isinstance(x_t, Tensor):
             raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
-        self._check_inputs(x_t, t, **inputs)
+        self._check_inputs(x_t, t, ModelCall(args, kwargs), **inputs)
         self._check_sample_weight(sample_weight, x_t.shape[0] if x_t.dim() else None)
         weight = self.current_weight()
         self._begin_step()
         if self._is_zero(weight):
+            self._count_training_call()
             return self._skipped(x_t.device)
         taps, watched = self._student_taps(model, x_t, t, args, kwargs)
         target = self._target(model, x_t, taps, watched, t, args, kwargs, **inputs)
@@ -169,16 +216,15 @@ class Objective(nn.Module):
             self._check_finite(taps["student"], target)
         loss = self._loss(taps, target, weight, sample_weight)
         self._after_step(t, **inputs)
+        self._count_training_call()  # last: a call that raises counts no step
         return loss
 
-    def _check_inputs(self, x_t: Tensor, t: Any, **inputs: Any) -> None:
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, **inputs: Any) -> None:
+        """The method's own inputs; ``call`` is the model's conditioning as this call gives it."""
         self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
 
     def _begin_step(self) -> None:
-        """Before the work of a call, past every check: ``step`` counts calls with gradients enabled
-        (SRA instead starts its EMA here and counts ``update_teacher()`` calls)."""
-        if torch.is_grad_enabled():
-            self.step += 1
+        """Before the work of a call, past every check (SRA starts its owned EMA here)."""
 
     def _target(self, model: nn.Module, x_t: Tensor, taps: dict[str, Tensor], watched: dict, t: Any,
                 args: tuple, kwargs: dict, **inputs: Any) -> Tensor | None:
@@ -227,13 +273,27 @@ class Objective(nn.Module):
             if b is not None and b not in (batch, 1):
                 raise ValueError(f"{name} has batch size {b} but x_t has {batch}: give one time per sample, or one for all")
 
-    @staticmethod
-    def _check_sample_weight(sample_weight: Any, batch: int | None) -> None:
+    def _check_sample_weight(self, sample_weight: Any, batch: int | None) -> None:
+        """One finite weight >= 0 per sample, as for ``weight``. Values are read where that is free: always
+        for a CPU tensor; for a device tensor only with ``check_finite=True`` (reading them costs a sync)."""
         if sample_weight is None:
             return
-        if not isinstance(sample_weight, Tensor) or sample_weight.shape != (batch,) or not sample_weight.is_floating_point():
-            shape = tuple(sample_weight.shape) if isinstance(sample_weight, Tensor) else type(sample_weight).__name__
-            raise ValueError(f"sample_weight={shape} is not accepted: use a floating tensor of shape ({batch},), one weight per sample")
+        accepted = f"use a floating tensor of shape ({batch},), one finite weight >= 0 per sample"
+        if not isinstance(sample_weight, Tensor):
+            raise TypeError(f"sample_weight={type(sample_weight).__name__} is not accepted: {accepted}")
+        if not sample_weight.is_floating_point():
+            raise TypeError(
+                f"sample_weight of dtype {sample_weight.dtype} is not accepted: {accepted} "
+                "(e.g. sample_weight.float())"
+            )
+        if sample_weight.shape != (batch,):
+            raise ValueError(f"sample_weight of shape {tuple(sample_weight.shape)} is not accepted: {accepted}")
+        if sample_weight.device.type == "cpu" or self.check_finite:
+            values = sample_weight.detach()
+            bad = ~torch.isfinite(values) | (values < 0)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"sample_weight[{i}]={float(values[i])!r} is not accepted: {accepted}")
 
     # ------------------------------------------------------------------ the student's tokens
     def _student_taps(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[dict[str, Tensor], dict]:
@@ -328,6 +388,7 @@ class Objective(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._check_extra_state(state)
         self.step = int(state["step"])
+        self._counted_calls = 0
 
     def _check_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or "step" not in state:

@@ -29,12 +29,31 @@ from ._checks import is_real
 from .capture import run_until
 from .wrappers import unwrap
 
-__all__ = ["EMATeacher", "TeacherPass", "check_teacher_options", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
+__all__ = ["EMATeacher", "TeacherPass", "check_teacher_options", "ema_copy", "update_ema_", "check_same_structure",
+           "eval_mode", "swap_in", "merged_lora_layers", "refuse_merged_lora"]
+
+
+def _drop_forward_wrappers(module: nn.Module) -> None:
+    """Give ``module`` and its submodules back the ``forward`` they had before accelerate's mixed
+    precision wrapped it in autocast (``prepare`` stores the previous one as ``_original_forward``)."""
+    for m in module.modules():
+        original = m.__dict__.pop("_original_forward", None)
+        if original is None or "forward" not in m.__dict__:
+            continue
+        if getattr(original, "__self__", None) is m and getattr(original, "__func__", None) is type(m).forward:
+            del m.__dict__["forward"]
+        else:
+            m.forward = original
 
 
 def ema_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode (floating parameters in ``dtype`` if given), to be an EMA teacher."""
+    """A frozen copy of ``model`` in eval mode (floating parameters in ``dtype`` if given), to be an EMA teacher.
+
+    The copy runs the forward of its class: an autocast wrapper that accelerate's ``mixed_precision``
+    put on the model instance is not copied, so the teacher is the same whether SRA was built before or
+    after ``accelerator.prepare``, and its pass runs under the autocast around the ``sra(...)`` call."""
     teacher = copy.deepcopy(model)
+    _drop_forward_wrappers(teacher)
     teacher.requires_grad_(False)
     if dtype is not None:
         for p in teacher.parameters():
@@ -92,6 +111,28 @@ def check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
         f"teacher={type(teacher).__name__} does not match the student's structure ({'; '.join(detail)}): "
         "pass an EMA copy of the same model, or teacher='ema'"
     )
+
+
+def merged_lora_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose LoRA is merged into the base weights (peft's ``merge_adapter()``,
+    diffusers' ``fuse_lora()``): peft's tuner layers list the merged adapters in ``merged_adapters``."""
+    # Read from the instance dict, where peft keeps it: a getattr that misses costs ~5 us per module.
+    return [name for name, m in model.named_modules() if isinstance(vars(m).get("merged_adapters"), (list, tuple))
+            and vars(m)["merged_adapters"]]
+
+
+def refuse_merged_lora(model: nn.Module, what: str) -> None:
+    """Raise ``ValueError`` if ``model`` has merged LoRA layers: the EMA values of the LoRA parameters
+    would be swapped into layers whose forward no longer reads them (the base weight holds the
+    training LoRA), so ``what`` would silently compute with the training weights."""
+    merged = merged_lora_layers(model)
+    if merged:
+        raise ValueError(
+            f"{what} needs the LoRA unmerged, but {len(merged)} layers of {type(model).__name__} have it merged into "
+            f"their base weights (e.g. {merged[0]!r}, after peft's merge_adapter() or diffusers' fuse_lora()), so it would "
+            "compute with the training weights, not the teacher's: call model.unmerge_adapter() (peft) or "
+            "model.unfuse_lora() (diffusers) first, and merge again afterwards if needed"
+        )
 
 
 @contextmanager
@@ -307,10 +348,24 @@ class TeacherPass:
             )
         return self.ema.model
 
+    def begin(self) -> None:
+        """Before a step's pass: an owned EMA starts at first use, and refuses merged LoRA."""
+        if self.ema is not None:
+            refuse_merged_lora(self.student, "the teacher pass of an owned EMA")
+            self.ema.init_if_needed()
+
+    def update(self) -> None:
+        """The EMA step of an owned teacher (a teacher the user keeps is theirs to update)."""
+        if self.ema is not None:
+            refuse_merged_lora(self.student, "update_teacher()")
+            self.ema.update()
+
     @contextmanager
     def weights_on_student(self) -> Iterator[nn.Module]:
         """The student computing with the teacher's weights; the training weights come back exactly on exit."""
+        refuse_merged_lora(self.student, "sra.teacher_weights()")
         if self.user_teacher is not None:
+            refuse_merged_lora(self.user_teacher, "sra.teacher_weights()")
             values = dict(self.user_teacher.named_parameters())
         else:
             self.ema.init_if_needed()
