@@ -53,7 +53,7 @@ class Dispersive(Objective):
     Defaults: ``layer=-1`` (the last block), ``weight=0.5``, ``temperature=1.0`` (the module docstring
     says where each comes from). The loss is reduced over the batch, so ``sample_weight``
     has no meaning here and is refused. Under data parallelism each process disperses its own batch,
-    as in the authors' code.
+    as in the authors' code; it has no parameters, so wrap only the model in DDP.
     """
 
     metric_names = ("disp_loss", "mean_sq_dist", "student_norm")

@@ -34,6 +34,8 @@ class LayerSync(Objective):
     Defaults: ``student_layer=0.3`` and ``target_layer=0.57`` of the depth (28 blocks: 8 and 16),
     ``loss="cosine"`` per token, ``weight=0.2``, ``head="identity"`` (the paper's; ``"mlp"``,
     ``"linear"`` or a module put a trainable head on the student side). The target gets no gradient.
+    With ``head="identity"`` it has no parameters: under DDP wrap only the model (DDP refuses a module
+    with none, and there is nothing to synchronise); with a head, wrap it too, as SRA.
     """
 
     def __init__(
