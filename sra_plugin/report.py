@@ -367,6 +367,16 @@ class LayerReport:
                 return k
         raise ValueError(f"pair {student_block}->{teacher_block} is not among the ranked pairs")
 
+    def layersync_pair(self) -> tuple[int, int] | None:
+        """A pair for ``LayerSync`` (None without probes): the target is the block whose linear probe on
+        ``x_t`` is highest (LayerSync aligns weaker blocks to the model's most semantic one, in the same
+        forward), the student the block at half its depth (the paper's SiT-XL pair is 8 -> 16)."""
+        if self.student_probe is None or len(self.student_probe) < 2:
+            return None
+        target = int(np.argmax(self.student_probe)) + 1
+        target = max(target, 2)  # the student must come before it
+        return max(1, target // 2), target
+
     def table(self, top: int = 5) -> str:
         rows, cols = self.cka.shape
         head = f"{self.estimator} linear CKA ({self.pool}-pooled, {self.n_images} images): student block at t={self.t_mean:.3g} (rows) vs teacher block at s={self.s_mean:.3g} (columns)"
@@ -388,6 +398,10 @@ class LayerReport:
             lines.append("  block  " + "".join(f"{k + 1:>7}" for k in range(len(self.student_probe))))
             lines.append("  at t   " + "".join(f"{v:>7.3f}" for v in self.student_probe))
             lines.append("  at s   " + "".join(f"{v:>7.3f}" for v in self.teacher_probe))
+            pair = self.layersync_pair()
+            if pair is not None:
+                lines.append(f"LayerSync: target block {pair[1]} (highest probe at t), student block {pair[0]}: "
+                             f"LayerSync(model, {pair[0]}, {pair[1]})")
         lines += [f"note: {note}" for note in self.notes()]
         return "\n".join(lines)
 
@@ -401,6 +415,7 @@ class LayerReport:
         if self.student_probe is not None:
             d["student_probe"] = self.student_probe.tolist()
             d["teacher_probe"] = self.teacher_probe.tolist()
+            d["layersync_pair"] = self.layersync_pair()
         if self.default_pair is not None:
             i, j = self.default_pair
             d["default_pair"] = [i, j]
