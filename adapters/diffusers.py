@@ -40,12 +40,22 @@ Block outputs and where the image tokens are (``N`` = the number of image tokens
   (``encoder_attention_mask[i].sum()``): sample ``i``'s image tokens start there.
 - QwenImage (edit): ``hidden_states`` may hold the target's tokens followed by reference images'
   (``img_shapes[i]`` lists them): the first ``prod(img_shapes[0][0])`` are the target's.
+- Flux, Flux2, Chroma (Kontext-style edit): ``hidden_states`` may hold the generated image's packed
+  tokens followed by reference images' (``FluxKontextPipeline`` and ``Flux2Pipeline`` concatenate them
+  along the sequence and crop the prediction to the first ones). ``img_ids`` tells them apart: the
+  generated image's rows have a first coordinate of 0, a reference's 1 (Kontext) or 10, 20, ...
+  (Flux2). The generated tokens must come first; any other layout is refused, not guessed.
 
 ``N`` is read from the model's input in the same call: ``hidden_states.shape[1]`` for packed inputs
 (Flux family), the grid over the patch size for latents (``(H/p)(W/p)``, frames too for Z-Image).
 
 Patchify (the clean latent in the model's token layout, for ``LatentAlignment``): the exact inverse of
-each model's own unpatchify at the end of its forward. Per token, the values run ``(p, q, C)``
+each model's own unpatchify at the end of its forward. The target holds the channels the model
+predicts, ``out_channels`` (``config.out_channels`` or, unset, ``in_channels``), not the input's: Wan
+and SkyReelsV2 I2V (in 36, out 16), CogVideoX and HunyuanVideo I2V, Flux Fill (in 384, out 64 packed)
+stack conditioning channels onto the noisy latent. DiT and PixArt with ``out_channels == 2 *
+in_channels`` learn a variance in the second half (their pipelines keep the first): the target is
+``in_channels``. Per token there are ``out_channels * prod(patch)`` values (each model's ``proj_out``). Per token, the values run ``(p, q, C)``
 (channels last) for SD3, DiT, PixArt, AuraFlow, Sana, Lumina2, HiDream, Wan, SkyReelsV2, Mochi and
 Z-Image, and ``(C, p, q)`` (channels first) for CogView4, HunyuanImage, HunyuanVideo and CogVideoX.
 Models whose ``hidden_states`` are already packed tokens ``(B, N, C)`` (Flux, Flux2, Chroma,
@@ -108,7 +118,9 @@ class DiffusersAdapter(Adapter):
       ``"first"`` (a tensor output, or a padded stream, holds the ``N`` image tokens last / first;
       ``num_image_tokens`` says how many);
     - ``layout``: ``None`` (no fixed patch layout), ``"packed"`` (``hidden_states`` are already the
-      tokens), ``"last"`` / ``"first"`` (a latent grid; a token's values channels last / first).
+      tokens), ``"last"`` / ``"first"`` (a latent grid; a token's values channels last / first);
+    - ``learned_sigma``: ``out_channels == 2 * in_channels`` means a predicted variance, not latent;
+    - ``channel_axis``: the channel axis of a latent-grid ``hidden_states``.
     """
 
     class_name = ""
@@ -118,6 +130,8 @@ class DiffusersAdapter(Adapter):
     image_index = 0
     merged: str | None = None
     layout: str | None = None
+    learned_sigma = False
+    channel_axis = 1
 
     def matches(self, model: nn.Module) -> bool:
         return _is_diffusers(model, self.class_name)
@@ -169,19 +183,24 @@ class DiffusersAdapter(Adapter):
         """How many image tokens the call's input makes (for ``merged`` families)."""
         raise NotImplementedError
 
+    def num_target_tokens(self, model: nn.Module, call: ModelCall | None) -> int | None:
+        """How many of the image tokens are the generated image's, which come first (the rest are
+        reference images' an edit model sees); None: all of them."""
+        return None
+
     def tokens(self, output: Any, model: nn.Module, call: ModelCall | None = None) -> Tensor:
         stream = output[self.image_index] if isinstance(output, (tuple, list)) else output
-        if self.merged is None:
-            return stream
-        n = self.num_image_tokens(model, call)
-        if stream.shape[1] == n:
-            return stream
-        if stream.shape[1] < n:
-            raise RuntimeError(
-                f"a block of {type(model).__name__} returned {stream.shape[1]} tokens, fewer than the {n} image "
-                f"tokens of its input: adapter {self.name!r} does not fit this model"
-            )
-        return stream[:, -n:] if self.merged == "last" else stream[:, :n]
+        if self.merged is not None:
+            n = self.num_image_tokens(model, call)
+            if stream.shape[1] < n:
+                raise RuntimeError(
+                    f"a block of {type(model).__name__} returned {stream.shape[1]} tokens, fewer than the {n} image "
+                    f"tokens of its input: adapter {self.name!r} does not fit this model"
+                )
+            if stream.shape[1] > n:
+                stream = stream[:, -n:] if self.merged == "last" else stream[:, :n]
+        target = self.num_target_tokens(model, call)
+        return stream if target is None or target == stream.shape[1] else stream[:, :target]
 
     # ------------------------------------------------------------------ patchify
     def patch_size(self, model: nn.Module) -> int | tuple[int, ...]:
@@ -191,21 +210,61 @@ class DiffusersAdapter(Adapter):
         """``x0`` as ``(B, C, H, W)`` or ``(B, C, F, H, W)``, the grid ``patchify_latent`` cuts."""
         return x0
 
+    def predicted_channels(self, model: nn.Module) -> int:
+        """Latent channels the model predicts (for packed models: before packing)."""
+        channels = int(_config(model, "in_channels"))
+        out = int(_config(model, "out_channels", channels))
+        return channels if self.learned_sigma and out == 2 * channels else out
+
+    def patch_values(self, model: nn.Module) -> int:
+        """Values per patch and channel: the product of the patch sizes (``p * p`` for an int)."""
+        patch = self.patch_size(model)
+        return int(patch) ** 2 if isinstance(patch, numbers.Integral) else math.prod(int(p) for p in patch)
+
+    def patch_dim(self, model: nn.Module) -> int:
+        """Values per target token: the predicted channels times the patch, what ``proj_out`` gives a token."""
+        if self.layout is None:
+            return super().patch_dim(model)
+        return self.predicted_channels(model) * self.patch_values(model)
+
+    def target_shape(self, model: nn.Module, x_t: Tensor, call: ModelCall) -> tuple[int, ...]:
+        if self.layout is None or not isinstance(x_t, Tensor):
+            return super().target_shape(model, x_t, call)
+        if self.layout == "packed":
+            if x_t.dim() != 3:
+                return tuple(x_t.shape)
+            inputs = ModelCall(call.args, {**call.kwargs, self.x_key: x_t})
+            n = self.num_target_tokens(model, inputs)
+            return (x_t.shape[0], x_t.shape[1] if n is None else n, self.patch_dim(model))
+        shape = list(x_t.shape)
+        if len(shape) >= 4:  # a latent grid; anything else is refused by patchify with its own message
+            shape[self.channel_axis] = self.predicted_channels(model)
+        return tuple(shape)
+
     def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
         if self.layout is None:
             return super().patchify(model, x0)
         if not isinstance(x0, Tensor):
             raise TypeError(f"x0={type(x0).__name__} is not accepted: use a tensor laid out as {type(model).__name__}'s {self.x_key}")
         if self.layout == "packed":
-            channels = _config(model, "in_channels")
-            if x0.dim() != 3 or (channels is not None and x0.shape[-1] != channels):
+            width = self.patch_dim(model)
+            if x0.dim() != 3 or x0.shape[-1] != width:
                 raise ValueError(
                     f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: its {self.x_key} are packed "
-                    f"tokens, so give x0 packed the same way, (B, N, {channels if channels is not None else 'C'}), "
-                    "as the pipeline packs latents for the model"
+                    f"tokens, so give x0 packed the same way, (B, N, {width}): the clean latent of the "
+                    f"{self.predicted_channels(model)} channels it predicts, as the pipeline packs latents for the model"
                 )
             return x0
-        return patchify_latent(self.latent(model, x0), self.patch_size(model), channels_last=self.layout == "last")
+        latent = self.latent(model, x0)
+        channels = self.predicted_channels(model)
+        if latent.dim() >= 2 and latent.shape[1] != channels:
+            taken = int(_config(model, "in_channels"))
+            why = "" if taken == channels else f" (its input takes {taken}: the rest are conditioning channels, not target)"
+            raise ValueError(
+                f"x0 of shape {tuple(x0.shape)} is not accepted for {type(model).__name__}: it predicts {channels} "
+                f"latent channels{why}; pass the clean latent of those channels"
+            )
+        return patchify_latent(latent, self.patch_size(model), channels_last=self.layout == "last")
 
 
 def _packed_tokens(adapter: DiffusersAdapter, model: nn.Module, call: ModelCall | None) -> int:
@@ -241,6 +300,41 @@ class FluxAdapter(DiffusersAdapter):
     def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
         return _packed_tokens(self, model, call)
 
+    def num_target_tokens(self, model: nn.Module, call: ModelCall | None) -> int | None:
+        ids = call.get("img_ids") if call is not None else None
+        if not isinstance(ids, Tensor):
+            return None
+        return _generated_prefix(ids, _packed_tokens(self, model, call), type(model).__name__)
+
+
+@torch.compiler.disable  # reads values of img_ids: under torch.compile a clean graph break, not a traced .item()
+def _generated_prefix(ids: Tensor, n_image: int, model: str) -> int | None:
+    """How many of the ``n_image`` tokens are the generated image's (first, ``img_ids[:, 0] == 0``); None: all."""
+    ids = ids[0] if ids.dim() == 3 else ids
+    if ids.dim() != 2 or ids.shape[0] != n_image:
+        raise ValueError(
+            f"img_ids of shape {tuple(ids.shape)} does not fit hidden_states' {n_image} tokens: "
+            f"{model} needs one id row per image token"
+        )
+    generated = ids[:, 0] == 0
+    n = int(generated.sum())
+    if n == n_image:
+        if torch.unique(ids, dim=0).shape[0] < n_image:  # two images on one grid: a reference not told apart
+            raise ValueError(
+                f"img_ids gives several of the {n_image} image tokens of {model} the same position, all "
+                "with img_ids[:, 0] == 0: SRA cannot tell the generated image's tokens from a reference image's. Give "
+                "the reference tokens img_ids[:, 0] != 0, after the generated ones (as FluxKontextPipeline does)"
+            )
+        return None
+    if n == 0 or not bool(generated[:n].all()):
+        raise ValueError(
+            f"img_ids does not say which of the {n_image} image tokens of {model} are the generated "
+            f"image's: for an edit call SRA needs them first in hidden_states, with img_ids[:, 0] == 0, and the "
+            "reference images' after them with img_ids[:, 0] != 0 (as FluxKontextPipeline and Flux2Pipeline build them); "
+            f"here {n} rows have img_ids[:, 0] == 0 {'but not as the first rows' if n else ''}".rstrip()
+        )
+    return n
+
 
 class Flux2Adapter(FluxAdapter):
     name = "diffusers-flux2"
@@ -266,6 +360,9 @@ class QwenImageAdapter(DiffusersAdapter):
             target = first[0] if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple)) else first
             return math.prod(int(n) for n in target)
         return _packed_tokens(self, model, call)
+
+    def num_target_tokens(self, model: nn.Module, call: ModelCall | None) -> int | None:
+        return self.num_image_tokens(model, call)
 
 
 class AuraFlowAdapter(DiffusersAdapter):
@@ -397,6 +494,7 @@ class PixArtAdapter(DiffusersAdapter):
     name = "diffusers-pixart"
     class_name = "PixArtTransformer2DModel"
     layout = "last"
+    learned_sigma = True
 
 
 class DiTTransformerAdapter(DiffusersAdapter):
@@ -405,6 +503,7 @@ class DiTTransformerAdapter(DiffusersAdapter):
     name = "diffusers-dit"
     class_name = "DiTTransformer2DModel"
     layout = "last"
+    learned_sigma = True
 
 
 # ---------------------------------------------------------------------- video models
@@ -439,11 +538,15 @@ class LTXVideoAdapter(DiffusersAdapter):
     class_name = "LTXVideoTransformer3DModel"
     layout = "packed"
 
+    def patch_values(self, model: nn.Module) -> int:
+        return 1  # the pipeline patchifies; proj_out gives a token out_channels values
+
 
 class CogVideoXAdapter(DiffusersAdapter):
     name = "diffusers-cogvideox"
     class_name = "CogVideoXTransformer3DModel"
     layout = "first"
+    channel_axis = 2  # hidden_states (B, F, C, H, W)
 
     def patch_size(self, model: nn.Module) -> tuple[int, int, int]:
         p = int(_config(model, "patch_size"))

@@ -17,10 +17,12 @@ LightningDiT with ``use_checkpoint=False`` or change those calls to ``use_reentr
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
-from ..registry import Adapter, register_adapter
-from ._patches import patchify_image
+from ..registry import Adapter, ModelCall, register_adapter
+from ._patches import patch_size_of, patchify_image, predicted_channels
 
 
 class DiTAdapter(Adapter):
@@ -39,8 +41,22 @@ class DiTAdapter(Adapter):
     def patchify(self, model: nn.Module, x0: Tensor) -> Tensor:
         """``x0`` cut like ``unpatchify`` reads the final layer: row-major patches of
         ``x_embedder.patch_size``, ``(p, q, C)`` inside each (``"n h w p q c -> n c (h p) (w q)"``).
-        With ``learn_sigma`` a token predicts ``2C`` values per pixel; the target is the ``C`` of x0."""
-        return patchify_image(model.x_embedder, x0, self.name)
+        With ``learn_sigma`` a token predicts ``2C`` values per pixel; the target is the ``C`` of x0.
+        A model whose ``out_channels`` differ from its input's (conditioning channels stacked onto
+        x_t) takes as ``x0`` the clean latent of the ``out_channels`` it predicts."""
+        return patchify_image(model.x_embedder, x0, self.name, predicted_channels(model, model.x_embedder))
+
+    def patch_dim(self, model: nn.Module) -> int:
+        channels = predicted_channels(model, model.x_embedder)
+        if channels is None:
+            return super().patch_dim(model)
+        return channels * math.prod(patch_size_of(model.x_embedder, self.name))
+
+    def target_shape(self, model: nn.Module, x_t: Tensor, call: ModelCall) -> tuple[int, ...]:
+        channels = predicted_channels(model, model.x_embedder)
+        if channels is None or x_t.dim() != 4:
+            return tuple(x_t.shape)
+        return (x_t.shape[0], channels, *x_t.shape[2:])
 
     def watch(self, model: nn.Module) -> dict:
         table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)

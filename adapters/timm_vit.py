@@ -51,6 +51,14 @@ class TimmViTAdapter(Adapter):
     def dim(self, model: nn.Module, block: nn.Module) -> int:
         return int(model.embed_dim)
 
+    def encoder_tokens(self, model: nn.Module, images: Tensor) -> Tensor:
+        """A timm ViT as REPA's frozen encoder: ``forward_features`` (the final norm included), without
+        the ``num_prefix_tokens`` class and register tokens (``sra_plugin.protocols.EncodesImages``)."""
+        return model.forward_features(images)[:, model.num_prefix_tokens:]
+
+    def encoder_dim(self, model: nn.Module) -> int:
+        return int(model.num_features)
+
     def forward(self, model: nn.Module, x: Tensor, t: Any, *args: Any, **kwargs: Any) -> Any:
         if type(model).forward is _vit_class().forward:  # timm's own forward(x): no time input
             return model(x, *args, **kwargs)

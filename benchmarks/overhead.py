@@ -9,6 +9,9 @@ Four kinds of step, each on its own copy of the same model, with its own AdamW, 
   (the owned teacher is the EMA).
 - ``latent``: the plain step plus ``LatentAlignment`` (SRA 2: the same block's tokens through a head
   against the patchified clean latent; no teacher pass), with the plain step's EMA update.
+- ``layersync``, ``dispersive``: the plain step plus ``LayerSync`` (blocks L_s -> L_t of the same
+  forward, identity head) or ``Dispersive`` (its default, the last block), with the plain step's EMA update.
+- ``sra_layersync``: the SRA step plus ``LayerSync`` on the same model: one forward feeds both.
 - ``reference``: the loop of the SRA reference code: the EMA teacher runs its full forward (every
   block and the final layer) under ``no_grad``; student and teacher features are read by forward
   hooks; the same head and smooth-L1 loss.
@@ -66,13 +69,18 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import sra_plugin  # noqa: E402
-from sra_plugin import DDPMPath, LatentAlignment, LinearPath, NoiseGap, SelfRepresentationAlignment, resolve_adapter  # noqa: E402
+from sra_plugin import (  # noqa: E402
+    DDPMPath, Dispersive, LatentAlignment, LayerSync, LinearPath, NoiseGap, SelfRepresentationAlignment, resolve_adapter,
+)
 from sra_plugin.heads import MLPHead  # noqa: E402
 from sra_plugin.losses import alignment_loss, smooth_l1  # noqa: E402
 from sra_plugin.teacher import ema_copy, update_ema_  # noqa: E402
 
-KINDS = ("plain", "sra", "reference", "latent")
+KINDS = ("plain", "sra", "reference", "latent", "layersync", "dispersive", "sra_layersync")
+RATIO_KINDS = KINDS[1:]
 LATENT_TARGET = 1.05  # LatentAlignment (SRA 2) step / plain step
+FAMILY_TARGET = 1.03  # LayerSync or Dispersive step / plain step (issue 21)
+COMPOSED_MARGIN = 0.03  # SRA + LayerSync may cost this much over SRA's ratio (issue 21)
 MiB = 2**20
 
 
@@ -326,7 +334,7 @@ class Bench:
         self.ema_decay = 0.9999
         self.clock: Callable[[], float] = time.perf_counter
         self.forward_done = 0.0
-        self.models = {"plain": base, "sra": copy.deepcopy(base), "reference": copy.deepcopy(base), "latent": copy.deepcopy(base)}
+        self.models = {"plain": base, **{kind: copy.deepcopy(base) for kind in KINDS[1:]}}
         # The EMA the user keeps anyway: updated by the plain and reference steps, teacher of the reference.
         self.ema = ema_copy(base)
         self.sra = SelfRepresentationAlignment(
@@ -334,6 +342,14 @@ class Bench:
             ema_decay=self.ema_decay,
         ).to(device)
         self.latent = LatentAlignment(self.models["latent"], layer=cfg.student_layer).to(device)
+        self.layersync = LayerSync(self.models["layersync"], cfg.student_layer, cfg.teacher_layer)
+        self.dispersive = Dispersive(self.models["dispersive"])
+        self.composed_sra = SelfRepresentationAlignment(
+            self.models["sra_layersync"], student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer,
+            ema_decay=self.ema_decay,
+        ).to(device)
+        self.composed_sra.head.load_state_dict(self.sra.head.state_dict())
+        self.composed_ls = LayerSync(self.models["sra_layersync"], cfg.student_layer, cfg.teacher_layer)
         self.adapter = self.sra.adapter
         self.depth = self.sra.depth
         dim = self.adapter.dim(base, self.adapter.blocks(base)[cfg.student_layer - 1])
@@ -349,6 +365,9 @@ class Bench:
             "sra": [*self.models["sra"].parameters(), *self.sra.head.parameters()],
             "reference": [*self.models["reference"].parameters(), *self.ref_head.parameters()],
             "latent": [*self.models["latent"].parameters(), *self.latent.head.parameters()],
+            "layersync": list(self.models["layersync"].parameters()),
+            "dispersive": list(self.models["dispersive"].parameters()),
+            "sra_layersync": [*self.models["sra_layersync"].parameters(), *self.composed_sra.head.parameters()],
         }
         self.opt = {k: _adamw(p, device) for k, p in params.items()}
         self.gen = torch.Generator().manual_seed(seed + 1)
@@ -366,7 +385,7 @@ class Bench:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
             # After sra and its hooks exist, as the README says; sra then compiles its teacher's blocks too.
             # The reference loop stays eager: it reads its features by hooks from Python.
-            for kind in ("plain", "sra", "latent"):
+            for kind in ("plain", "sra", "latent", "layersync", "dispersive", "sra_layersync"):
                 self.models[kind].compile()
 
     def _grab(self, name: str) -> Callable:
@@ -420,8 +439,8 @@ class Bench:
         mid = self.clock()
         self.opt[kind].step()
         self.opt[kind].zero_grad(set_to_none=True)
-        if kind == "sra":
-            self.sra.update_teacher()
+        if kind in ("sra", "sra_layersync"):
+            (self.sra if kind == "sra" else self.composed_sra).update_teacher()
         else:
             update_ema_(self.ema, self.models[kind], self.ema_decay)
         return mid
@@ -448,6 +467,29 @@ class Bench:
             loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
             loss = loss + self.latent(model, b.x_t, b.x0, b.t, *b.args, **b.kwargs)
         return self._finish("latent", loss)
+
+    def _layersync(self, b: Batch) -> float:
+        model = self.models["layersync"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            loss = loss + self.layersync(model, b.x_t, b.t, *b.args, **b.kwargs)
+        return self._finish("layersync", loss)
+
+    def _dispersive(self, b: Batch) -> float:
+        model = self.models["dispersive"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            loss = loss + self.dispersive(model, b.x_t, b.t, *b.args, **b.kwargs)
+        return self._finish("dispersive", loss)
+
+    def _sra_layersync(self, b: Batch) -> float:
+        model = self.models["sra_layersync"]
+        with self.autocast():
+            loss = self.work.diffusion_loss(self.work.predict(model, b.x_t, b.t, b), b)
+            x_s, s = self.work.teacher_pair(b)
+            loss = loss + self.composed_sra(model, b.x_t, x_s, b.t, s, *b.args, **b.kwargs) \
+                + self.composed_ls(model, b.x_t, b.t, *b.args, **b.kwargs)
+        return self._finish("sra_layersync", loss)
 
     def _reference(self, b: Batch) -> float:
         model = self.models["reference"]
@@ -699,7 +741,7 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         # Median over rounds of the ratio within a round: slow drifts of the machine's load cancel.
         med = {k: statistics.median(v) for k, v in times.items()}
         out = {}
-        for k in ("sra", "reference", "latent"):
+        for k in RATIO_KINDS:
             per_round = [a / p for a, p in zip(times[k], times["plain"])]
             out[k] = statistics.median(per_round)
             out[f"{k}_q1"], _, out[f"{k}_q3"] = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [out[k]] * 3
@@ -735,6 +777,15 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         "latent_target": LATENT_TARGET,
         "latent_target_met": r_step["latent"] <= LATENT_TARGET,
         "latent_reruns": bench.latent.student_reruns,
+        "family_target": FAMILY_TARGET,
+        "family_targets_met": {
+            "layersync": r_step["layersync"] <= FAMILY_TARGET,
+            "dispersive": r_step["dispersive"] <= FAMILY_TARGET,
+            "sra_layersync": r_step["sra_layersync"] <= r_step["sra"] + COMPOSED_MARGIN,
+        },
+        "family_reruns": {name: o.student_reruns for name, o in (
+            ("layersync", bench.layersync), ("dispersive", bench.dispersive), ("sra_layersync_sra", bench.composed_sra),
+            ("sra_layersync_ls", bench.composed_ls))},
         "sra_reruns": bench.sra.student_reruns,
         "memory_method": memory.method,
         "peak": peak,
@@ -750,14 +801,15 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
     }
     for h in [*bench._hooks, *([bench._watch_hook] if bench._watch_hook is not None else [])]:
         h.remove()
-    bench.sra.remove()
-    bench.latent.remove()
+    for objective in (bench.sra, bench.latent, bench.layersync, bench.dispersive, bench.composed_sra, bench.composed_ls):
+        objective.remove()
     return result
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ("config", "blocks", "batch", "plain ms", "SRA ms", "ref ms", "SRA/plain", "ref/plain",
-            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref/SRA 2", "target", "SRA 2/plain")
+            "floor (measured)", "fw+bw SRA/ref", "peak MiB plain/SRA/ref/SRA 2/LS/Disp/SRA+LS", "target", "SRA 2/plain",
+            "LayerSync/plain", "Dispersive/plain", "SRA+LayerSync/plain")
     rows = []
     for r in results:
         m, ratio, fb, p = r["median_s"], r["ratio"], r["ratio_fwbw"], r["peak"]
@@ -772,6 +824,10 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{'met' if r['target_met'] else 'MISSED'} (<= {r['target']:.3f})",
             f"{ratio['latent']:.3f} ({ratio['latent_q1']:.2f}-{ratio['latent_q3']:.2f}) "
             f"{'met' if r['latent_target_met'] else 'MISSED'} (<= {r['latent_target']:.2f})",
+            *(f"{ratio[k]:.3f} ({ratio[f'{k}_q1']:.2f}-{ratio[f'{k}_q3']:.2f}) "
+              f"{'met' if r['family_targets_met'][k] else 'MISSED'} "
+              f"(<= {(ratio['sra'] + COMPOSED_MARGIN) if k == 'sra_layersync' else r['family_target']:.3f})"
+              for k in ("layersync", "dispersive", "sra_layersync")),
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -794,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     all_configs = configs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds of the three steps (default 9)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds of every kind of step (default 9)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1 on CPU, 3 on CUDA)")
     parser.add_argument("--growth-steps", type=int, default=3, help="steps of each kind for the memory-growth check (default 3)")
     parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"any of {', '.join(all_configs)} (default: by device)")
@@ -910,7 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats, "warmup": args.warmup,
                                "total_s": total, "results": results, "lora": lora_results}, indent=1) + "\n")
     print(f"wrote {out}")
-    return 0 if lora_ok and all(r["target_met"] and r["latent_target_met"] and r["hot_path"]["ok"] and r["student_tokens_released"] is not False for r in results) else 1
+    return 0 if lora_ok and all(r["target_met"] and r["latent_target_met"] and all(r["family_targets_met"].values())
+                                and r["hot_path"]["ok"] and r["student_tokens_released"] is not False for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ With Hugging Face accelerate (``pip install accelerate``), the same loop is::
     accelerator.unwrap_model(sra).update_teacher()
 
 (``accelerate launch --num_processes 2 examples/accelerate_ddp.py --accelerate``). Each rank trains on
-its own shard of sklearn's 8x8 digits; at the end the script checks that student, head and teacher
+its own shard of sklearn's 8x8 digits. Both modes log the same figures: the diffusion loss and
+"alignment", the raw SRA loss before its weight (``sra.metrics["align_loss"]``; the term added to the
+loss is ``weight`` times it), both of rank 0; and at the end both check that student, head and teacher
 are identical on every rank.
 """
 
@@ -74,6 +76,30 @@ def fingerprint(*modules: nn.Module) -> torch.Tensor:
     return torch.stack([sum(p.detach().double().sum() for p in m.parameters()) for m in modules])
 
 
+def log_step(step: int, steps: int, diff: torch.Tensor, sra: SelfRepresentationAlignment) -> None:
+    if step % 50 == 0 or step == steps - 1:
+        print(f"step {step}: diffusion {diff.item():.4f}, alignment (raw, before weight {sra.metrics['weight']:g}) "
+              f"{sra.metrics['align_loss']:.4f}", flush=True)
+
+
+def check_ranks_agree(model: nn.Module, sra: SelfRepresentationAlignment, steps: int) -> None:
+    """Compare every rank's student, head and teacher with rank 0's; print the verdict on rank 0, exit 1 if any differs."""
+    mine = fingerprint(model, sra.head, sra.teacher)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        ref = mine.clone()
+        dist.broadcast(ref, 0)
+        flags = torch.tensor([float(torch.allclose(mine, ref, rtol=0, atol=1e-9))])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        agree, rank = flags.item() == 1.0, dist.get_rank()
+    else:
+        agree, rank = True, 0
+    if rank == 0:
+        print(f"{world} rank(s), {steps} steps: student, head and teacher {'agree' if agree else 'DIFFER'} across ranks")
+    if not agree:
+        raise SystemExit(1)
+
+
 def run_torch(args: argparse.Namespace) -> None:
     if "RANK" not in os.environ:  # started with plain `python`: a one-process group
         with socket.socket() as sock:
@@ -96,19 +122,9 @@ def run_torch(args: argparse.Namespace) -> None:
             opt.step()
             opt.zero_grad()
             sra.update_teacher()  # on the bare object: DDP(sra) does not expose its methods
-            if rank == 0 and (step % 50 == 0 or step == args.steps - 1):
-                print(f"step {step}: diffusion {diff.item():.4f}, alignment {sra.metrics['align_loss']:.4f}", flush=True)
-        mine = fingerprint(model, sra.head, sra.teacher)
-        ref = mine.clone()
-        dist.broadcast(ref, 0)
-        agree = bool(torch.allclose(mine, ref, rtol=0, atol=1e-9))
-        flags = torch.tensor([float(agree)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        if rank == 0:
-            status = "agree" if flags.item() == 1.0 else "DIFFER"
-            print(f"{world} rank(s), {args.steps} steps: student, head and teacher {status} across ranks")
-        if flags.item() != 1.0:
-            raise SystemExit(1)
+            if rank == 0:
+                log_step(step, args.steps, diff, sra)
+        check_ranks_agree(model, sra, args.steps)
     finally:
         dist.destroy_process_group()
 
@@ -121,7 +137,7 @@ def run_accelerate(args: argparse.Namespace) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     x_all, y_all = load_shard(rank, world)
-    model, sra = build(args.seed)
+    model, sra = build(args.seed + rank)  # as above: prepare's DDP makes rank 0's weights everyone's
     opt = torch.optim.AdamW([*model.parameters(), *sra.head.parameters()], lr=1e-3)
     model, sra_call, opt = accelerator.prepare(model, sra, opt)
     gen = torch.Generator().manual_seed(1000 + rank)
@@ -133,8 +149,9 @@ def run_accelerate(args: argparse.Namespace) -> None:
         opt.step()
         opt.zero_grad()
         accelerator.unwrap_model(sra_call).update_teacher()
-        if accelerator.is_main_process and (step % 50 == 0 or step == args.steps - 1):
-            print(f"step {step}: diffusion {diff.item():.4f}, alignment {align.item():.4f}", flush=True)
+        if accelerator.is_main_process:
+            log_step(step, args.steps, diff, sra)
+    check_ranks_agree(accelerator.unwrap_model(model), sra, args.steps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,12 +8,21 @@ that lists the block containers it found and prints a ``register_adapter(...)`` 
 digits (t = 1 is noise, as in the REPA/SRA code), with SRA in one line.
 
     python examples/custom_backbone.py --steps 300
+
+It runs on one torch thread by default (``--threads``), as examples/train_digits.py does: for a
+model this small, more threads mostly wait on each other, and on a CPU that other processes
+share they can make a run several times slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a clone: make `sra_plugin` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +138,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this model)")
     args = parser.parse_args()
+    for name in ("steps", "batch", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} is not accepted: use an integer >= 1")
+    torch.set_num_threads(args.threads)
     train(args.steps, args.batch, args.seed)
 
 

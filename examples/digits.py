@@ -13,6 +13,7 @@ predicts the velocity ``noise - x0``, and the label ``num_classes`` is the null 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if __name__ == "__main__":  # run as a script: make `examples` importable from a clone
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sra_plugin
 from examples.models import SiT
 from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
@@ -602,3 +605,13 @@ def smooth(values: list[float], window: int) -> np.ndarray:
     lo = np.maximum(0, idx - window)
     return (c[idx] - c[lo]) / (idx - lo)
 
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        description="The building blocks of examples/train_digits.py and benchmarks/quality.py; nothing runs "
+        "from here: use python examples/train_digits.py"
+    ).parse_args()
+    print("examples/digits.py is a module; run python examples/train_digits.py (--help for its flags)")

@@ -6,7 +6,9 @@
 Nothing is downloaded: the 1,797 8x8 digits ship with scikit-learn and are upscaled to 16x16.
 Writes to ``--out``: ``samples.png`` (class-conditional samples of both runs side by side, Euler
 sampler with classifier-free guidance, same noise for both), ``loss_curves.png``, ``metrics.json``,
-and prints a summary table. For the multi-seed comparison see ``benchmarks/quality.py``.
+and prints a summary table that says for each row which direction is better and where SRA did worse.
+The small digit classifier that scores the samples is trained once and cached outside ``--out``
+(``--classifier-cache``). For the multi-seed comparison see ``benchmarks/quality.py``.
 """
 
 from __future__ import annotations
@@ -64,16 +66,32 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def default_classifier_cache() -> Path:
+    """``$XDG_CACHE_HOME/sra-plugin`` (else ``~/.cache/sra-plugin``): the classifier is a tool, not a result."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sra-plugin"
+
+
+class _DefaultOnceFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help once, and not for flags without a default value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or "default" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     sizes = ", ".join(f"{k} (hidden {v[0]}, {v[1]} blocks, patch {v[3]}, SRA {v[4]}->{v[5]})" for k, v in MODEL_SIZES.items())
     p = argparse.ArgumentParser(
         description="Train the reference SiT on sklearn's digits with and without SRA (same seed) and compare.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultOnceFormatter,
     )
     p.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps per run (each of the two runs)")
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small", help=f"model preset: {sizes}")
-    p.add_argument("--student-layer", type=_positive_int, default=None, help="SRA student block L_s, 1-based (default: the preset's)")
-    p.add_argument("--teacher-layer", type=_positive_int, default=None, help="SRA teacher block L_t > L_s, 1-based (default: the preset's)")
+    p.add_argument("--student-layer", type=_positive_int, default=None, help="SRA student block L_s, 1-based (if not given: the preset's)")
+    p.add_argument("--teacher-layer", type=_positive_int, default=None, help="SRA teacher block L_t > L_s, 1-based (if not given: the preset's)")
     p.add_argument("--loss", choices=LOSSES, default="smooth_l1", help="SRA alignment loss (smooth_l1 is the paper's, beta 0.05)")
     p.add_argument("--weight", type=_nonneg_float, default=0.2, help="SRA loss weight (0.2 is the paper's SiT weight)")
     p.add_argument("--seed", type=int, default=0, help="seed of both runs: same init, batches, times, noise")
@@ -83,9 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument(
         "--ema-decay", type=float, default=0.995,
-        help="EMA decay of both runs (the SRA teacher and the sampling EMA). Not the paper's 0.9999: that "
-        "averages over ~10,000 steps, so in a run of a few thousand steps the EMA would still be mostly "
-        "the random initialization; 0.995 averages over the last ~200 steps.",
+        help="EMA decay of both runs (the SRA teacher and the sampling EMA); it averages over the last ~200 "
+        "steps. Not the paper's 0.9999: that averages over ~10,000 steps, so in a run of a few thousand "
+        "steps the EMA would still be mostly the random initialization",
     )
     p.add_argument("--cfg-scale", type=_nonneg_float, default=2.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--sample-steps", type=_positive_int, default=50, help="Euler steps of the sampler")
@@ -93,11 +111,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-t", type=float, default=0.5, help="noise level t of the linear probe (0 data, 1 noise)")
     p.add_argument(
         "--threads", type=_positive_int, default=1,
-        help="torch CPU threads. One by default: the model is small, and with two threads on two cores "
-        "that other processes also use, a step took over 20x longer here (3.7 s against 0.15-0.6 s)",
+        help="torch CPU threads. The model is small: with two threads on two cores that other processes "
+        "also use, a step took over 20x longer here than with one (3.7 s against 0.15-0.6 s)",
     )
     p.add_argument("--no-classifier", action="store_true", help="skip the digit classifier's accuracy on the samples")
+    p.add_argument(
+        "--classifier-cache", type=Path, default=default_classifier_cache(),
+        help="folder for digit_classifier.pt, a small CNN (about 0.98 accuracy on held-out digits) trained once on "
+        "the training digits to score the samples: the fraction it reads as the digit asked for",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not 0.0 <= args.ema_decay < 1.0:
         p.error(f"--ema-decay {args.ema_decay} is not accepted: use a number in [0, 1)")
@@ -108,31 +136,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def save_samples(path: Path, grids: dict[str, torch.Tensor], real: torch.Tensor, per_class: int) -> None:
+def save_samples(path: Path, grids: dict[str, torch.Tensor], real: torch.Tensor, per_class: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("training digits", real), *grids.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=150)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4.0), dpi=150)
+    fig.suptitle(title, fontsize=9)
     for ax, (title, images) in zip(axes, panels):
         ax.imshow(tile_grid(images, per_class), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks(np.arange(10) * 18 + 8.5, [str(d) for d in range(10)], fontsize=7)
+    axes[0].set_ylabel("digit asked for", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def save_curves(path: Path, runs: dict, window: int) -> None:
+def save_curves(path: Path, runs: dict, window: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    fig.suptitle(title, fontsize=10)
+    ax1.set_title("diffusion loss of both runs (lower is better)", fontsize=9)
     for name, run in runs.items():
         ax1.plot(smooth(run.diff_loss, window), label=name, lw=1.2)
     ax1.set_yscale("log")
@@ -141,8 +173,9 @@ def save_curves(path: Path, runs: dict, window: int) -> None:
     ax1.legend()
     sra_run = runs["with SRA"]
     ax2.plot(smooth(sra_run.align_loss, window), color="tab:orange", lw=1.2, label="alignment loss (raw)")
+    ax2.set_title("with SRA: alignment of head(student) to the teacher", fontsize=9)
     ax2.set_xlabel("step")
-    ax2.set_ylabel("SRA alignment loss")
+    ax2.set_ylabel("SRA alignment loss (lower is closer)")
     ax3 = ax2.twinx()
     ax3.plot(smooth(sra_run.cos_sim, window), color="tab:green", lw=1.0, label="cosine(head(student), teacher)")
     ax3.set_ylabel("cosine similarity")
@@ -151,6 +184,34 @@ def save_curves(path: Path, runs: dict, window: int) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def better_direction(metric: str) -> str | None:
+    """"higher" or "lower" is better for a summary row; None for figures of the SRA run alone."""
+    if metric.startswith(("probe_accuracy", "classifier_accuracy")):
+        return "higher"
+    if metric.startswith(("align_loss", "cos_sim")):
+        return None
+    return "lower"  # losses and seconds
+
+
+def summary_table(results: dict[str, dict[str, float]]) -> str:
+    """Both runs side by side, which direction is better, and whether SRA did better or worse."""
+    plain, sra = results["without SRA"], results["with SRA"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"{'metric':<38}{'without SRA':>13}{'with SRA':>13}  {'better':<8}SRA was"]
+    for key in sra:
+        a, b, direction = plain.get(key), sra[key], better_direction(key)
+        if direction is None or a is None:
+            verdict, direction = "(SRA run only)", "-"
+        elif a == b:
+            verdict = "the same"
+        elif (b < a) == (direction == "lower"):
+            verdict = "better"
+        else:
+            verdict = "WORSE" + (" (slower)" if "second" in key or key.startswith("ms_") else "")
+        lines.append(f"{key:<38}{fmt(a):>13}{fmt(b):>13}  {direction:<8}{verdict}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,7 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels = class_grid_labels(args.per_class)
     clf = clf_acc = None
     if not args.no_classifier:
-        clf, clf_acc = load_or_train_classifier(args.out / "digit_classifier.pt", data)
+        clf_path = args.classifier_cache / "digit_classifier.pt"
+        print(f"digit classifier (scores the samples): {'cached' if clf_path.exists() else 'training once, then cached'} at {clf_path}")
+        clf, clf_acc = load_or_train_classifier(clf_path, data)
     results: dict[str, dict] = {}
     grids: dict[str, torch.Tensor] = {}
     for name, run in runs.items():
@@ -205,8 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = r
 
     real = torch.cat([data.x_train[data.y_train == d][: args.per_class] for d in range(10)])
-    save_samples(args.out / "samples.png", {f"{k} (EMA)": v for k, v in grids.items()}, real, args.per_class)
-    save_curves(args.out / "loss_curves.png", runs, window=max(1, min(50, args.steps // 20)))
+    save_samples(args.out / "samples.png", {f"{k} (EMA)": v for k, v in grids.items()}, real, args.per_class,
+                 title=f"Class-conditional samples of the EMA models after {args.steps} training steps (same starting noise)\n"
+                 f"sampler: Euler, {args.sample_steps} steps, classifier-free guidance scale {args.cfg_scale:g}")
+    save_curves(args.out / "loss_curves.png", runs, window=max(1, min(50, args.steps // 20)),
+                title=f"SiT {args.model_size} on digits, seed {args.seed}: without vs with SRA "
+                f"(blocks {s_layer}->{t_layer}, {args.loss} x {args.weight:g})")
     total = time.perf_counter() - wall
     metrics = {
         "config": config_dict(cfg),
@@ -214,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "probe_t": args.probe_t,
         "classifier_heldout_accuracy": clf_acc,
         "runs": results,
+        "better": {k: better_direction(k) for k in results["with SRA"]},
         "total_seconds": total,
         "environment": {
             "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
@@ -223,12 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    keys = list(results["with SRA"])
-    print(f"\n{'metric':<38}{'without SRA':>14}{'with SRA':>14}")
-    for k in keys:
-        a, b = results["without SRA"].get(k), results["with SRA"].get(k)
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        print(f"{k:<38}{fmt(a):>14}{fmt(b):>14}")
+    print("\n" + summary_table(results))
+    print(f"(one seed: differences this small can be seed-to-seed noise; benchmarks/quality.py compares several seeds)")
     if clf_acc is not None:
         print(f"(digit classifier: {clf_acc:.3f} accuracy on the held-out real digits)")
     print(f"total {total:.0f} s; wrote {args.out}/samples.png, loss_curves.png, metrics.json")

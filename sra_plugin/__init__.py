@@ -2,6 +2,9 @@
 
 from .alignment import SelfRepresentationAlignment
 from .latent import LatentAlignment
+from .layersync import LayerSync
+from .dispersive import Dispersive
+from .repa import REPA
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
 from .wrappers import ModelWithHeads
@@ -42,6 +45,9 @@ __version__ = "0.2.0"
 __all__ = [
     "SelfRepresentationAlignment",
     "LatentAlignment",
+    "LayerSync",
+    "Dispersive",
+    "REPA",
     "NoiseGap",
     "LinearPath",
     "CosinePath",

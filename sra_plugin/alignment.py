@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import is_real
-from .capture import run_until
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
-from .student import StudentAligner, Weight, check_weight, head_on_model
-from .teacher import EMATeacher, check_same_structure, eval_mode, swap_in
-from .wrappers import unwrap
+from .registry import Adapter, ModelCall, resolve_blocks
+from .student import Objective, Weight, check_weight, head_on_model
+from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
 
 __all__ = ["SelfRepresentationAlignment"]
 
 
-class SelfRepresentationAlignment(StudentAligner):
+class SelfRepresentationAlignment(Objective):
     """Self-Representation Alignment (SRA, arXiv 2505.02831) for an unmodified diffusion transformer.
 
     Paper, Sec. 3.2: "the representation of the earlier layer with higher noise [is aligned] to that
@@ -38,6 +35,17 @@ class SelfRepresentationAlignment(StudentAligner):
     Layers are 1-based block numbers, negative from the end, or fractions of depth (see
     ``sra_plugin.layers``). ``sra(...)`` returns the weighted loss; ``metrics`` holds the last call's
     figures as floats.
+
+    Many processes: wrap the model in DDP, and ``sra`` too when it has parameters that train (any head
+    but ``"identity"``). With ``head="identity"`` it has none, DDP refuses it ("not needed"), and there
+    is nothing to synchronise: call the bare ``sra`` with the DDP model (``accelerator.prepare`` skips
+    it by itself).
+
+    Every pass it stops early (teacher, student re-run) restores the LoRA ``scaling`` of the model's
+    peft layers, which a forward that scales them at its start and unscales them only at its end
+    (diffusers 0.30 with ``joint_attention_kwargs={"scale": s}``; 0.42 unscales in a ``finally``) would leave changed. An owned
+    teacher needs the LoRA unmerged (``fuse_lora()``/``merge_adapter()`` make the teacher pass,
+    ``teacher_weights()`` and ``update_teacher()`` raise).
     """
 
     def __init__(
@@ -66,29 +74,10 @@ class SelfRepresentationAlignment(StudentAligner):
                 f"teacher_layer={teacher_layer!r} (block {teacher_index}) comes before student_layer={student_layer!r} "
                 f"(block {student_index}): the teacher's block must be the same or a later one"
             )
-        if not is_real(ema_decay) or not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"ema_decay={ema_decay!r} is not accepted: use a number in [0, 1]")
-        if not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point:
-            raise TypeError(f"ema_dtype={ema_dtype!r} is not accepted: use a floating torch.dtype (torch.float32 is the default)")
         if not callable(weight):
             weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
-        if not (compile_teacher is None or isinstance(compile_teacher, (bool, dict))):
-            raise TypeError(
-                f"compile_teacher={compile_teacher!r} is not accepted: use None (compile when the model is compiled), "
-                "True, False, or a dict of torch.compile options"
-            )
-        if isinstance(teacher, str):
-            if teacher != "ema":
-                raise ValueError(f"teacher={teacher!r} is not accepted: use 'ema' or an nn.Module (the EMA model you keep)")
-            user_teacher = None
-        elif isinstance(teacher, nn.Module):
-            user_teacher = unwrap(teacher)
-            if user_teacher is student:
-                raise ValueError("teacher is the model itself: pass its EMA copy, or teacher='ema'")
-            check_same_structure(user_teacher, student)
-        else:
-            raise TypeError(f"teacher={type(teacher).__name__} is not accepted: use 'ema' or an nn.Module")
+        user_teacher = check_teacher_options(teacher, student, ema_decay, ema_dtype, compile_teacher)
         teacher_model = user_teacher if user_teacher is not None else student
         dim = adapter.dim(student, blocks[student_index - 1])
         target_dim = adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1])
@@ -96,7 +85,7 @@ class SelfRepresentationAlignment(StudentAligner):
 
         self.adapter = adapter
         self.depth = depth
-        self.student_layer = student_index
+        self.taps = {"student": student_index}
         self.teacher_layer = teacher_index
         self.ema_decay = float(ema_decay)
         self.compile_teacher = compile_teacher
@@ -106,52 +95,37 @@ class SelfRepresentationAlignment(StudentAligner):
         object.__setattr__(self, "_user_teacher", user_teacher)
         self._init_student(student)
 
-    _transient = (*StudentAligner._transient, "_teacher_block", "_compiled_blocks")
+    _transient = (*Objective._transient, "_teacher_pass")
+    metric_names = ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap")
+    target_name = "teacher"
 
     def _attach(self) -> None:
         super()._attach()
-        object.__setattr__(self, "_compiled_blocks", None)  # built at the first compiled teacher pass
-        object.__setattr__(self, "_teacher_block", self.adapter.blocks(self._teacher_root())[self.teacher_layer - 1])
+        object.__setattr__(self, "_teacher_pass", TeacherPass(
+            self._student, self.adapter, self.teacher_layer, self.ema, self._user_teacher,
+            self.compile_teacher, self._capture, eval_mode))
 
-    # ------------------------------------------------------------------ properties
+    @property
+    def _compiled_blocks(self) -> list | None:
+        return self._teacher_pass._compiled_blocks
+
     @property
     def teacher(self) -> nn.Module:
         """The teacher module: the owned EMA copy (also the model to sample from) or the user's EMA model.
 
         With frozen parameters (LoRA) the owned EMA holds only the trainable ones and has no module of
         its own: use ``with sra.teacher_weights(): model(...)`` to compute with the teacher's weights."""
-        if self._user_teacher is not None:
-            return self._user_teacher
-        self.ema.adopt_partitioning()
-        if self.ema.sharded:
-            raise ValueError(
-                "sra.teacher: under DeepSpeed ZeRO-3 the owned EMA keeps this rank's slice of each weight, so there is "
-                "no separate teacher module; use `with sra.teacher_weights(): model(...)`"
-            )
-        if self.ema.shared:
-            raise ValueError(
-                "sra.teacher: with frozen parameters the owned EMA keeps only the trainable ones and shares the rest "
-                "with the model, so there is no separate teacher module; use `with sra.teacher_weights(): model(...)`"
-            )
-        return self.ema.model
+        return self._teacher_pass.teacher_module()
 
-    @contextmanager
-    def teacher_weights(self) -> Iterator[nn.Module]:
+    def teacher_weights(self) -> AbstractContextManager[nn.Module]:
         """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
         weights come back exactly on exit. Not while a training graph through the model is alive."""
-        if self._user_teacher is not None:
-            with swap_in(self._student, dict(self._user_teacher.named_parameters())):
-                yield self._student
-            return
-        with self.ema.student_with_teacher_weights():
-            yield self._student
+        return self._teacher_pass.weights_on_student()
 
     # ------------------------------------------------------------------ the step
-    def _check_inputs(self, model: Any, x_t: Any, x_s: Any, t: Any, s: Any, sample_weight: Any) -> None:
-        self._check_model(model)
-        for name, value in (("x_t", x_t), ("x_s", x_s)):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x_s: Any = None, s: Any = None) -> None:
+        if not isinstance(x_s, Tensor):
+            raise TypeError(f"x_s must be a torch.Tensor, got {type(x_s).__name__}")
         if x_t.shape != x_s.shape:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)} and x_s {tuple(x_s.shape)}: they must match")
         if x_s.dtype != x_t.dtype or x_s.device != x_t.device:
@@ -159,50 +133,21 @@ class SelfRepresentationAlignment(StudentAligner):
                 f"x_s has dtype {x_s.dtype} on {x_s.device} but x_t has {x_t.dtype} on {x_t.device}: "
                 "build both from the same x0 and noise"
             )
-        batch = x_t.shape[0] if x_t.dim() else None
-        self._check_times(batch, t=t, s=s)
-        self._check_sample_weight(sample_weight, batch)
+        self._check_times(x_t.shape[0] if x_t.dim() else None, t=t, s=s)
 
-    def _teacher_tokens(self, model: nn.Module, x_s: Tensor, s: Any, args: tuple, kwargs: dict, watched: dict) -> Tensor:
-        t_args, t_kwargs = self.adapter.teacher_inputs(self._student, args, kwargs, watched)
-        if self._user_teacher is not None:
-            with torch.no_grad(), eval_mode(self._user_teacher):
-                return run_until(self._user_teacher, self._teacher_block, self.adapter, x_s, s, t_args, t_kwargs)
-        capture = self._capture
-        with torch.no_grad(), self.ema.module_for_pass() as module, eval_mode(module), self._compiled_teacher(model):
-            capture.paused = True  # a shared-weight pass runs the student's own hooked modules
-            # The module's own block: a teacher copy built before deepspeed.initialize is dropped for
-            # the student's modules at ZeRO-3's first use.
-            block = self.adapter.blocks(module)[self.teacher_layer - 1]
-            try:
-                return run_until(module, block, self.adapter, x_s, s, t_args, t_kwargs)
-            finally:
-                capture.paused = False
+    def _begin_step(self) -> None:
+        self._teacher_pass.begin()
 
-    def _wants_compiled_teacher(self, model: nn.Module) -> bool:
-        if self.compile_teacher is None:
-            return hasattr(model, "_orig_mod") or getattr(self._student, "_compiled_call_impl", None) is not None
-        return bool(self.compile_teacher) or self.compile_teacher == {}
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict,
+                x_s: Tensor, s: Any) -> Tensor:
+        return self._teacher_pass.tokens(model, x_s, s, args, kwargs, watched)
 
-    @contextmanager
-    def _compiled_teacher(self, model: nn.Module) -> Iterator[None]:
-        """Run the owned teacher copy's blocks before ``L_t`` compiled, when the model is compiled (or
-        ``compile_teacher`` says so). Block ``L_t`` stays eager: the hook that ends the pass is on it.
-        The compiled calls live here, not on the modules, so a copy or a pickle of the teacher carries none."""
-        if self.ema is None or self.ema.shared or not self._wants_compiled_teacher(model):
-            yield
-            return
-        blocks = self.adapter.blocks(self.ema.model)[: self.teacher_layer - 1]
-        if self._compiled_blocks is None:
-            options = self.compile_teacher if isinstance(self.compile_teacher, dict) else {}
-            object.__setattr__(self, "_compiled_blocks", [torch.compile(b._call_impl, **options) for b in blocks])
-        for block, call in zip(blocks, self._compiled_blocks):
-            block._compiled_call_impl = call
-        try:
-            yield
-        finally:
-            for block in blocks:
-                block._compiled_call_impl = None
+    def _after_step(self, t: Any, x_s: Tensor, s: Any) -> None:
+        with torch.no_grad():
+            if isinstance(t, Tensor) or isinstance(s, Tensor):
+                self._metrics["gap"] = (torch.as_tensor(t) - torch.as_tensor(s)).abs().float().mean()
+            else:
+                self._metrics["gap"] = abs(float(t) - float(s))
 
     def forward(self, model: nn.Module, x_t: Tensor, x_s: Tensor, t: Any, s: Any, *args: Any,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -210,47 +155,26 @@ class SelfRepresentationAlignment(StudentAligner):
 
         ``sample_weight`` (``(B,)``, optional): the loss is ``weight * mean_b(sample_weight_b * l_b)``,
         ``l_b`` being sample b's alignment loss."""
-        self._check_inputs(model, x_t, x_s, t, s, sample_weight)
-        weight = self.current_weight()
-        if self.ema is not None:
-            self.ema.init_if_needed()
-        if self._is_zero(weight):
-            return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap"))
-        student_tokens, watched = self._student_tokens(model, x_t, t, args, kwargs)
-        target = self._teacher_tokens(model, x_s, s, args, kwargs, watched)
-        if self.check_finite:
-            for side, layer, value in (("student", self.student_layer, student_tokens), ("teacher", self.teacher_layer, target)):
-                if not bool(torch.isfinite(value).all()):
-                    raise FloatingPointError(f"non-finite {side} features at block {layer} (the {side} side of SRA)")
-        pred = self.head(self._as_head_input(student_tokens))
-        if pred.shape != target.shape:
-            raise ValueError(
-                f"head output {tuple(pred.shape)} and teacher tokens {tuple(target.shape)} differ: "
-                "the adapter's tokens or the head do not fit this model"
-            )
-        loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
-        self._record_metrics(loss, align, p, q, student_tokens, weight, "teacher")
-        with torch.no_grad():
-            if isinstance(t, Tensor) or isinstance(s, Tensor):
-                self._metrics["gap"] = (torch.as_tensor(t) - torch.as_tensor(s)).abs().float().mean()
-            else:
-                self._metrics["gap"] = abs(float(t) - float(s))
-        return loss
+        return self._run(model, x_t, t, args, kwargs, sample_weight, x_s=x_s, s=s)
 
     def update_teacher(self) -> None:
         """EMA step of an owned teacher (``decay * teacher + (1 - decay) * student``); always advances ``step``.
 
         Call it after each ``optimizer.step()``. The first call (or the first ``sra(...)``) starts the
-        EMA from the model's weights at that moment. With a teacher you keep yourself, update that EMA as usual.
+        EMA from the model's weights at that moment. With a teacher you keep yourself, update that EMA
+        as usual; calling this as well is optional.
+
+        The step rule (SRA and SRA 2): ``step`` counts training steps. Once ``update_teacher()`` has been
+        called, it alone advances ``step`` (so under gradient accumulation the step counts optimizer
+        steps); before that, and if it is never called, every call with gradients enabled advances it.
+        The first call replaces the steps that training calls had counted before it (a first optimizer
+        step of 4 accumulated micro-batches ends at step 1, not 4). A step that stands still
+        for 1000 training calls after ``update_teacher()`` was called warns once.
         """
-        if self.ema is not None:
-            self.ema.update()
-        self.step += 1
+        self._teacher_pass.update()
+        self._count_update()
 
     # ------------------------------------------------------------------ state
-    def _teacher_root(self) -> nn.Module:
-        return self._student if self.ema is not None and self.ema.shared else self.teacher
-
     def _identity(self) -> dict[str, Any]:
         if self.ema is not None:
             self.ema.adopt_partitioning()  # a state saved under ZeRO-3 holds slices: compare like with like

@@ -1,5 +1,11 @@
-"""Forward hooks: keep a block's tokens from the user's own forward, decide whether they may be reused,
-and stop a pass early.
+"""Forward hooks: keep the tokens of the tapped blocks from the user's own forward, decide whether they
+may be reused, and stop a pass early.
+
+One ``StudentCapture`` per model (and adapter) is shared by every objective on it (``subscribe``): each
+objective holds a ``Subscription`` naming its taps (1-based blocks), so SRA, LayerSync, Dispersive, ...
+on one model share one set of hooks and one record of the forward, and the student's blocks run once
+per step. A call whose inputs do not match the captured forward re-runs the model once, up to the
+deepest tap any subscriber needs; the other objectives of that step reuse that re-run.
 
 Hook hygiene, in one place:
 - ``copy.deepcopy(model)`` and pickling copy registered hooks: ours copy as inert hooks, and every
@@ -25,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from . import zero
 from .registry import Adapter, ModelCall, token_reader
 
-__all__ = ["StopForward", "attach", "run_until", "probe_call", "StudentCapture", "Captured", "Decision"]
+__all__ = ["StopForward", "attach", "run_until", "probe_call", "subscribe", "StudentCapture", "Subscription", "Captured", "TapRecord", "Decision"]
 
 
 class StopForward(BaseException):
@@ -122,9 +128,42 @@ def _eager(*modules: nn.Module) -> Iterator[None]:
             m._compiled_call_impl = call
 
 
+def _lora_scalings(model: nn.Module) -> list[tuple[dict, dict]]:
+    """Every LoRA layer's ``scaling`` dict (peft's tuner layers: adapter name -> factor) with a copy of its
+    values. Read by duck typing: ``sra_plugin`` does not import peft."""
+    # Read from the instance dict: a getattr that misses goes through nn.Module.__getattr__ and costs
+    # ~5 us per module (6 ms per pass on a LoRA SiT-XL).
+    found = (vars(m).get("scaling") for m in model.modules())
+    return [(scaling, dict(scaling)) for scaling in found if isinstance(scaling, dict)]
+
+
+@contextmanager
+def restoring_model_state(model: nn.Module) -> Iterator[None]:
+    """Put back what a stopped pass leaves changed.
+
+    A forward may change state at its start and undo it at its end; a pass stopped after a block skips
+    the undo unless the forward wraps it in ``try``/``finally``. diffusers 0.30 (not 0.42) multiplies every
+    LoRA layer's ``scaling`` by ``attention_kwargs["scale"]`` (``scale_lora_layers``) and divides it back
+    after the last block (``unscale_lora_layers``), so each stopped pass would leave the LoRA scaled once
+    more. The rule: every pass this library stops early restores the ``scaling`` of each LoRA layer of
+    the model to its value before the pass. DeepSpeed ZeRO-3 pushes each module on a global stack before
+    its forward and pops it after; the stack's depth is restored too (``zero.kept_forward_stack``). Other
+    state a forward restores only at its end is not restored (none is known in the supported backbones)."""
+    saved = _lora_scalings(model)
+    try:
+        with zero.kept_forward_stack():
+            yield
+    finally:
+        for scaling, values in saved:
+            if scaling != values:
+                scaling.clear()
+                scaling.update(values)
+
+
 def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t: Any,
               args: tuple, kwargs: dict) -> Tensor:
-    """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs."""
+    """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs.
+    State the forward would have restored at its end is restored (``restoring_model_state``)."""
     found: list[Tensor] = []
     calls: list[ModelCall] = []
     read_tokens = token_reader(adapter)
@@ -136,7 +175,7 @@ def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t
         found.append(read_tokens(output, model, calls[-1] if calls else ModelCall()))
         raise StopForward
 
-    with _eager(model, block), zero.kept_forward_stack():
+    with _eager(model, block), restoring_model_state(model):
         handles = [attach(model, enter, pre=True), attach(block, stop)]
         try:
             adapter.forward(model, x, t, *args, **kwargs)
@@ -162,7 +201,7 @@ def probe_call(model: nn.Module, adapter: Adapter, x: Tensor, t: Any, args: tupl
         seen.append(ModelCall(args, kwargs))
         raise StopForward
 
-    with _eager(model):
+    with _eager(model):  # stopped before the model's forward began: nothing to restore
         handle = attach(model, record, pre=True, prepend=True)
         try:
             adapter.forward(model, x, t, *args, **kwargs)
@@ -197,6 +236,13 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
+
+
 def _same(a: Any, b: Any) -> bool:
     """The same object, or equal values (tensors: same shape, dtype, device and elements)."""
     if a is b:
@@ -217,42 +263,165 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What can tell that a tensor changed after the forward without reading its values: its version
+    counter (bumped by every in-place op) and where its data lives (``x.data = other`` rebinds it and
+    bumps nothing). In-place edits through ``x.data`` (``x.data.add_(1)``) change neither: they are the
+    one unsupported pattern, since catching them would need a copy or a checksum of every input per
+    step. Inference tensors (made under ``torch.inference_mode()``, e.g. cached text embeddings) have no
+    version counter, and only code under inference mode can change them in place: for them only the
+    data pointer is compared."""
+
+    tensor: Tensor
+    version: int  # -1: an inference tensor
+    data_ptr: int | None  # None: a tensor without plain storage (a tensor subclass)
+
+    @staticmethod
+    def of(tensor: Tensor) -> "Snapshot":
+        return Snapshot(tensor, -1 if tensor.is_inference() else tensor._version, _data_ptr(tensor))
+
+    def changed(self) -> bool:
+        t = self.tensor
+        moved = self.data_ptr is not None and _data_ptr(t) != self.data_ptr
+        return moved or (self.version >= 0 and t._version != self.version)
+
+
+def _data_ptr(tensor: Tensor) -> int | None:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class Captured:
-    """What the student's training forward left: its inputs, the block's tokens, what the adapter watches."""
+    """What one training forward of the student left: its inputs, the tokens of every tapped block (by
+    1-based block number), what the adapter watches. Shared by every objective on the model."""
 
     call: ModelCall
-    versions: list[tuple[Tensor, int]]  # every input tensor and its version counter at the forward
+    inputs: list[Snapshot]  # every input tensor, as it was at the forward
     grad: bool = True  # grad mode when the forward began
-    tokens: Tensor | None = None
-    tokens_version: int = -1  # -1: not read (inside a compiled graph)
+    taps: dict[int, Tensor] = field(default_factory=dict)
+    tap_snapshots: dict[int, Snapshot | None] = field(default_factory=dict)  # None: not read (inside a compiled graph)
     watched: dict[str, Any] = field(default_factory=dict)
-    no_grad_block: bool = False
+    no_grad_blocks: set[int] = field(default_factory=set)
+    taken: set[int] = field(default_factory=set)  # ids of the subscriptions that took it
+
+
+@dataclass
+class TapRecord:
+    """A ``Captured`` forward as one objective sees it: its own taps, by name."""
+
+    forward: Captured
+    names: dict[str, int]
+
+    @property
+    def call(self) -> ModelCall:
+        return self.forward.call
+
+    @property
+    def watched(self) -> dict[str, Any]:
+        return self.forward.watched
+
+    @property
+    def taps(self) -> dict[str, Tensor | None]:
+        return {name: self.forward.taps.get(block) for name, block in self.names.items()}
+
+    @property
+    def tokens(self) -> Tensor | None:
+        """The first tap's tokens (the student block's, for a one-tap objective)."""
+        return next(iter(self.taps.values()))
 
 
 @dataclass
 class Decision:
     """``StudentCapture.take``'s answer: the captured forward to reuse, or why the student must run again."""
 
-    captured: Captured | None
+    captured: TapRecord | None
     cause: str = ""  # a short key, one warning per key
     reason: str = ""  # the sentence for the warning
 
 
+class Subscription:
+    """One objective's handle on the model's shared ``StudentCapture``: its named taps (1-based blocks)
+    and which of them must carry gradient. ``record`` is the pending forward as this objective sees it,
+    ``None`` once it took (or dropped) it."""
+
+    def __init__(self, capture: "StudentCapture", taps: dict[str, int], grad_taps: frozenset[str]) -> None:
+        self.capture = capture
+        self.taps = dict(taps)
+        self.grad_taps = grad_taps
+        self.closed = False
+        self._view: TapRecord | None = None
+
+    @property
+    def forwards_seen(self) -> int:
+        return self.capture.forwards_seen
+
+    @property
+    def record(self) -> TapRecord | None:
+        forward = self.capture.record
+        if self.closed or forward is None or id(self) in forward.taken:
+            return None
+        if self._view is None or self._view.forward is not forward:
+            self._view = TapRecord(forward, self.taps)
+        return self._view
+
+    def take(self, expected: Callable[[], ModelCall]) -> Decision:
+        return self.capture.take(self, expected)
+
+    def rerun(self, x: Tensor, t: Any, args: tuple, kwargs: dict) -> TapRecord:
+        return self.capture.rerun(self, x, t, args, kwargs)
+
+    def pausing(self) -> Any:
+        """The shared capture's ``pausing()``: forwards run inside are not the student's."""
+        return self.capture.pausing()
+
+    def drop(self) -> None:
+        """Forget the pending forward for this objective (a step that needs no features)."""
+        self.capture.mark_taken(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.capture.unsubscribe(self)
+
+
+_CAPTURES: "weakref.WeakValueDictionary[tuple[int, int], StudentCapture]" = weakref.WeakValueDictionary()
+
+
+def subscribe(model: nn.Module, adapter: Adapter, taps: dict[str, int],
+              grad_taps: frozenset[str] | None = None) -> Subscription:
+    """A subscription to ``model``'s shared capture (created on first use): several objectives on one
+    model share its hooks and its record, so the student's blocks run once per step."""
+    capture = _CAPTURES.get((id(model), id(adapter)))
+    if capture is None or capture.model is not model or capture.adapter is not adapter or not capture.subscribers:
+        capture = StudentCapture(model, adapter)
+        _CAPTURES[(id(model), id(adapter))] = capture
+    return capture.subscribe(taps, frozenset(taps) if grad_taps is None else grad_taps)
+
+
 class StudentCapture:
-    """Keeps the tokens of one block from the model's training forward (grad enabled, training mode)
-    and decides, for an SRA call, whether they may be reused: only if that forward ran on the same
-    inputs (``x_t``, ``t``, conditioning: the same objects or equal values) and nothing changed the
-    inputs or the tokens in place since. ``take`` hands the record over and forgets it.
+    """The hooks of one model, shared by every objective on it: keeps the tokens of each tapped block
+    from the model's training forward (grad enabled, training mode) and decides, per objective, whether
+    they may be reused: only if that forward ran on the same inputs (``x_t``, ``t``, conditioning: the
+    same objects or equal values) and nothing changed the inputs or the tokens in place since. The
+    record is forgotten once every objective took it.
+
+    Its switches are set through its own context managers: ``pausing()`` (a probe or a teacher pass
+    runs on the student's modules) and ``forcing()`` (a re-run of the student).
     """
 
-    def __init__(self, model: nn.Module, block: nn.Module, adapter: Adapter) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
         self.model = model
         self.adapter = adapter
+        self.blocks = adapter.blocks(model)
         self._read_tokens = token_reader(adapter)
-        self.record: Captured | None = None
-        self.forced = False  # set while SRA runs the student pass itself
-        self.paused = False  # set while a probe or a teacher pass runs on the student's modules
+        self.subscribers: list[Subscription] = []
+        self._record: Captured | None = None
+        self._forced = False
+        self._paused = 0
         self.forwards_seen = 0  # 0 until the model's forward first ran with our hooks (compile-order hint)
         try:
             self._signature: inspect.Signature | None = inspect.signature(model.forward)
@@ -260,15 +429,86 @@ class StudentCapture:
             self._signature = None
         self.handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(_Hook(self, "_start", model), with_kwargs=True),
-            block.register_forward_hook(_Hook(self, "_keep", block)),
         ]
+        self._tap_handles: dict[int, RemovableHandle] = {}
         self._watched: dict[str, Callable[[tuple, dict], Any]] = {}
         for name, (module, read) in adapter.watch(model).items():
             self._watched[name] = read
             self.handles.append(module.register_forward_pre_hook(_Hook(self, "_watch", module, name), with_kwargs=True))
 
+    @property
+    def record(self) -> Captured | None:
+        """The pending training forward, until every subscriber took it."""
+        return self._record
+
+    @record.setter
+    def record(self, value: Captured | None) -> None:
+        self._record = value
+        for sub in self.subscribers:
+            sub._view = None  # a view must not keep an old forward's activations alive
+
+    # -------------------------------------------------------------- subscribers
+    def subscribe(self, taps: dict[str, int], grad_taps: frozenset[str]) -> Subscription:
+        sub = Subscription(self, taps, grad_taps)
+        self.subscribers.append(sub)
+        for block in taps.values():
+            if block not in self._tap_handles:
+                module = self.blocks[block - 1]
+                self._tap_handles[block] = module.register_forward_hook(_Hook(self, "_keep", module, block))
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+        needed = {b for s in self.subscribers for b in s.taps.values()}
+        for block in [b for b in self._tap_handles if b not in needed]:
+            self._tap_handles.pop(block).remove()
+        if not self.subscribers:
+            self.remove()
+        elif self.record is not None:
+            self.mark_taken(sub)
+
+    def mark_taken(self, sub: Subscription) -> None:
+        """``sub`` is done with the pending forward; once every subscriber is, it is forgotten."""
+        record = self.record
+        if record is None:
+            return
+        record.taken.add(id(sub))
+        if all(id(s) in record.taken for s in self.subscribers):
+            self.record = None
+
+    # -------------------------------------------------------------- switches
+    @contextmanager
+    def pausing(self) -> Iterator[None]:
+        """Ignore every forward run inside (input probes, a teacher pass on the student's modules)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    @contextmanager
+    def forcing(self) -> Iterator[None]:
+        """Capture the forward run inside whatever the model's mode (the student's re-run)."""
+        self._forced = True
+        try:
+            yield
+        finally:
+            self._forced = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused > 0
+
+    @property
+    def forced(self) -> bool:
+        return self._forced
+
     def _capturing(self) -> bool:
-        return not self.paused and (self.forced or (self.model.training and torch.is_grad_enabled()))
+        return not self._paused and (self._forced or (self.model.training and torch.is_grad_enabled()))
+
+    def _needs_grad(self, block: int) -> bool:
+        return any(block == s.taps[name] for s in self.subscribers for name in s.grad_taps)
 
     # -------------------------------------------------------------- hooks
     def _start(self, args: tuple, kwargs: dict) -> None:
@@ -277,26 +517,27 @@ class StudentCapture:
         self.forwards_seen = 1
         if self._capturing():
             call = ModelCall(args, kwargs)
-            versions = [] if torch.compiler.is_compiling() else [(v, v._version) for v in _tensors((args, kwargs))]
-            self.record = Captured(call, versions, torch.is_grad_enabled())
+            inputs = [] if torch.compiler.is_compiling() else [Snapshot.of(v) for v in _tensors((args, kwargs))]
+            self.record = Captured(call, inputs, torch.is_grad_enabled())
 
-    def _keep(self, args: tuple, output: Any) -> None:
-        if self.paused:
+    def _keep(self, block: int, args: tuple, output: Any) -> None:
+        if self._paused:
             return
         record = self.record
-        if record is not None and record.grad and record.tokens is None and not torch.is_grad_enabled():
+        if record is not None and record.grad and block not in record.taps and not torch.is_grad_enabled():
             # The forward began with grad on but the block ran with it off (inside a reentrant
-            # checkpoint): its tokens can carry no gradient, so SRA would train only the head.
-            if self.forced:
-                raise RuntimeError(NO_GRAD_BLOCK)
-            record.no_grad_block = True
-            return
+            # checkpoint): its tokens can carry no gradient, so an objective would train only its head.
+            if self._needs_grad(block):
+                if self._forced:
+                    raise RuntimeError(NO_GRAD_BLOCK)
+                record.no_grad_blocks.add(block)
+                return
         if self._capturing():
             if record is None:
                 record = self.record = Captured(ModelCall(), [], torch.is_grad_enabled())
             tokens = self._read_tokens(output, self.model, record.call)
-            record.tokens = tokens
-            record.tokens_version = -1 if torch.compiler.is_compiling() else tokens._version
+            record.taps[block] = tokens
+            record.tap_snapshots[block] = None if torch.compiler.is_compiling() else Snapshot.of(tokens)
 
     def _watch(self, name: str, args: tuple, kwargs: dict) -> None:
         if self._capturing() and self.record is not None:
@@ -313,23 +554,69 @@ class StudentCapture:
                 pass
         return {**{f"argument {i}": v for i, v in enumerate(call.args)}, **call.kwargs}
 
-    def take(self, expected: Callable[[], ModelCall]) -> Decision:
-        """The record of the last training forward if it may stand for a call with the inputs
-        ``expected()`` returns; the record is dropped either way."""
-        record, self.record = self.record, None
-        if record is None:
+    def _given(self, call: ModelCall) -> dict[str, Any]:
+        """The arguments ``call`` passed explicitly (no defaults), by name; a ``**kwargs`` catch-all is
+        spread into its names."""
+        if self._signature is not None:
+            try:
+                bound = self._signature.bind_partial(*call.args, **call.kwargs).arguments
+            except TypeError:
+                bound = None
+            if bound is not None:
+                given: dict[str, Any] = {}
+                for name, value in bound.items():
+                    if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        given.update(value)
+                    else:
+                        given[name] = value
+                return given
+        return {**{f"argument {i}": v for i, v in enumerate(call.args)}, **call.kwargs}
+
+    def _is_default(self, name: str, value: Any) -> bool:
+        """``None``, or the value the forward's signature gives ``name`` when it is left out."""
+        if value is None:
+            return True
+        parameter = self._signature.parameters.get(name) if self._signature is not None else None
+        return parameter is not None and parameter.default is not inspect.Parameter.empty and _same(value, parameter.default)
+
+    def _check_nothing_missing(self, seen: ModelCall, mine: ModelCall, ignored: set[str]) -> None:
+        """Raise ``ValueError`` if the training forward got an argument (not ``None`` or its default) that
+        this call lacks, while every argument this call gives equals the forward's: the same step with conditioning
+        left out of the objective's call (Flux's ``guidance=``, labels, ``joint_attention_kwargs``). Re-running
+        would crash inside the model or, worse, run the teacher without that conditioning."""
+        had, given = self._given(seen), self._given(mine)
+        missing = [n for n, v in had.items() if n not in given and n not in ignored and not self._is_default(n, v)]
+        if not missing or any(n not in had or not _same(had[n], v) for n, v in given.items() if n not in ignored):
+            return
+        names = ", ".join(repr(n) for n in missing)
+        raise ValueError(
+            f"this call lacks {names}, which the model's training forward on this x_t got "
+            f"({', '.join(f'{n}={_describe(had[n])}' for n in missing)}): pass "
+            f"{', '.join(f'{n}=...' for n in missing)} to this call as well (as keyword or in the same position "
+            "as in the forward), so that the teacher and any re-run see the same conditioning"
+        )
+
+    def take(self, sub: Subscription, expected: Callable[[], ModelCall]) -> Decision:
+        """The last training forward, as ``sub`` sees it, if it may stand for a call with the inputs
+        ``expected()`` returns; ``sub`` is done with it either way, except when this call lacks an
+        argument the forward had (``ValueError``, nothing changed)."""
+        view = sub.record
+        if view is None:
             return Decision(None, "no-forward", "found no training forward since the last call")
-        if record.no_grad_block:
+        record = view.forward
+        if any(record.taps.get(b) is None and b in record.no_grad_blocks for n, b in sub.taps.items() if n in sub.grad_taps):
+            self.mark_taken(sub)
             raise RuntimeError(NO_GRAD_BLOCK)
-        if record.tokens is None:
+        if any(tokens is None for tokens in view.taps.values()):
+            self.mark_taken(sub)
             return Decision(None, "no-tokens", "the last training forward did not run the student block with its hooks")
-        self.paused = True
-        try:
-            mine = self._arguments(expected())
-        finally:
-            self.paused = False
-        seen = self._arguments(record.call)
+        with self.pausing():
+            call = expected()
         ignored = set(getattr(self.adapter, "output_form_arguments", ()))
+        self._check_nothing_missing(record.call, call, ignored)
+        self.mark_taken(sub)
+        mine = self._arguments(call)
+        seen = self._arguments(record.call)
         for name in dict.fromkeys([*seen, *mine]):
             if name in ignored:
                 continue
@@ -339,14 +626,35 @@ class StudentCapture:
                     f"the last training forward ran with a different {name!r} than this call (another time, "
                     "input or conditioning, e.g. an extra forward in between); its features are not used",
                 )
-        changed = [v for v, version in record.versions if v._version != version]
-        if changed or (record.tokens_version >= 0 and record.tokens._version != record.tokens_version):
+        changed = [v for v in record.inputs if v.changed()]
+        stale = [b for b in sub.taps.values() if (snapshot := record.tap_snapshots.get(b)) is not None and snapshot.changed()]
+        if changed or stale:
             what = "an input of the forward" if changed else "the block's output"
             return Decision(None, "in-place", f"{what} was changed in place after the forward, so the captured features are stale")
-        return Decision(record)
+        return Decision(view)
+
+    def rerun(self, sub: Subscription, x: Tensor, t: Any, args: tuple, kwargs: dict) -> TapRecord:
+        """Run the student on these inputs, once, up to the deepest block any subscriber taps; the new
+        record stands for this forward for the other objectives of the step too."""
+        deepest = max(b for s in self.subscribers for b in s.taps.values())
+        with self.forcing():
+            run_until(self.model, self.blocks[deepest - 1], self.adapter, x, t, args, kwargs)
+        record = self.record
+        if record is None:  # no hook of ours fired (a model compiled before the capture existed)
+            record = Captured(ModelCall(), [], torch.is_grad_enabled())
+        view = TapRecord(record, sub.taps)
+        if any(tokens is None for tokens in view.taps.values()):
+            # The blocks' hooks did not fire (compiled before they were added): read each tap directly.
+            for block in sub.taps.values():
+                if record.taps.get(block) is None:
+                    with self.pausing():
+                        record.taps[block] = run_until(self.model, self.blocks[block - 1], self.adapter, x, t, args, kwargs)
+        self.mark_taken(sub)
+        return view
 
     def remove(self) -> None:
-        for handle in self.handles:
+        for handle in [*self.handles, *self._tap_handles.values()]:
             handle.remove()
         self.handles.clear()
+        self._tap_handles.clear()
         self.record = None

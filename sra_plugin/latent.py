@@ -18,13 +18,13 @@ from torch import Tensor, nn
 
 from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
-from .student import StudentAligner, Weight, check_weight, head_on_model
+from .registry import Adapter, ModelCall, resolve_blocks
+from .student import Objective, Weight, check_weight, head_on_model
 
 __all__ = ["LatentAlignment"]
 
 
-class LatentAlignment(StudentAligner):
+class LatentAlignment(Objective):
     """Align block ``layer``'s tokens, through ``head``, with the clean latent ``x0`` in patch tokens.
 
     Usage, in an existing latent-diffusion loop::
@@ -37,8 +37,12 @@ class LatentAlignment(StudentAligner):
     Defaults (the README says why): ``layer=0.3`` of the depth (SiT-XL/2: block 8), the MLP head,
     smooth-L1 with beta 0.05, weight 0.2. ``weight`` may be a number, a 0-dim tensor or a
     schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
-    enabled (set ``align.step`` yourself to count optimizer steps under gradient accumulation).
-    ``target_dim`` (``C * p * p``) is read from the model's patch embedder unless given.
+    enabled, as SRA's does when ``update_teacher()`` is not called (set ``align.step`` yourself to count
+    optimizer steps under gradient accumulation).
+    ``target_dim`` (``C * p * p``) comes from the adapter (``Adapter.patch_dim``) unless given. ``x0`` is the
+    clean latent of what the model predicts (``Adapter.target_shape``): of its output channels where the
+    input stacks conditioning channels (image-to-video, fill), of the generated image's tokens where an
+    edit model appends reference-image tokens.
     """
 
     def __init__(
@@ -67,7 +71,7 @@ class LatentAlignment(StudentAligner):
 
         self.adapter = adapter
         self.depth = len(blocks)
-        self.student_layer = index
+        self.taps = {"student": index}
         self.target_dim = int(target_dim)
         self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         self._init_student(student)
@@ -81,31 +85,23 @@ class LatentAlignment(StudentAligner):
         """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``."""
         return self.adapter.patchify(self._student, x0)
 
-    def _check_inputs(self, model: Any, x_t: Any, x0: Any, t: Any, sample_weight: Any) -> None:
-        self._check_model(model)
-        for name, value in (("x_t", x_t), ("x0", x0)):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if x0.shape != x_t.shape:
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x0: Any = None) -> None:
+        if not isinstance(x0, Tensor):
+            raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+        expected = tuple(self.adapter.target_shape(self._student, x_t, call))
+        if tuple(x0.shape) != expected:
+            same = "" if expected == tuple(x_t.shape) else (
+                f", not x_t's {tuple(x_t.shape)}: the model predicts only the noisy latent's channels/tokens, "
+                "not the conditioning channels or reference tokens stacked onto its input")
             raise ValueError(
-                f"x0 has shape {tuple(x0.shape)} but x_t {tuple(x_t.shape)}: pass the clean latent of this batch, "
-                "in the layout the model takes (the x_t was made from it)"
+                f"x0 has shape {tuple(x0.shape)}, but {type(self._student).__name__} on this x_t wants the clean latent "
+                f"of shape {expected}{same}: pass the clean latent of this batch (the one x_t was made from), "
+                "in the layout the model predicts"
             )
-        batch = x_t.shape[0] if x_t.dim() else None
-        self._check_times(batch, t=t)
-        self._check_sample_weight(sample_weight, batch)
+        self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
 
-    def forward(self, model: nn.Module, x_t: Tensor, x0: Tensor, t: Any, *args: Any,
-                sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """The weighted SRA 2 loss for one step. ``args``/``kwargs`` are the model's conditioning, as
-        for ``model(x_t, t, ...)``; ``sample_weight`` (``(B,)``) weighs each sample's loss."""
-        self._check_inputs(model, x_t, x0, t, sample_weight)
-        weight = self.current_weight()
-        if torch.is_grad_enabled():
-            self.step += 1
-        if self._is_zero(weight):
-            return self._skipped(x_t.device, ("align_loss", "cos_sim", "student_norm", "target_norm"))
-        tokens, _ = self._student_tokens(model, x_t, t, args, kwargs)
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict, x0: Tensor) -> Tensor:
+        tokens = taps["student"]
         with torch.no_grad():
             target = self.target(x0.detach())
         if target.dim() != 3 or target.shape[:2] != tokens.shape[:2] or target.shape[-1] != self.target_dim:
@@ -114,12 +110,17 @@ class LatentAlignment(StudentAligner):
                 f"{tuple(tokens.shape)} and the head outputs {self.target_dim} values per token: the adapter's "
                 "patchify does not fit this model (or pass target_dim=)"
             )
-        if self.check_finite and not bool(torch.isfinite(tokens).all()):
+        return target
+
+    def _check_finite(self, student: Tensor, target: Tensor | None) -> None:
+        if not bool(torch.isfinite(student).all()):
             raise FloatingPointError(f"non-finite student features at block {self.student_layer}")
-        pred = self.head(self._as_head_input(tokens))
-        loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
-        self._record_metrics(loss, align, p, q, tokens, weight, "target")
-        return loss
+
+    def forward(self, model: nn.Module, x_t: Tensor, x0: Tensor, t: Any, *args: Any,
+                sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The weighted SRA 2 loss for one step. ``args``/``kwargs`` are the model's conditioning, as
+        for ``model(x_t, t, ...)``; ``sample_weight`` (``(B,)``) weighs each sample's loss."""
+        return self._run(model, x_t, t, args, kwargs, sample_weight, x0=x0)
 
     def _identity(self) -> dict[str, Any]:
         return {"layer": self.student_layer, "depth": self.depth, "head": self.head_name, "target_dim": self.target_dim}

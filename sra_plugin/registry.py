@@ -104,8 +104,8 @@ class Adapter:
 
     Required: ``matches``, ``blocks``. Optional: ``tokens`` (default: the block's output tensor, or
     the first element of a tuple output), ``forward`` (how to call the model), ``dim`` (feature width
-    of a block's tokens), ``patchify`` (the clean latent in the model's token layout, for
-    ``LatentAlignment``), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
+    of a block's tokens), ``patchify``, ``patch_dim`` and ``target_shape`` (the clean latent in the
+    model's token layout, its width per token and the shape it is given in, for ``LatentAlignment``), ``watch`` and ``teacher_inputs`` (conditioning the model changes inside its
     own forward, such as labels dropped for classifier-free guidance).
 
     ``tokens(output, model, call)`` also receives the ``ModelCall`` of the model forward the block ran
@@ -191,6 +191,12 @@ class Adapter:
             f"adapter {self.name!r} cannot tell how many latent values a token of {type(model).__name__} holds: "
             "pass LatentAlignment(..., target_dim=C * p * p) or override Adapter.patch_dim"
         )
+
+    def target_shape(self, model: nn.Module, x_t: Tensor, call: ModelCall) -> tuple[int, ...]:
+        """The shape ``patchify`` wants its ``x0`` in, for a forward on ``x_t`` with the conditioning of
+        ``call``: the clean latent of what the model predicts. By default ``x_t``'s own shape; a model
+        that stacks conditioning channels onto ``x_t``, or appends reference tokens to it, predicts less."""
+        return tuple(x_t.shape)
 
     def watch(self, model: nn.Module) -> dict[str, tuple[nn.Module, Callable[[tuple, dict], Any]]]:
         """Values to record during the student's forward: ``name -> (module, read(args, kwargs))``.

@@ -1,7 +1,11 @@
 """Weight schedules: plain callables ``step -> weight`` for ``weight=``.
 
-Each schedule maps the training step (``sra.step``: the number of ``update_teacher()`` calls so
-far) to a loss weight, a Python float. They can be passed anywhere a weight is accepted::
+Each schedule maps the training step (``sra.step``) to a loss weight, a Python float. The step rule,
+the same for every objective (SRA, SRA 2, LayerSync, Dispersive, REPA): ``step`` counts training steps;
+once ``sra.update_teacher()`` has been called it alone advances the step (so under gradient
+accumulation the step counts optimizer steps), and until then (a teacher you update yourself, or an
+objective without a teacher) every call made with gradients enabled advances it; a call that raises
+advances nothing; the weight of a call is the schedule at the step before it. They can be passed anywhere a weight is accepted::
 
     from sra_plugin import SelfRepresentationAlignment, schedules
 

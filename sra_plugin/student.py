@@ -1,6 +1,7 @@
-"""The student side that SRA and SRA 2 share: the block's tokens from the user's own forward (or a
-re-run up to the block when they cannot be reused), the loss weight and its schedule, the reduction
-of a loss to one number per sample, and the lifetime of the hooks."""
+"""The objective base every method shares: the taps' tokens from the user's own forward (or one re-run
+when they cannot be reused, shared with the other objectives on the model), the loss weight and its
+schedule, the one ``_run`` template (inputs -> taps -> target -> head -> loss -> metrics), the
+reduction of a loss to one number per sample, and the lifetime of the hooks."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from torch import Tensor, nn
 
 from . import losses as loss_module
 from ._checks import is_real
-from .capture import Decision, StudentCapture, probe_call, run_until
+from .capture import Decision, Subscription, probe_call, subscribe
 from .heads import build_head
+from .registry import ModelCall
 from .wrappers import unwrap
 
-__all__ = ["StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model"]
+__all__ = ["Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model", "placed_like"]
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
+
+STILL_STEP_CALLS = 1000
+"""Training calls at one step, after ``update_teacher()`` was called once, that make a warning: far
+more micro-batches than any gradient accumulation accumulates."""
 
 
 def check_weight(weight: Any, where: str) -> float | Tensor:
@@ -48,24 +54,46 @@ def head_on_model(head: str | nn.Module, dim: int, target_dim: int, student: nn.
     """``build_head``, placed where it computes: a named head on the student's device, in the dtype of its
     trainable parameters (``first_float_parameter``); a module of the user's as given."""
     module = build_head(head, dim, target_dim)
+    return module if isinstance(head, nn.Module) else placed_like(module, student)
+
+
+def placed_like(module: nn.Module, student: nn.Module) -> nn.Module:
+    """A head the package builds, on the student's device, in the dtype of its trainable parameters."""
     like = first_float_parameter(student)
-    if not isinstance(head, nn.Module) and like is not None:
-        module = module.to(device=like.device, dtype=like.dtype)
-    return module
+    return module if like is None else module.to(device=like.device, dtype=like.dtype)
 
 
 def _batch_of(value: Any) -> int | None:
     return value.shape[0] if isinstance(value, Tensor) and value.dim() > 0 else None
 
 
-class StudentAligner(nn.Module):
-    """Base of ``SelfRepresentationAlignment`` and ``LatentAlignment``; not used on its own.
+class Objective(nn.Module):
+    """Base of every objective (SRA, SRA 2, LayerSync, Dispersive, REPA); not used on its own.
 
-    A subclass sets ``adapter``, ``weight`` and ``student_layer``, calls ``_init_student(student,
-    block)`` at the end of its ``__init__``, and may extend ``_attach`` and ``_transient``.
+    One template, ``_run``: check the inputs, read the weight (a weight of 0 skips the work), take the
+    student's taps from the user's forward (or re-run it once), get the target from ``_target()``
+    (a teacher pass, the clean latent, another tap, an encoder, or nothing), then ``_loss``: head,
+    loss, reduction per sample (``weight * mean_b(w_b * l_b)``) and metrics.
+
+    A subclass sets ``adapter``, ``weight`` and ``taps`` (name -> 1-based block; ``"student"`` is the
+    one the head reads), calls ``_set_objective`` and then ``_init_student(student)`` at the end of its
+    ``__init__``, and implements ``_check_inputs`` and ``_target``.
     """
 
     _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned")
+    metric_names: tuple[str, ...] = ("align_loss", "cos_sim", "student_norm", "target_norm")
+    target_name = "target"
+    grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
+
+    @property
+    def student_layer(self) -> int:
+        return self.taps["student"]
+
+    # The step rule's bookkeeping (class defaults, so objects pickled by 0.2 load too).
+    _steps_from_updates = False  # True once update_teacher() was called: from then on it counts the steps
+    _counted_calls = 0  # steps counted by training calls before that (the first update replaces them)
+    _counted_until = 0  # the step those calls left
+    _calls_since_update = 0
 
     def _set_objective(self, head: str | nn.Module, head_module: nn.Module, loss: Any,
                        loss_fn: Callable[[Tensor, Tensor], Tensor], weight: Weight, check_finite: bool) -> None:
@@ -85,13 +113,15 @@ class StudentAligner(nn.Module):
         self._attach()
 
     def _attach(self) -> None:
-        """Hook the student (again, after a copy or unpickling) and tie the hooks' lifetime to this object."""
+        """Subscribe to the student's shared capture (again, after a copy or unpickling) and tie the
+        subscription's lifetime to this object."""
         blocks = self.adapter.blocks(self._student)
         object.__setattr__(self, "_student_block", blocks[self.student_layer - 1])
-        object.__setattr__(self, "_capture", StudentCapture(self._student, self._student_block, self.adapter))
+        capture = subscribe(self._student, self.adapter, dict(self.taps), frozenset(self.grad_taps))
+        object.__setattr__(self, "_capture", capture)
         object.__setattr__(self, "_warned", set())
         # Dropped without remove(): the hooks go with this object, holding no activations.
-        object.__setattr__(self, "_finalizer", weakref.finalize(self, StudentCapture.remove, self._capture))
+        object.__setattr__(self, "_finalizer", weakref.finalize(self, Subscription.close, capture))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
@@ -114,6 +144,41 @@ class StudentAligner(nn.Module):
             return check_weight(self.weight(self.step), f"weight({self.step})")
         return self.weight
 
+    # The step rule, one for every objective: ``step`` counts training steps. A training step ends at
+    # each ``update_teacher()`` (SRA's); until that is first called on this object (a teacher the user
+    # updates, or an objective without a teacher) each call with gradients enabled ends one.
+    def _count_training_call(self) -> None:
+        """After a call's weight was read: the step advances if calls count the steps; a step that
+        has stood still for ``STILL_STEP_CALLS`` training calls warns once."""
+        if not torch.is_grad_enabled():
+            return
+        if not self._steps_from_updates:
+            self.step += 1
+            self._counted_calls += 1
+            self._counted_until = self.step
+            return
+        self._calls_since_update += 1
+        if self._calls_since_update == STILL_STEP_CALLS and "still-step" not in self._warned:
+            self._warned.add("still-step")
+            warnings.warn(
+                f"{type(self).__name__}.step has stayed at {self.step} for {STILL_STEP_CALLS} training calls: "
+                "once update_teacher() has been called, only update_teacher() advances the step (and the owned "
+                "EMA), so a weight schedule and the teacher stand still. Call update_teacher() after every "
+                "optimizer step, or never (then every training call counts as a step)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _count_update(self) -> None:
+        """``update_teacher()``: from now on it alone advances the step; the steps that this object's
+        training calls counted before the first update are replaced by that one."""
+        if not self._steps_from_updates:
+            self._steps_from_updates = True
+            if self._counted_calls and self.step == self._counted_until:
+                self.step -= self._counted_calls
+        self.step += 1
+        self._calls_since_update = 0
+
     @staticmethod
     def _is_zero(weight: float | Tensor) -> bool:
         """A weight of 0 skips the step's work: a number, or a CPU tensor (a device tensor is not read,
@@ -122,14 +187,74 @@ class StudentAligner(nn.Module):
             return weight.device.type == "cpu" and float(weight) == 0.0
         return weight == 0.0
 
-    def _skipped(self, device: torch.device, names: tuple[str, ...]) -> Tensor:
+    def _skipped(self, device: torch.device) -> Tensor:
         """The loss at a step of weight 0: nothing runs; the head stays in the graph (with zero
         gradient) so that ``DDP(...)`` of this module sees every parameter used."""
-        self._capture.record = None
+        self._capture.drop()
         zero = sum((p.sum() for p in self.head.parameters()), torch.zeros((), device=device)) * 0.0
         nan = float("nan")  # not computed at this step
-        self._metrics = {"loss": 0.0, **{name: nan for name in names}, "weight": 0.0, "student_reruns": self.student_reruns}
+        self._metrics = {"loss": 0.0, **{name: nan for name in self.metric_names}, "weight": 0.0, "student_reruns": self.student_reruns}
         return zero
+
+    # ------------------------------------------------------------------ the template
+    def _run(self, model: Any, x_t: Any, t: Any, args: tuple, kwargs: dict,
+             sample_weight: Tensor | None = None, **inputs: Any) -> Tensor:
+        """The weighted loss of one step; ``inputs`` are the method's own (``x_s``, ``x0``, ``images``)."""
+        self._check_model(model)
+        if not isinstance(x_t, Tensor):
+            raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
+        self._check_inputs(x_t, t, ModelCall(args, kwargs), **inputs)
+        self._check_sample_weight(sample_weight, x_t.shape[0] if x_t.dim() else None)
+        weight = self.current_weight()
+        self._begin_step()
+        if self._is_zero(weight):
+            self._count_training_call()
+            return self._skipped(x_t.device)
+        taps, watched = self._student_taps(model, x_t, t, args, kwargs)
+        target = self._target(model, x_t, taps, watched, t, args, kwargs, **inputs)
+        if self.check_finite:
+            self._check_finite(taps["student"], target)
+        loss = self._loss(taps, target, weight, sample_weight)
+        self._after_step(t, **inputs)
+        self._count_training_call()  # last: a call that raises counts no step
+        return loss
+
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, **inputs: Any) -> None:
+        """The method's own inputs; ``call`` is the model's conditioning as this call gives it."""
+        self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
+
+    def _begin_step(self) -> None:
+        """Before the work of a call, past every check (SRA starts its owned EMA here)."""
+
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict[str, Tensor], watched: dict, t: Any,
+                args: tuple, kwargs: dict, **inputs: Any) -> Tensor | None:
+        raise NotImplementedError
+
+    def _after_step(self, t: Any, **inputs: Any) -> None:
+        """Extra metrics of a method (SRA's time gap)."""
+
+    def _check_finite(self, student: Tensor, target: Tensor | None) -> None:
+        sides = [("student", self.student_layer, student)]
+        if target is not None:
+            sides.append((self.target_name, getattr(self, "teacher_layer", None), target))
+        for side, layer, value in sides:
+            if not bool(torch.isfinite(value).all()):
+                where = f" at block {layer}" if layer is not None else ""
+                raise FloatingPointError(f"non-finite {side} features{where} (the {side} side of {type(self).__name__})")
+
+    def _loss(self, taps: dict[str, Tensor], target: Tensor, weight: float | Tensor,
+              sample_weight: Tensor | None) -> Tensor:
+        """Head, loss reduced per sample, metrics."""
+        tokens = taps["student"]
+        pred = self.head(self._as_head_input(tokens))
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"head output {tuple(pred.shape)} and {self.target_name} tokens {tuple(target.shape)} differ: "
+                "the adapter's tokens or the head do not fit this model"
+            )
+        loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
+        self._record_metrics(loss, align, p, q, tokens, weight, self.target_name)
+        return loss
 
     # ------------------------------------------------------------------ inputs
     def _check_model(self, model: Any) -> None:
@@ -148,31 +273,46 @@ class StudentAligner(nn.Module):
             if b is not None and b not in (batch, 1):
                 raise ValueError(f"{name} has batch size {b} but x_t has {batch}: give one time per sample, or one for all")
 
-    @staticmethod
-    def _check_sample_weight(sample_weight: Any, batch: int | None) -> None:
+    def _check_sample_weight(self, sample_weight: Any, batch: int | None) -> None:
+        """One finite weight >= 0 per sample, as for ``weight``. Values are read where that is free: always
+        for a CPU tensor; for a device tensor only with ``check_finite=True`` (reading them costs a sync)."""
         if sample_weight is None:
             return
-        if not isinstance(sample_weight, Tensor) or sample_weight.shape != (batch,) or not sample_weight.is_floating_point():
-            shape = tuple(sample_weight.shape) if isinstance(sample_weight, Tensor) else type(sample_weight).__name__
-            raise ValueError(f"sample_weight={shape} is not accepted: use a floating tensor of shape ({batch},), one weight per sample")
+        accepted = f"use a floating tensor of shape ({batch},), one finite weight >= 0 per sample"
+        if not isinstance(sample_weight, Tensor):
+            raise TypeError(f"sample_weight={type(sample_weight).__name__} is not accepted: {accepted}")
+        if not sample_weight.is_floating_point():
+            raise TypeError(
+                f"sample_weight of dtype {sample_weight.dtype} is not accepted: {accepted} "
+                "(e.g. sample_weight.float())"
+            )
+        if sample_weight.shape != (batch,):
+            raise ValueError(f"sample_weight of shape {tuple(sample_weight.shape)} is not accepted: {accepted}")
+        if sample_weight.device.type == "cpu" or self.check_finite:
+            values = sample_weight.detach()
+            bad = ~torch.isfinite(values) | (values < 0)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"sample_weight[{i}]={float(values[i])!r} is not accepted: {accepted}")
 
     # ------------------------------------------------------------------ the student's tokens
-    def _student_tokens(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
-        """Block ``student_layer``'s tokens for ``model(x_t, t, ...)``: the user's own forward's if it ran
-        on exactly these inputs, else a re-run up to the block (warned once per cause, counted)."""
-        decision = self._capture.take(lambda: probe_call(self._student, self.adapter, x_t, t, args, kwargs))
-        if decision.captured is not None:
-            return decision.captured.tokens, decision.captured.watched
-        self.student_reruns += 1
-        self._warn(model, decision)
+    def _student_taps(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[dict[str, Tensor], dict]:
+        """Every tap's tokens for ``model(x_t, t, ...)``: the user's own forward's if it ran on exactly
+        these inputs, else one re-run of the student (warned once per cause, counted) whose result the
+        other objectives on this model share."""
         capture = self._capture
-        capture.forced = True
-        try:
-            tokens = run_until(self._student, self._student_block, self.adapter, x_t, t, args, kwargs)
-        finally:
-            capture.forced = False
-        record, capture.record = capture.record, None
-        return tokens, record.watched if record is not None else {}
+        decision = capture.take(lambda: probe_call(self._student, self.adapter, x_t, t, args, kwargs))
+        record = decision.captured
+        if record is None:
+            self.student_reruns += 1
+            self._warn(model, decision)
+            record = capture.rerun(x_t, t, args, kwargs)
+        return record.taps, record.watched
+
+    def _student_tokens(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
+        """Block ``student_layer``'s tokens for ``model(x_t, t, ...)`` (see ``_student_taps``)."""
+        taps, watched = self._student_taps(model, x_t, t, args, kwargs)
+        return taps["student"], watched
 
     def _warn(self, model: nn.Module, decision: Decision) -> None:
         """One warning per cause, so that a validation call does not hide a later mis-wired training step."""
@@ -198,7 +338,7 @@ class StudentAligner(nn.Module):
             f"Running the student up to block {self.student_layer} again, which costs an extra partial forward; "
             f"metrics['student_reruns'] counts these.{hint}",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=7,  # the user's line: _wrapped_call_impl -> _call_impl -> forward -> _run -> _student_taps -> _warn
         )
 
     # ------------------------------------------------------------------ the loss
@@ -248,6 +388,7 @@ class StudentAligner(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._check_extra_state(state)
         self.step = int(state["step"])
+        self._counted_calls = 0
 
     def _check_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or "step" not in state:
@@ -278,8 +419,11 @@ class StudentAligner(nn.Module):
         """Remove every hook this object added to the model."""
         self._finalizer()
 
-    def __enter__(self) -> "StudentAligner":
+    def __enter__(self) -> "Objective":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+StudentAligner = Objective  # the 0.2 name of this base

@@ -26,13 +26,35 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from . import zero
+from ._checks import is_real
+from .capture import run_until
+from .wrappers import unwrap
 
-__all__ = ["EMATeacher", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in"]
+__all__ = ["EMATeacher", "TeacherPass", "check_teacher_options", "ema_copy", "update_ema_", "check_same_structure",
+           "eval_mode", "swap_in", "merged_lora_layers", "refuse_merged_lora"]
+
+
+def _drop_forward_wrappers(module: nn.Module) -> None:
+    """Give ``module`` and its submodules back the ``forward`` they had before accelerate's mixed
+    precision wrapped it in autocast (``prepare`` stores the previous one as ``_original_forward``)."""
+    for m in module.modules():
+        original = m.__dict__.pop("_original_forward", None)
+        if original is None or "forward" not in m.__dict__:
+            continue
+        if getattr(original, "__self__", None) is m and getattr(original, "__func__", None) is type(m).forward:
+            del m.__dict__["forward"]
+        else:
+            m.forward = original
 
 
 def ema_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode (floating parameters in ``dtype`` if given), to be an EMA teacher."""
+    """A frozen copy of ``model`` in eval mode (floating parameters in ``dtype`` if given), to be an EMA teacher.
+
+    The copy runs the forward of its class: an autocast wrapper that accelerate's ``mixed_precision``
+    put on the model instance is not copied, so the teacher is the same whether SRA was built before or
+    after ``accelerator.prepare``, and its pass runs under the autocast around the ``sra(...)`` call."""
     teacher = copy.deepcopy(model)
+    _drop_forward_wrappers(teacher)
     teacher.requires_grad_(False)
     if dtype is not None:
         for p in teacher.parameters():
@@ -90,6 +112,28 @@ def check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
         f"teacher={type(teacher).__name__} does not match the student's structure ({'; '.join(detail)}): "
         "pass an EMA copy of the same model, or teacher='ema'"
     )
+
+
+def merged_lora_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose LoRA is merged into the base weights (peft's ``merge_adapter()``,
+    diffusers' ``fuse_lora()``): peft's tuner layers list the merged adapters in ``merged_adapters``."""
+    # Read from the instance dict, where peft keeps it: a getattr that misses costs ~5 us per module.
+    return [name for name, m in model.named_modules() if isinstance(vars(m).get("merged_adapters"), (list, tuple))
+            and vars(m)["merged_adapters"]]
+
+
+def refuse_merged_lora(model: nn.Module, what: str) -> None:
+    """Raise ``ValueError`` if ``model`` has merged LoRA layers: the EMA values of the LoRA parameters
+    would be swapped into layers whose forward no longer reads them (the base weight holds the
+    training LoRA), so ``what`` would silently compute with the training weights."""
+    merged = merged_lora_layers(model)
+    if merged:
+        raise ValueError(
+            f"{what} needs the LoRA unmerged, but {len(merged)} layers of {type(model).__name__} have it merged into "
+            f"their base weights (e.g. {merged[0]!r}, after peft's merge_adapter() or diffusers' fuse_lora()), so it would "
+            "compute with the training weights, not the teacher's: call model.unmerge_adapter() (peft) or "
+            "model.unfuse_lora() (diffusers) first, and merge again afterwards if needed"
+        )
 
 
 @contextmanager
@@ -316,3 +360,128 @@ class EMATeacher(nn.Module):
             return
         with swap_in(self._student, self.values()) as module:
             yield module
+
+
+def check_teacher_options(teacher: str | nn.Module, student: nn.Module, ema_decay: float, ema_dtype: torch.dtype,
+                          compile_teacher: bool | dict | None) -> nn.Module | None:
+    """Check SRA's teacher arguments; the user's EMA model (unwrapped) if ``teacher`` is one, else None."""
+    if not is_real(ema_decay) or not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"ema_decay={ema_decay!r} is not accepted: use a number in [0, 1]")
+    if not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point:
+        raise TypeError(f"ema_dtype={ema_dtype!r} is not accepted: use a floating torch.dtype (torch.float32 is the default)")
+    if not (compile_teacher is None or isinstance(compile_teacher, (bool, dict))):
+        raise TypeError(
+            f"compile_teacher={compile_teacher!r} is not accepted: use None (compile when the model is compiled), "
+            "True, False, or a dict of torch.compile options"
+        )
+    if isinstance(teacher, str):
+        if teacher != "ema":
+            raise ValueError(f"teacher={teacher!r} is not accepted: use 'ema' or an nn.Module (the EMA model you keep)")
+        return None
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher={type(teacher).__name__} is not accepted: use 'ema' or an nn.Module")
+    user_teacher = unwrap(teacher)
+    if user_teacher is student:
+        raise ValueError("teacher is the model itself: pass its EMA copy, or teacher='ema'")
+    check_same_structure(user_teacher, student)
+    return user_teacher
+
+
+class TeacherPass:
+    """The target of SRA: the tokens of block ``layer`` of the EMA teacher on ``(x_s, s)``, no gradient,
+    eval mode, the pass stopped after that block. One implementation for the three teacher kinds: the
+    user's EMA model, an owned full copy, and the owned shared-weight EMA (the student's own modules
+    with EMA values, its capture paused meanwhile).
+
+    With ``compile_teacher`` (or a compiled model when it is ``None``) an owned copy's blocks before
+    ``layer`` run compiled; block ``layer`` stays eager: the hook that ends the pass is on it. The
+    compiled calls live here, not on the modules, so a copy or a pickle of the teacher carries none.
+    """
+
+    def __init__(self, student: nn.Module, adapter, layer: int, ema: EMATeacher | None,
+                 user_teacher: nn.Module | None, compile_teacher: bool | dict | None, capture, mode=eval_mode) -> None:
+        self.student, self.adapter, self.layer = student, adapter, layer
+        self.ema, self.user_teacher, self.compile_teacher = ema, user_teacher, compile_teacher
+        self.capture = capture
+        self.mode = mode
+        self.module = student if ema is not None and ema.shared else (user_teacher if user_teacher is not None else ema.model)
+        self.block = adapter.blocks(self.module)[layer - 1]
+        self._compiled_blocks: list | None = None  # built at the first compiled pass
+
+    def teacher_module(self) -> nn.Module:
+        if self.user_teacher is not None:
+            return self.user_teacher
+        self.ema.adopt_partitioning()
+        if self.ema.sharded:
+            raise ValueError(
+                "sra.teacher: under DeepSpeed ZeRO-3 the owned EMA keeps this rank's slice of each weight, so there is "
+                "no separate teacher module; use `with sra.teacher_weights(): model(...)`"
+            )
+        if self.ema.shared:
+            raise ValueError(
+                "sra.teacher: with frozen parameters the owned EMA keeps only the trainable ones and shares the rest "
+                "with the model, so there is no separate teacher module; use `with sra.teacher_weights(): model(...)`"
+            )
+        return self.ema.model
+
+    def begin(self) -> None:
+        """Before a step's pass: an owned EMA starts at first use, and refuses merged LoRA."""
+        if self.ema is not None:
+            refuse_merged_lora(self.student, "the teacher pass of an owned EMA")
+            self.ema.init_if_needed()
+
+    def update(self) -> None:
+        """The EMA step of an owned teacher (a teacher the user keeps is theirs to update)."""
+        if self.ema is not None:
+            refuse_merged_lora(self.student, "update_teacher()")
+            self.ema.update()
+
+    @contextmanager
+    def weights_on_student(self) -> Iterator[nn.Module]:
+        """The student computing with the teacher's weights; the training weights come back exactly on exit."""
+        refuse_merged_lora(self.student, "sra.teacher_weights()")
+        if self.user_teacher is not None:
+            refuse_merged_lora(self.user_teacher, "sra.teacher_weights()")
+            with swap_in(self.student, dict(self.user_teacher.named_parameters())):
+                yield self.student
+            return
+        with self.ema.student_with_teacher_weights():
+            yield self.student
+
+    def tokens(self, model: nn.Module, x_s: Tensor, s, args: tuple, kwargs: dict, watched: dict) -> Tensor:
+        t_args, t_kwargs = self.adapter.teacher_inputs(self.student, args, kwargs, watched)
+        if self.user_teacher is not None:
+            with torch.no_grad(), self.mode(self.user_teacher):
+                return run_until(self.user_teacher, self.block, self.adapter, x_s, s, t_args, t_kwargs)
+        with torch.no_grad(), self.ema.module_for_pass() as module, self.mode(module), self._compiled(model):
+            with self.capture.pausing():  # a shared-weight pass runs the student's own hooked modules
+                return run_until(module, self._block_of(module), self.adapter, x_s, s, t_args, t_kwargs)
+
+    def _block_of(self, module: nn.Module) -> nn.Module:
+        """Block ``layer`` of the module the pass runs on. It is not always the module seen at construction:
+        ZeRO-3's first use replaces an owned copy built before ``deepspeed.initialize`` by the student's modules."""
+        if module is not self.module:
+            self.module, self.block = module, self.adapter.blocks(module)[self.layer - 1]
+        return self.block
+
+    def _wants_compiled(self, model: nn.Module) -> bool:
+        if self.compile_teacher is None:
+            return hasattr(model, "_orig_mod") or getattr(self.student, "_compiled_call_impl", None) is not None
+        return bool(self.compile_teacher) or self.compile_teacher == {}
+
+    @contextmanager
+    def _compiled(self, model: nn.Module) -> Iterator[None]:
+        if self.ema is None or self.ema.shared or not self._wants_compiled(model):
+            yield
+            return
+        blocks = self.adapter.blocks(self.ema.model)[: self.layer - 1]
+        if self._compiled_blocks is None:
+            options = self.compile_teacher if isinstance(self.compile_teacher, dict) else {}
+            self._compiled_blocks = [torch.compile(b._call_impl, **options) for b in blocks]
+        for block, call in zip(blocks, self._compiled_blocks):
+            block._compiled_call_impl = call
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None

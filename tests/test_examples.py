@@ -254,3 +254,128 @@ def test_finetune_lora_example(capsys, keep_threads) -> None:
     assert result["sra_teacher_bytes"] == result["lora_bytes"] + 1  # + the one-byte "initted" flag
     assert result["sra_teacher_bytes"] < result["base_bytes"] / 10
     assert result["export_keys"] and all("lora_" in k for k in result["export_keys"])
+
+
+EXAMPLE_SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
+def test_every_example_takes_help(script: str, tmp_path: Path) -> None:
+    """``python examples/<script> --help`` from outside the checkout: usage on stdout, exit 0, nothing run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:") and "--help" in proc.stdout
+    assert not list(tmp_path.iterdir())  # --help wrote nothing
+
+
+def test_quickstart_runs_on_one_thread_unless_told(monkeypatch, capsys, keep_threads) -> None:
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "1"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    assert torch.get_num_threads() == 1
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "1", "--threads", "2"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    assert torch.get_num_threads() == 2
+    assert capsys.readouterr().out.count("done: diffusion") == 2
+
+
+def test_custom_backbone_sets_threads(monkeypatch, keep_threads) -> None:
+    from examples import custom_backbone
+
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sys, "argv", ["custom_backbone.py", "--steps", "1", "--batch", "4"])
+    custom_backbone.main()
+    assert torch.get_num_threads() == 1
+
+
+def test_train_digits_summary_says_which_way_is_better_and_flags_worse() -> None:
+    from examples.train_digits import summary_table
+
+    results = {
+        "without SRA": {"heldout_diffusion_loss_ema": 0.2172, "probe_accuracy_block2_t0.5": 0.40, "train_seconds": 10.0},
+        "with SRA": {"heldout_diffusion_loss_ema": 0.2288, "probe_accuracy_block2_t0.5": 0.45, "train_seconds": 12.0,
+                     "align_loss_last10pct": 0.3},
+    }
+    rows = {line.split()[0]: line for line in summary_table(results).splitlines()[1:]}
+    assert rows["heldout_diffusion_loss_ema"].split()[3:] == ["lower", "WORSE"]
+    assert rows["probe_accuracy_block2_t0.5"].split()[3:] == ["higher", "better"]
+    assert rows["train_seconds"].split()[3:] == ["lower", "WORSE", "(slower)"]
+    assert "SRA run only" in rows["align_loss_last10pct"]
+    results["with SRA"]["heldout_diffusion_loss_ema"] = 0.2
+    assert summary_table(results).splitlines()[1].split()[3:] == ["lower", "better"]
+
+
+def test_train_digits_help_prints_each_default_once() -> None:
+    from examples.train_digits import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # undo the line wrapping
+    with_default = [a for a in parser._actions if a.default is not None and a.default is not False and a.dest != "help"]
+    assert len(with_default) >= 10
+    for action in with_default:
+        assert f"(default: {action.default})" in text, action.dest
+    assert text.lower().count("default") == len(with_default)  # once each, and nowhere else
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_train_digits_titles_plots_and_caches_the_classifier_outside_out(tmp_path: Path, monkeypatch, capsys, keep_threads) -> None:
+    import matplotlib.figure
+    from examples import train_digits
+
+    fast_classifier = D.train_classifier
+    monkeypatch.setattr(D, "train_classifier", lambda data, epochs, seed: fast_classifier(data, epochs=1, seed=seed))
+    titles: dict[str, list[str]] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        titles[Path(path).name] = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    train_digits.main(["--steps", "3", "--model-size", "tiny", "--sample-steps", "2", "--cfg-scale", "1.5", "--per-class", "2",
+                       "--quiet", "--out", str(out), "--classifier-cache", str(cache)])
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["loss_curves.png", "metrics.json", "samples.png"]
+    assert (cache / "digit_classifier.pt").exists() and str(cache / "digit_classifier.pt") in printed
+    samples_title = titles["samples.png"][0]
+    assert "Euler, 2 steps" in samples_title and "guidance scale 1.5" in samples_title
+    curves = titles["loss_curves.png"]
+    assert "with SRA" in curves[0] and "blocks 2->4" in curves[0] and all(curves[1:3])
+    assert "better  SRA was" in printed and "classifier_accuracy_on_samples" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["better"]["heldout_diffusion_loss_ema"] == "lower" and saved["better"]["classifier_accuracy_on_samples"] == "higher"
+
+
+def test_ddp_example_modes_log_raw_alignment_and_check_ranks(monkeypatch, capsys) -> None:
+    """Plain DDP and accelerate print the same figures: the raw alignment loss (sra.metrics) and the rank check."""
+    pytest.importorskip("accelerate")
+    from examples import accelerate_ddp
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    outputs = {}
+    for mode in ([], ["--accelerate"]):
+        accelerate_ddp.main(["--steps", "1", "--batch-size", "4", *mode])
+        outputs[bool(mode)] = capsys.readouterr().out
+    for out in outputs.values():
+        assert "alignment (raw, before weight 0.2)" in out
+        assert "1 rank(s), 1 steps: student, head and teacher agree across ranks" in out
+    raw = [float(out.split("weight 0.2) ")[1].split()[0]) for out in outputs.values()]
+    assert raw[0] > 0.2 and raw[1] > 0.2  # the raw loss, not 0.2 times it (the weighted term is about 0.1 here)
+
+
+def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4", "--accelerate"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 rank(s), 2 steps: student, head and teacher agree across ranks" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,199 @@ def test_report_imports_no_plotting_or_backbone_code() -> None:
     assert ("adapter.blocks(" in code or "resolve_blocks(" in code) and "adapter.forward(" in code  # blocks through the registry
     for word in (".blocks[", "x_embedder", "SiT", "DiT", "transformer_blocks"):  # no backbone knowledge
         assert word not in code, word
+
+
+# ------------------------------------------------------------------ issue 19 (8, CLI) and issue 20 (1)
+def song_unbiased_hsic_numpy(k: np.ndarray, l: np.ndarray) -> float:
+    """Song et al. (2012), eq. 5, written out on the (n, n) Gram matrices with zeroed diagonals."""
+    n = len(k)
+    k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+    one = np.ones(n)
+    return float(np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+                 - 2.0 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+
+def test_debiased_cka_matches_the_unbiased_hsic_on_gram_matrices() -> None:
+    from sra_plugin.report import debiased_cka
+
+    rng = np.random.default_rng(7)
+    for n, d1, d2 in ((5, 3, 4), (12, 7, 2), (40, 6, 9)):
+        x = rng.normal(size=(n, d1))
+        y = x[:, :1] @ rng.normal(size=(1, d2)) + rng.normal(size=(n, d2))
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        k, l = xc @ xc.T, yc @ yc.T
+        want = song_unbiased_hsic_numpy(k, l) / np.sqrt(song_unbiased_hsic_numpy(k, k) * song_unbiased_hsic_numpy(l, l))
+        assert debiased_cka(x, y) == pytest.approx(want, rel=1e-9)
+        assert debiased_cka(x + 4.0, 0.1 * y @ _random_orthogonal(d2, n).numpy()) == pytest.approx(want, rel=1e-9)
+
+
+def test_debiased_cka_reads_independent_features_near_zero_at_8_images_and_identical_ones_as_one() -> None:
+    from sra_plugin.report import debiased_cka
+
+    biased, debiased = [], []
+    for seed in range(100):
+        gen = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(8, 64, generator=gen), torch.randn(8, 64, generator=gen)
+        biased.append(linear_cka(x, y))
+        debiased.append(debiased_cka(x, y))
+        assert debiased_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert np.mean(biased) > 0.85  # what the report read before: unrelated features look alike
+    assert abs(np.mean(debiased)) < 0.06  # sd of one draw is about 0.2 at n = 8: the mean of 100 is within 0.06
+    with pytest.raises(ValueError, match="at least 4 samples, got 3"):
+        debiased_cka(torch.randn(3, 2), torch.randn(3, 2))
+
+
+def test_layer_report_uses_the_debiased_estimator_and_warns_below_32_images(tiny) -> None:
+    from sra_plugin.report import FEW_IMAGES
+
+    assert FEW_IMAGES == 32
+    batches = _tiny_batches(tiny, n=8, batch=8)
+    with pytest.warns(RuntimeWarning, match="only 8 images"):
+        rep = layer_report(tiny, batches)
+    feats_s, _ = block_features(tiny, [(b[0], b[2], (b[4],), {}) for b in batches])
+    feats_t, _ = block_features(tiny, [(b[1], b[3], (b[4],), {}) for b in batches])
+    np.testing.assert_allclose(rep.cka, cka_matrix(feats_s, feats_t, "debiased"), atol=1e-12)
+    assert not np.allclose(rep.cka, cka_matrix(feats_s, feats_t))  # not the biased one
+    assert rep.estimator == "debiased" and "only 8 images" in rep.table() and rep.to_dict()["estimator"] == "debiased"
+    biased = layer_report(tiny, _tiny_batches(tiny), estimator="biased")
+    assert biased.estimator == "biased"
+    with pytest.raises(ValueError, match="estimator='unbiased' is not accepted"):
+        layer_report(tiny, batches, estimator="unbiased")
+
+
+def test_report_says_the_ranking_means_nothing_on_an_untrained_model() -> None:
+    """adaLN-zero blocks start as identities: every pair scores the same, and the report says so."""
+    untrained = tiny_sit(0, depth=5)
+    batches = _tiny_batches(untrained)
+    with pytest.warns(RuntimeWarning, match="the ranking means nothing"):
+        rep = layer_report(untrained, batches, student_layer=2, teacher_layer=4)
+    assert rep.ranking_is_flat and "the ranking means nothing" in rep.table() and rep.to_dict()["ranking_is_flat"]
+    trained_like = layer_report(tiny_model(), batches)
+    assert not trained_like.ranking_is_flat and "means nothing" not in trained_like.table()
+
+
+def _dit_data(tmp_path: Path, n: int = 40) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    data = tmp_path / "images.pt"
+    torch.save({"x0": torch.randn(n, TINY["in_channels"], 8, 8, generator=gen), "y": torch.randint(0, 10, (n,), generator=gen)}, data)
+    return data
+
+
+def readme_command(tmp_path: Path) -> list[str]:
+    """README "### Which layers?", on the reference DiT (class-conditional), untrained."""
+    return ["--model", "examples.models:DiT", "--model-kwargs", json.dumps(TINY), "--data", str(_dit_data(tmp_path)),
+            "--labels-key", "y", "--t", "0.5", "--s", "0.4", "--png", str(tmp_path / "layers.png")]
+
+
+def test_report_command_on_a_class_conditional_model_names_the_conditioning_flags(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(readme_command(tmp_path))
+    err = capsys.readouterr().err
+    assert "missing 1 required positional argument: 'y'" in err and "--cond-key" in err and "--cond-value" in err
+
+
+def test_report_command_on_a_class_conditional_model_with_its_labels(tmp_path: Path, capsys) -> None:
+    with pytest.warns(RuntimeWarning, match="means nothing"):
+        rep = main([*readme_command(tmp_path), "--cond-key", "y", "--time", "ddpm"])
+    out = capsys.readouterr().out
+    assert rep.cka.shape == (TINY["depth"],) * 2 and "the ranking means nothing" in out  # untrained: identity blocks
+    with pytest.warns(RuntimeWarning):
+        null = main([*readme_command(tmp_path), "--cond-value", "10", "--time", "ddpm"])
+    assert null.n_images == 40
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cond-kwarg", "y=labels"], ["--cond-kwarg: key 'labels' is not in --data", "'x0'", "'y'"]),
+    (["--cond-kwarg", "y=x0@3"], ["is not per image along axis 3"]),
+    (["--cond-kwarg", "not a name=y"], ["--cond-kwarg 'not a name=y' is not accepted", "NAME=KEY[@AXIS]"]),
+    (["--time", "ddpm", "--t", "500"], ["--t 500.0 is not accepted", "noise level in [0, 1]"]),
+    (["--time", "ddpm", "--path", "cosine"], ["--path is not used with --time ddpm"]),
+])
+def test_report_command_line_misuse_is_named(tmp_path: Path, capsys, args: list[str], words: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*readme_command(tmp_path), *args])
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+
+
+def family_model(name: str) -> torch.nn.Module:
+    """A factory for ``--model``: the tiny random model of tests/test_diffusers_families.py."""
+    from tests.test_diffusers_families import CASES
+
+    return CASES[name].build()
+
+
+FAMILY_TIME = {"dit": "ddpm", "pixart": "ddpm"}  # diffusers DiT / PixArt take DDPM steps; the rest: sigma, x1000 or not
+IMAGE_AXIS = {"encoder_hidden_states_llama3": 1}  # HiDream's Llama states are (layers, B, T, D)
+SHARED = ("img_ids", "txt_ids")  # one row per token, the same for every image
+
+
+def family_names() -> list[str]:
+    from tests.test_diffusers_families import CASES
+
+    return list(CASES)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_report_command_line_on_every_diffusers_family(name: str, tmp_path: Path) -> None:
+    """The CLI passes the conditioning by keyword and the time in the model's convention; its matrix is
+    layer_report's on batches built by hand from the same latents, noise and conditioning."""
+    from tests.test_diffusers_families import B, CASES
+
+    from sra_plugin.noise import DDPMPath, LinearPath
+
+    case, n, batch = CASES[name], 8, 4
+    draws = [case.cond(torch.Generator().manual_seed(k)) for k in range(n // B)]
+    per_image, shared = {}, {}
+    for key, value in draws[0].items():
+        if key in SHARED or not isinstance(value, (torch.Tensor, list)):
+            shared[key] = value
+        elif isinstance(value, torch.Tensor):
+            axis = IMAGE_AXIS.get(key, 0)
+            per_image[key] = (torch.cat([d[key] for d in draws], axis), axis)
+        else:
+            per_image[key] = ([v for d in draws for v in d[key]], 0)
+    x0 = torch.randn(n, *case.x, generator=torch.Generator().manual_seed(9))
+    data = tmp_path / "data.pt"
+    torch.save({"x0": x0, **{k: v for k, (v, _) in per_image.items()}, **shared}, data)
+    time = FAMILY_TIME.get(name, "sigma1000" if case.t_scale == 1000.0 else "unit")
+    argv = ["--model", "tests.test_report:family_model", "--model-kwargs", json.dumps({"name": name}), "--data", str(data),
+            "--images", str(n), "--batch-size", str(batch), "--time", time, "--png", str(tmp_path / "l.png")]
+    argv += [f"--cond-kwarg={k}={k}@{axis}" for k, (_, axis) in per_image.items()] + [f"--shared-kwarg={k}" for k in shared]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few images: the report says so
+        rep = main(argv)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        by_hand = []
+        for lo in range(0, n, batch):
+            sl = slice(lo, lo + batch)
+            if time == "ddpm":
+                steps = {v: torch.full((batch,), int(1000 * v)) for v in (0.5, 0.4)}
+                x_t, x_s = (DDPMPath.linear()(x0[sl], noise[sl], steps[v]) for v in (0.5, 0.4))
+                t, s = steps[0.5], steps[0.4]
+            else:
+                x_t, x_s = (LinearPath()(x0[sl], noise[sl], torch.full((batch,), v)) for v in (0.5, 0.4))
+                t, s = (torch.full((batch,), v * case.t_scale) for v in (0.5, 0.4))
+            kwargs = {**shared, **{k: (v.narrow(a, lo, batch) if isinstance(v, torch.Tensor) else v[sl]) for k, (v, a) in per_image.items()}}
+            by_hand.append({"x_t": x_t, "x_s": x_s, "t": t, "s": s, "kwargs": kwargs})
+        want = layer_report(family_model(name), by_hand)
+    assert rep.cka.shape == (case.depth, case.depth) and np.isfinite(rep.cka).all()
+    np.testing.assert_allclose(rep.cka, want.cka, rtol=1e-6, atol=1e-9)
+
+
+def test_report_command_line_takes_a_dotted_factory_such_as_a_classmethod(tmp_path: Path, capsys) -> None:
+    """``--model package:Class.from_config`` (or ``.from_pretrained``): how a diffusers model is built, no wrapper module."""
+    from tests.test_diffusers_families import CASES
+
+    gen = torch.Generator().manual_seed(0)
+    n, text = 8, 5
+    data = tmp_path / "sd3.pt"
+    torch.save({"x0": torch.randn(n, 4, 8, 8, generator=gen), "prompt_embeds": torch.randn(n, text, 16, generator=gen),
+                "pooled": torch.randn(n, 8, generator=gen)}, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = main(["--model", "diffusers:SD3Transformer2DModel.from_config", "--model-kwargs", json.dumps({"config": CASES["sd3"].config}),
+                    "--data", str(data), "--cond-kwarg", "encoder_hidden_states=prompt_embeds", "--cond-kwarg", "pooled_projections=pooled",
+                    "--time", "sigma1000", "--png", str(tmp_path / "l.png")])
+    assert rep.cka.shape == (3, 3) and "linear CKA" in capsys.readouterr().out

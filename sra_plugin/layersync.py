@@ -1,0 +1,90 @@
+"""LayerSync (Haghighi, van Delft, Hassan, Alahi, arXiv 2510.12581): an earlier block of the user's own
+forward aligned to a deeper block of the same forward, the deeper one detached. No extra pass, no teacher.
+
+Facts from the official code (github.com/vita-epfl/LayerSync, ``transport/transport.py`` and
+``train.py``): the two blocks' raw outputs, no projection head; per token
+``-(normalize(z_s) * normalize(z_t.detach())).sum(-1)``, averaged over tokens and the batch;
+``--reg-weight 0.2``; SiT-XL blocks 8 -> 16 of 28 in the paper. Here ``loss="cosine"`` is
+``1 - cos`` per token: the same gradient, shifted by the constant 1 so that it is 0 when aligned.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from .layers import resolve_layer
+from .losses import build_loss
+from .registry import Adapter, resolve_blocks
+from .student import Objective, Weight, check_weight, head_on_model
+
+__all__ = ["LayerSync"]
+
+
+class LayerSync(Objective):
+    """Align block ``student_layer`` (through ``head``) with block ``target_layer`` of the same forward.
+
+    Usage, in an existing loop::
+
+        ls = LayerSync(model)                       # SiT-XL: blocks 8 -> 16
+        pred = model(x_t, t, y)                     # both blocks' tokens are kept by hooks
+        loss = diff_loss + ls(model, x_t, t, y)
+
+    Defaults: ``student_layer=0.3`` and ``target_layer=0.57`` of the depth (28 blocks: 8 and 16),
+    ``loss="cosine"`` per token, ``weight=0.2``, ``head="identity"`` (the paper's; ``"mlp"``,
+    ``"linear"`` or a module put a trainable head on the student side). The target gets no gradient.
+    With ``head="identity"`` it has no parameters: under DDP wrap only the model (DDP refuses a module
+    with none, and there is nothing to synchronise); with a head, wrap it too, as SRA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        student_layer: int | float = 0.3,
+        target_layer: int | float = 0.57,
+        loss: str | Callable[[Tensor, Tensor], Tensor] = "cosine",
+        weight: Weight = 0.2,
+        head: str | nn.Module = "identity",
+        adapter: str | Adapter | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        student, adapter, blocks = resolve_blocks(model, adapter)
+        student_index = resolve_layer(student_layer, len(blocks), "student_layer")
+        target_index = resolve_layer(target_layer, len(blocks), "target_layer")
+        if target_index <= student_index:
+            raise ValueError(
+                f"target_layer={target_layer!r} (block {target_index}) is not deeper than student_layer={student_layer!r} "
+                f"(block {student_index}): LayerSync aligns an earlier block to a later one"
+            )
+        if not callable(weight):
+            weight = check_weight(weight, "weight")
+        loss_fn = build_loss(loss)
+        dim = adapter.dim(student, blocks[student_index - 1])
+        target_dim = adapter.dim(student, blocks[target_index - 1])
+        head_module = head_on_model(head, dim, target_dim, student)
+
+        self.adapter = adapter
+        self.depth = len(blocks)
+        self.taps = {"student": student_index, "target": target_index}
+        self.target_layer = target_index
+        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
+        self._init_student(student)
+
+    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> Tensor:
+        return taps["target"].detach()
+
+    def forward(self, model: nn.Module, x_t: Tensor, t: Any, *args: Any,
+                sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The weighted LayerSync loss of one step; ``args``/``kwargs`` are the model's conditioning."""
+        return self._run(model, x_t, t, args, kwargs, sample_weight)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"student_layer": self.student_layer, "target_layer": self.target_layer, "depth": self.depth, "head": self.head_name}
+
+    def extra_repr(self) -> str:
+        return (
+            f"adapter={self.adapter.name!r}, blocks {self.student_layer}->{self.target_layer} of {self.depth} "
+            f"(same forward, target detached), loss={self.loss_name!r}, head={self.head_name!r}"
+        )
