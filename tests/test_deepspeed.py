@@ -2,9 +2,10 @@
 really partitions: ``stage3_param_persistence_threshold: 0``).
 
 For each stage, each objective (SRA with its owned EMA, SRA with the user's EMA, SRA 2, SRA on a peft
-LoRA model) and each build order (the aligner built before ``deepspeed.initialize`` and its head handed
-to the engine in ``ModelWithHeads``; or built after, on a head made beforehand), three steps of
-``engine.backward``/``engine.step``:
+LoRA model, LayerSync with an MLP head, Dispersive, REPA with a random tiny timm ViT as encoder) and each
+build order (the aligner built before ``deepspeed.initialize`` and its head handed to the engine in
+``ModelWithHeads``; or built after, on a head made beforehand; Dispersive has no parameters, so its
+engine trains the bare model), three steps of ``engine.backward``/``engine.step``:
 
 - every rank's SRA loss at every step equals a single-process reference trained on both ranks'
   batches (the engine averages gradients over ranks; the reference averages the two ranks' losses);
@@ -17,6 +18,7 @@ to the engine in ``ModelWithHeads``; or built after, on a head made beforehand),
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 import subprocess
@@ -31,8 +33,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from sra_plugin import LatentAlignment, ModelWithHeads, SelfRepresentationAlignment, zero
+from sra_plugin import REPA, Dispersive, LatentAlignment, LayerSync, ModelWithHeads, SelfRepresentationAlignment, zero
 from sra_plugin.heads import build_head
+from sra_plugin.repa import REPAProjector
 from sra_plugin.wrappers import unwrap
 from tests._models import flow_batch, free_port, tiny_sit
 
@@ -43,7 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install sra-plugin[dev]")
 
 WORLD, STEPS, BATCH, DECAY, LR = 2, 3, 2, 0.5, 1e-2
-VARIANTS = ("sra", "user_ema", "sra2", "lora")
+SRA_VARIANTS = ("sra", "user_ema", "lora")
+VARIANTS = (*SRA_VARIANTS, "sra2", "layersync", "dispersive", "repa")
 ORDERS = ("before", "after")
 ATTENTION = r".*\.attn\.(qkv|proj)"
 
@@ -66,10 +70,27 @@ def make_model(variant: str) -> tuple[nn.Module, nn.Module | None]:
     return model, user_ema
 
 
-def make_head(variant: str) -> nn.Module:
-    """The head an aligner built after ``deepspeed.initialize`` uses: made before, so the engine trains it."""
+def make_head(variant: str) -> nn.Module | None:
+    """The head an aligner built after ``deepspeed.initialize`` uses: made before, so the engine trains it
+    (Dispersive has none)."""
     torch.manual_seed(1)
+    if variant == "dispersive":
+        return None
+    if variant == "repa":
+        return REPAProjector(32, ENCODER_DIM, hidden=16)
     return build_head("mlp", 32, 16 if variant == "sra2" else 32)
+
+
+def make_encoder() -> nn.Module:
+    """REPA's frozen encoder: a random tiny timm ViT (nothing downloaded); 32 px, patch 8: the model's 4x4 grid."""
+    import timm
+
+    torch.manual_seed(7)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=ENCODER_DIM, depth=2, num_heads=2, num_classes=0).requires_grad_(False)
+
+
+ENCODER_DIM = 24
 
 
 def make_aligner(variant: str, model: nn.Module, user_ema: nn.Module | None, head: nn.Module | None = None) -> nn.Module:
@@ -77,6 +98,12 @@ def make_aligner(variant: str, model: nn.Module, user_ema: nn.Module | None, hea
     kwargs = {} if head is None else {"head": head}
     if variant == "sra2":
         return LatentAlignment(model, layer=2, **kwargs)
+    if variant == "layersync":
+        return LayerSync(model, student_layer=2, target_layer=4, **{"head": "mlp", **kwargs})
+    if variant == "dispersive":
+        return Dispersive(model, layer=3)
+    if variant == "repa":
+        return REPA(model, make_encoder(), layer=2, projector_dim=16, **kwargs)
     teacher = user_ema if user_ema is not None else "ema"
     return SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=DECAY, teacher=teacher, **kwargs)
 
@@ -84,16 +111,21 @@ def make_aligner(variant: str, model: nn.Module, user_ema: nn.Module | None, hea
 def data(step: int, rank: int):
     x_t, x_s, t, s, y, target = flow_batch(BATCH, 100 * step + rank)
     x0 = x_t - t.view(-1, 1, 1, 1) * target  # the linear path: x_t = x0 + t * (noise - x0)
-    return x_t, x_s, x0, t, s, y, target
+    images = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(100 * step + rank))
+    return x_t, x_s, x0, t, s, y, target, images
 
 
 def aligner_loss(aligner: nn.Module, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    x_t, x_s, x0, t, s, y, target = batch
+    x_t, x_s, x0, t, s, y, target, images = batch
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*Alignment found no student features")  # no fallback pass
+        warnings.filterwarnings("error", message=".*found no student features")  # no fallback pass
         pred = model(x_t, t, y)
         if isinstance(aligner, LatentAlignment):
             align = aligner(model, x_t, x0, t, y)
+        elif isinstance(aligner, REPA):
+            align = aligner(model, x_t, t, y, images=images)
+        elif isinstance(aligner, (LayerSync, Dispersive)):
+            align = aligner(model, x_t, t, y)
         else:
             align = aligner(model, x_t, x_s, t, s, y)
     return F.mse_loss(pred, target) + align, align
@@ -135,10 +167,10 @@ def build_engine(stage: int, variant: str, order: str):
     model, user_ema = make_model(variant)
     if order == "before":
         aligner = make_aligner(variant, model, user_ema)
-        bundle = ModelWithHeads(model, aligner)
+        bundle = ModelWithHeads(model, aligner) if any(True for _ in aligner.head.parameters()) else model
     else:
         head = make_head(variant)
-        bundle = ModelWithHeads(model, head)
+        bundle = ModelWithHeads(model, head) if head is not None else model
     optimizer = torch.optim.AdamW([p for p in bundle.parameters() if p.requires_grad], lr=LR)
     engine, *_ = deepspeed.initialize(model=bundle, optimizer=optimizer, config=ds_config(stage))
     if order == "after":
@@ -196,6 +228,7 @@ def run_case(stage: int, variant: str, order: str, rank: int, checkpoint_dir: st
 
 
 # ------------------------------------------------------------------------------------------ reference
+@functools.lru_cache(maxsize=None)
 def reference(variant: str, order: str) -> dict:
     """One process, no engine: each step averages the two ranks' losses, as the engine averages gradients."""
     model, user_ema = make_model(variant)
@@ -216,7 +249,8 @@ def reference(variant: str, order: str) -> dict:
         if isinstance(aligner, SelfRepresentationAlignment):
             aligner.update_teacher()
         losses.append(torch.stack([align.detach() for _, align in per_rank]))
-    return {"losses": torch.stack(losses)}  # (step, rank)
+    head = {n: p.detach().float().clone() for n, p in aligner.head.named_parameters()}
+    return {"losses": torch.stack(losses), "head": head}  # losses: (step, rank)
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -261,7 +295,7 @@ def case_id(case: tuple) -> str:
     return "zero{}-{}-{}".format(*case)
 
 
-SRA_CASES = [c for c in CASES if c[1] != "sra2"]
+SRA_CASES = [c for c in CASES if c[1] in SRA_VARIANTS]
 
 
 @needs_deepspeed
@@ -274,6 +308,20 @@ def test_zero_loss_equals_single_process_reference_at_every_step(ranks, case):
         assert got["reruns"] == 0  # the engine's forward fed the capture: no second student pass
         torch.testing.assert_close(got["losses"], expected[:, rank], rtol=1e-5, atol=1e-7, msg=f"rank {rank}")
     assert not torch.equal(ranks[0][case]["losses"], ranks[1][case]["losses"])  # different data per rank
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_zero_engine_trains_the_head_as_the_single_process_reference_does(ranks, case):
+    stage, variant, order = case
+    expected = reference(variant, order)["head"]
+    assert bool(expected) == (variant != "dispersive")  # every objective here but Dispersive has a trainable head
+    for rank in range(WORLD):
+        assert ranks[rank][case]["empty_outside_forward"] == (stage == 3)  # ZeRO-3 really partitioned the model
+        got = ranks[rank][case]["head"]
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
 
 
 @needs_deepspeed
