@@ -2,7 +2,8 @@
 really partitions: ``stage3_param_persistence_threshold: 0``).
 
 For each stage, each objective (SRA with its owned EMA, SRA with the user's EMA, SRA 2, SRA on a peft
-LoRA model, LayerSync with an MLP head, Dispersive, REPA with a random tiny timm ViT as encoder) and each
+LoRA model, LayerSync with an MLP head, Dispersive, REPA with a random tiny timm ViT as encoder, and
+SRA + LayerSync + Dispersive on one model, sharing one capture) and each
 build order (the aligner built before ``deepspeed.initialize`` and its head handed to the engine in
 ``ModelWithHeads``; or built after, on a head made beforehand; Dispersive has no parameters, so its
 engine trains the bare model), three steps of ``engine.backward``/``engine.step``:
@@ -47,7 +48,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 WORLD, STEPS, BATCH, DECAY, LR = 2, 3, 2, 0.5, 1e-2
 SRA_VARIANTS = ("sra", "user_ema", "lora")
-VARIANTS = (*SRA_VARIANTS, "sra2", "layersync", "dispersive", "repa")
+VARIANTS = (*SRA_VARIANTS, "sra2", "layersync", "dispersive", "repa", "composed")
 ORDERS = ("before", "after")
 ATTENTION = r".*\.attn\.(qkv|proj)"
 
@@ -78,6 +79,8 @@ def make_head(variant: str) -> nn.Module | None:
         return None
     if variant == "repa":
         return REPAProjector(32, ENCODER_DIM, hidden=16)
+    if variant == "composed":
+        return nn.ModuleList([build_head("mlp", 32, 32), build_head("mlp", 32, 32)])
     return build_head("mlp", 32, 16 if variant == "sra2" else 32)
 
 
@@ -93,6 +96,29 @@ def make_encoder() -> nn.Module:
 ENCODER_DIM = 24
 
 
+class Composed(nn.Module):
+    """``sra(...) + ls(...) + disp(...)`` on one model: one capture, the student's blocks run once."""
+
+    def __init__(self, model: nn.Module, heads: nn.ModuleList | None) -> None:
+        super().__init__()
+        sra_head, ls_head = ("mlp", "mlp") if heads is None else tuple(heads)
+        self.sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=DECAY, head=sra_head)
+        self.ls = LayerSync(model, student_layer=1, target_layer=4, head=ls_head)
+        self.disp = Dispersive(model, layer=3)
+        self.head = nn.ModuleList([self.sra.head, self.ls.head])
+        self._student = self.sra._student
+
+    @property
+    def student_reruns(self) -> int:
+        return self.sra.student_reruns + self.ls.student_reruns + self.disp.student_reruns
+
+    def forward(self, model, x_t, x_s, t, s, y):
+        return self.sra(model, x_t, x_s, t, s, y) + self.ls(model, x_t, t, y) + self.disp(model, x_t, t, y)
+
+    def update_teacher(self) -> None:
+        self.sra.update_teacher()
+
+
 def make_aligner(variant: str, model: nn.Module, user_ema: nn.Module | None, head: nn.Module | None = None) -> nn.Module:
     torch.manual_seed(1)
     kwargs = {} if head is None else {"head": head}
@@ -104,6 +130,8 @@ def make_aligner(variant: str, model: nn.Module, user_ema: nn.Module | None, hea
         return Dispersive(model, layer=3)
     if variant == "repa":
         return REPA(model, make_encoder(), layer=2, projector_dim=16, **kwargs)
+    if variant == "composed":
+        return Composed(model, head)
     teacher = user_ema if user_ema is not None else "ema"
     return SelfRepresentationAlignment(model, student_layer=2, teacher_layer=3, ema_decay=DECAY, teacher=teacher, **kwargs)
 
@@ -194,7 +222,7 @@ def run_case(stage: int, variant: str, order: str, rank: int, checkpoint_dir: st
         engine.step()
         if user_ema is not None:
             hand_ema_update(user_ema, student)
-        if isinstance(aligner, SelfRepresentationAlignment):
+        if hasattr(aligner, "update_teacher"):
             aligner.update_teacher()
         now = gathered(student, names)
         hand = {n: torch.lerp(hand[n], now[n], 1 - DECAY) for n in names}
@@ -246,7 +274,7 @@ def reference(variant: str, order: str) -> dict:
             with torch.no_grad():
                 for e, p in zip(user_ema.parameters(), model.parameters()):
                     e.lerp_(p.detach(), 1 - DECAY)
-        if isinstance(aligner, SelfRepresentationAlignment):
+        if hasattr(aligner, "update_teacher"):
             aligner.update_teacher()
         losses.append(torch.stack([align.detach() for _, align in per_rank]))
     head = {n: p.detach().float().clone() for n, p in aligner.head.named_parameters()}
