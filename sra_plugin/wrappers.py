@@ -20,6 +20,8 @@ class ModelWithHeads(nn.Module):
     (``deepspeed.initialize(model=...)``, ``accelerator.prepare`` under DeepSpeed): the engine's
     optimizer then trains the heads, and ZeRO-3 partitions and gathers them like the model's own layers.
     Its forward is the model's; its state dict is the model's under ``model.`` and the heads' under ``heads.``.
+    Any objective with a head goes in (SRA, SRA 2, LayerSync with a head, REPA); one without parameters
+    (Dispersive, LayerSync with ``head="identity"``) needs none: give the engine the bare model.
 
     ``engine = deepspeed.initialize(model=ModelWithHeads(model, sra), ...)``, then
     ``pred = engine(x_t, t, y)`` and ``sra(engine, x_t, x_s, t, s, y)`` as usual. To build the aligner
@@ -32,8 +34,8 @@ class ModelWithHeads(nn.Module):
         if not aligners_or_heads or not all(isinstance(a, nn.Module) for a in aligners_or_heads):
             raise TypeError(
                 f"aligners_or_heads={[type(a).__name__ for a in aligners_or_heads]} is not accepted: pass one or more "
-                "SelfRepresentationAlignment / LatentAlignment objects built on this model, or the head modules "
-                "you will give them as head= (to build them after the engine)"
+                "objectives built on this model (SelfRepresentationAlignment, LatentAlignment, LayerSync, REPA), or the "
+                "head modules you will give them as head= (to build them after the engine)"
             )
         # An aligner brings its head; a bare module is a head the user will hand to an aligner.
         heads = [a.head if isinstance(getattr(a, "head", None), nn.Module) else a for a in aligners_or_heads]
