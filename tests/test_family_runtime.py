@@ -1,4 +1,4 @@
-"""The new objectives under the runtimes SRA supports: DDP (two gloo processes: model and heads stay
+"""The new objectives under the runtimes SRA supports: DDP and FSDP2 (two gloo processes: model and heads stay
 identical across ranks, the training forward is reused), torch.compile (the compiled forward feeds the
 shared capture; losses equal eager), bf16 autocast (float32 losses equal to a float32 computation on the
 same features, computed under autocast)."""
@@ -143,18 +143,25 @@ def test_bf16_autocast_losses_are_float32_and_match_the_features():
 def fsdp_build(disp_weight: float = 0.0):
     model = tiny_sit(seed=0, depth=4, class_dropout_prob=0.0)
     torch.manual_seed(1)
-    return model, LayerSync(model, 1, 3, head="linear"), Dispersive(model, layer=2, weight=disp_weight)
+    ls, disp = LayerSync(model, 1, 3, head="linear"), Dispersive(model, layer=2, weight=disp_weight)
+    return model, ls, disp, REPA(model, encoder(), layer=2, projector_dim=8)
 
 
-def fsdp_train(model, ls, disp, batches) -> torch.Tensor:
-    opt = torch.optim.AdamW([*model.parameters(), *ls.parameters()], lr=1e-3)
+def fsdp_batch(step: int, ranks: tuple[int, ...]) -> list:
+    """Step ``step``'s batch of the given ranks, concatenated (one rank: its own batch), and its images."""
+    parts = [(*flow_batch(4, 100 * step + r), images(step + 10 * r)) for r in ranks]
+    return [torch.cat(v) for v in zip(*parts)]
+
+
+def fsdp_train(model, ls, disp, repa, batches) -> torch.Tensor:
+    opt = torch.optim.AdamW([*model.parameters(), *ls.parameters(), *repa.parameters()], lr=1e-3)
     losses = []
-    for x_t, _, t, _, y, target in batches:
+    for x_t, _, t, _, y, target, imgs in batches:
         with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="(LayerSync|Dispersive)")  # no re-run
+            warnings.filterwarnings("error", message="(LayerSync|Dispersive|REPA)")  # no re-run
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
             pred = model(x_t, t, y)
-            terms = ls(model, x_t, t, y) + disp(model, x_t, t, y)
+            terms = ls(model, x_t, t, y) + disp(model, x_t, t, y) + repa(model, x_t, t, y, images=imgs)
         (F.mse_loss(pred, target) + terms).backward()
         opt.step()
         opt.zero_grad()
@@ -174,36 +181,36 @@ def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         full = lambda m: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.state_dict().items()}  # noqa: E731
         result = {}
         for disp_weight in (0.0, 0.5):  # 0: comparable with one process; 0.5: Dispersive's gradient through the shards
-            model, ls, disp = fsdp_build(disp_weight)  # objectives first (hooks), then shard
+            model, ls, disp, repa = fsdp_build(disp_weight)  # objectives first (hooks), then shard
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
             fully_shard(ls.head, mesh=mesh)
-            losses = fsdp_train(model, ls, disp, [flow_batch(4, 100 * step + rank) for step in range(STEPS)])
-            result[disp_weight] = {"model": full(model), "head": full(ls.head), "losses": losses,
-                                   "reruns": ls.student_reruns + disp.student_reruns}
+            fully_shard(repa.head, mesh=mesh)
+            losses = fsdp_train(model, ls, disp, repa, [fsdp_batch(step, (rank,)) for step in range(STEPS)])
+            result[disp_weight] = {"model": full(model), "head": full(ls.head), "repa_head": full(repa.head),
+                                   "losses": losses, "reruns": ls.student_reruns + disp.student_reruns + repa.student_reruns}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_fsdp2_layersync_and_dispersive_match_across_ranks_and_one_process():
+def test_fsdp2_layersync_dispersive_and_repa_match_across_ranks_and_one_process():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(fsdp_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
     for disp_weight in (0.0, 0.5):
         r0, r1 = (r[disp_weight] for r in ranks)
         assert r0["reruns"] == r1["reruns"] == 0 and not torch.equal(r0["losses"], r1["losses"])
-        for part in ("model", "head"):
+        for part in ("model", "head", "repa_head"):
             assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), (disp_weight, part)
     assert not torch.equal(ranks[0][0.5]["model"]["blocks.0.attn.qkv.weight"], ranks[0][0.0]["model"]["blocks.0.attn.qkv.weight"])
     r0 = ranks[0][0.0]
-    # One process on both ranks' batches: LayerSync is a mean per sample, so it is the same training.
+    # One process on both ranks' batches: LayerSync and REPA are means per sample, so it is the same training.
     # (Dispersive is a per-batch loss, each rank dispersing its own batch: compared across ranks only.)
-    model, ls, disp = fsdp_build()
-    fsdp_train(model, ls, disp, [[torch.cat(v) for v in zip(*(flow_batch(4, 100 * step + r) for r in range(WORLD)))]
-                                 for step in range(STEPS)])
-    for part, module in (("model", model), ("head", ls.head)):
+    model, ls, disp, repa = fsdp_build()
+    fsdp_train(model, ls, disp, repa, [fsdp_batch(step, tuple(range(WORLD))) for step in range(STEPS)])
+    for part, module in (("model", model), ("head", ls.head), ("repa_head", repa.head)):
         for name, value in module.state_dict().items():
             torch.testing.assert_close(r0[part][name], value, rtol=1e-4, atol=1e-6, msg=f"{part}.{name}")
