@@ -40,7 +40,7 @@ def _import_adapters():
 
 adapters = _import_adapters()  # registers the built-in adapters
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "SelfRepresentationAlignment",
