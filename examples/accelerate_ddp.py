@@ -125,6 +125,7 @@ def run_torch(args: argparse.Namespace) -> None:
             if rank == 0:
                 log_step(step, args.steps, diff, sra)
         check_ranks_agree(model, sra, args.steps)
+        dist.barrier()  # leave together (see run_accelerate)
     finally:
         dist.destroy_process_group()
 
@@ -152,6 +153,10 @@ def run_accelerate(args: argparse.Namespace) -> None:
         if accelerator.is_main_process:
             log_step(step, args.steps, diff, sra)
     check_ranks_agree(accelerator.unwrap_model(model), sra, args.steps)
+    # Every rank leaves the group together: a rank that exits while its peer still talks to it
+    # makes gloo abort the peer (SIGABRT) at interpreter shutdown.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"teacher != student: {moved}")
     if not same:
         raise SystemExit(f"{args.mode}: the ranks disagree: {[g.tolist() for g in gathered]}")
-    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    accelerator.wait_for_everyone()  # leave together: a peer that exits mid-talk makes gloo abort this rank
+    accelerator.end_training()
     return {"losses": losses, "same": same, "moved": moved}
 
 
