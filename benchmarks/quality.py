@@ -152,19 +152,22 @@ def _config(args: argparse.Namespace, seed: int) -> TrainConfig:
 
 
 def _variant_recipe(args: argparse.Namespace, variant: str) -> str:
-    method, loss, weight = VARIANTS[variant]
-    if method is None:
-        return "no alignment"
-    if variant == "sra":
-        loss, weight = args.loss, args.weight
-    if method == "latent":
-        import inspect
+    """What each term of ``variant`` is, with the loss and weight it runs with."""
+    import inspect
 
-        import sra_plugin
+    import sra_plugin
 
-        params = inspect.signature(sra_plugin.LatentAlignment).parameters
-        return f"LatentAlignment (SRA 2) with its defaults, {params['loss'].default} x {params['weight'].default}"
-    return f"SRA {loss} x {weight}"
+    from examples.digits import METHOD_CLASSES
+
+    parts = []
+    for method, loss, weight in VARIANTS[variant]:
+        cls = METHOD_CLASSES[method]
+        params = inspect.signature(getattr(sra_plugin, cls)).parameters
+        loss = loss if loss is not None else params["loss"].default if "loss" in params else None
+        weight = weight if weight is not None else params["weight"].default
+        name = {"sra": "SRA", "latent": "LatentAlignment (SRA 2)"}.get(method, cls)
+        parts.append(f"{name} {loss} x {weight}" if loss is not None else f"{name} x {weight}")
+    return " + ".join(parts) or "no alignment"
 
 
 def evaluate(model: torch.nn.Module, data: Digits, clf, args: argparse.Namespace, seed: int, layers: tuple[int, int]) -> dict:
