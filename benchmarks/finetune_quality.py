@@ -46,6 +46,7 @@ from examples.digits import (
     frechet_distance,
     heldout_diffusion_loss,
     linear_probe,
+    first_digits,
     load_images,
     load_or_train_classifier,
     sample_quality,
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classifier-epochs", type=int, default=15)
     p.add_argument("--run-dir", type=Path, default=Path("outputs/finetune"), help="where the base model is cached")
     p.add_argument("--samples-dir", type=Path, default=None)
+    p.add_argument("--data-limit", type=int, default=None,
+                   help="use only the first N training and N/4 held-out digits (smoke runs; default: all)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/finetune.json"))
@@ -104,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not accepted: use an int >= 1")
     if set(args.base_classes) & set(args.new_classes):
         p.error(f"--base-classes {args.base_classes} and --new-classes {args.new_classes} overlap: use disjoint digits")
+    if args.data_limit is not None and args.data_limit < 8:
+        p.error(f"--data-limit {args.data_limit} is not accepted: use an int >= 8")
     if len(set(args.variants)) != len(args.variants):
         p.error(f"--variants {args.variants} names a variant twice")
     for v in args.variants:
@@ -163,7 +168,7 @@ def run_one(job: tuple) -> dict:
     """LoRA-fine-tune the base with one (seed, variant) and measure its EMA (also every --eval-every steps)."""
     args, seed, variant, threads, base_state = job
     torch.set_num_threads(threads)
-    data = load_images(args.dataset)
+    data = first_digits(load_images(args.dataset), args.data_limit)
     clf, _ = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
     cfg = _tune_config(args, seed)
     layers = cfg.layers()
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    data = load_images(args.dataset)
+    data = first_digits(load_images(args.dataset), args.data_limit)
     clf, clf_acc = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
     base_state, base_path, base_cpu = base_model(args, data)
     layers = _tune_config(args, args.seeds[0]).layers()

@@ -59,6 +59,7 @@ from examples.digits import (
     frechet_distance,
     heldout_diffusion_loss,
     linear_probe,
+    first_digits,
     load_images,
     load_or_train_classifier,
     sample_quality,
@@ -113,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classifier-epochs", type=int, default=15, help="training epochs of the feature CNN")
     p.add_argument("--samples-dir", type=Path, default=None, help="also save each run's sample grid (PNG) here")
     p.add_argument("--report", type=Path, default=None, help="write the layer report of each variant's first seed here")
+    p.add_argument("--data-limit", type=int, default=None,
+                   help="use only the first N training and N/4 held-out digits (smoke runs; default: all)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/quality.json"))
@@ -124,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.seeds:
         p.error("--seeds needs at least one seed")
+    if args.data_limit is not None and args.data_limit < 8:
+        p.error(f"--data-limit {args.data_limit} is not accepted: use an int >= 8")
     if len(set(args.variants)) != len(args.variants):
         p.error(f"--variants {args.variants} names a variant twice")
     for name in ("steps", "batch_size", "per_class", "sample_steps", "workers", "classifier_epochs"):
@@ -224,7 +229,7 @@ def run_one(job: tuple[argparse.Namespace, int, str, int]) -> dict:
     if args.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = load_images(args.dataset)
+    data = first_digits(load_images(args.dataset), args.data_limit)
     cfg = _config(args, seed)
     layers = cfg.layers()
     clf, _ = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
@@ -370,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    data: Digits = load_images(args.dataset)
+    data: Digits = first_digits(load_images(args.dataset), args.data_limit)
     cfg = _config(args, args.seeds[0])  # validates the configuration before anything runs
     clf, clf_acc = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
     floor = frechet_distance(classifier_features(clf, data.x_test), classifier_features(clf, data.x_train))

@@ -484,6 +484,15 @@ def class_grid_labels(per_class: int, classes: tuple[int, ...] | None = None) ->
     return chosen.repeat_interleave(per_class)
 
 
+def first_digits(data: Digits, limit: int | None) -> Digits:
+    """The first ``limit`` training and ``limit // 4`` held-out digits (all with None): for smoke runs."""
+    if limit is None:
+        return data
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 8:
+        raise ValueError(f"limit={limit!r} is not accepted: use None (every digit) or an int >= 8")
+    return Digits(data.x_train[:limit], data.y_train[:limit], data.x_test[: limit // 4], data.y_test[: limit // 4])
+
+
 def subset(data: Digits, classes: tuple[int, ...]) -> Digits:
     """Only the digits of ``classes``, in both splits."""
     bad = [c for c in classes if not 0 <= c < NUM_CLASSES]

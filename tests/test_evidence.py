@@ -176,7 +176,7 @@ def test_gpu_recipe_one_step_smoke_run_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "GPU_EVIDENCE_OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     flags = ["--device", "cpu", "--steps", "1", "--seeds", "0", "--variants", *D.VARIANTS, "--model-size", "tiny",
              "--per-class", "2", "--sample-steps", "1", "--workers", "1", "--threads", "1", "--classifier-epochs", "1",
-             "--eval-every", "0", "--batch-size", "4"]
+             "--eval-every", "0", "--batch-size", "4", "--data-limit", "200"]
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_evidence.sh"), *flags], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

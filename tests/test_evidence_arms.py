@@ -114,7 +114,7 @@ def test_finetune_benchmark_runs_caches_its_base_and_measures_both_splits(tmp_pa
     argv = ["--model-size", "tiny", "--base-steps", "2", "--steps", "1", "--seeds", "0", "--variants", "none", "sra2",
             "--workers", "1", "--threads", "1", "--per-class", "2", "--sample-steps", "1", "--classifier-epochs", "1",
             "--classifier", str(tmp_path / "clf.pt"), "--run-dir", str(tmp_path / "run"), "--json", str(tmp_path / "f.json"),
-            "--table", str(tmp_path / "f.md")]
+            "--table", str(tmp_path / "f.md"), "--data-limit", "400"]
     result = F.main(argv)
     (base_file,) = (tmp_path / "run").glob("base_*.pt")
     stamp = base_file.stat().st_mtime_ns
@@ -127,7 +127,7 @@ def test_finetune_benchmark_runs_caches_its_base_and_measures_both_splits(tmp_pa
     assert run["trainable_parameters"] < sum(v.numel() for v in torch.load(base_file, weights_only=True)["state_dict"].values())
     assert "old_frechet" in (tmp_path / "f.md").read_text()
     args = F.parse_args(argv)
-    again, path, _ = F.base_model(args, D.load_images(args.dataset))
+    again, path, _ = F.base_model(args, D.first_digits(D.load_images(args.dataset), 400))
     assert path == base_file and base_file.stat().st_mtime_ns == stamp  # the base was loaded, not retrained
     assert all(torch.equal(again[k], v) for k, v in torch.load(base_file, weights_only=True)["state_dict"].items())
     assert result["base"]["metrics"] == saved["base"]["metrics"]
