@@ -133,3 +133,19 @@ def test_finetune_benchmark_runs_caches_its_base_and_measures_both_splits(tmp_pa
     assert result["base"]["metrics"] == saved["base"]["metrics"]
     with pytest.raises(SystemExit):
         F.parse_args(["--base-classes", "0-5", "--new-classes", "5-9"])
+
+
+def test_evidence_report_counts_wins_in_the_right_direction() -> None:
+    from benchmarks import evidence_report as R
+    from benchmarks.quality import summarize
+
+    runs = []
+    for seed, (fd_none, fd_sra, acc_none, acc_sra) in enumerate([(50, 40, 0.8, 0.9), (50, 60, 0.8, 0.7), (50, 45, 0.8, 0.8)]):
+        runs += [{"seed": seed, "variant": "none", "frechet": float(fd_none), "class_accuracy": acc_none},
+                 {"seed": seed, "variant": "sra", "frechet": float(fd_sra), "class_accuracy": acc_sra}]
+    summary = summarize(runs, [0, 1, 2], ["none", "sra"])
+    table = R.summary_table({"summary": summary, "config": {"seed": [0, 1, 2]}})
+    # Frechet: lower wins (seeds 0 and 2); accuracy: higher wins (seed 0 only, seed 2 is a tie).
+    assert "| sra | 48.3 ± 10.4 (2/3) | 0.800 ± 0.100 (1/3) |" in table
+    assert "| none | 50.0 ± 0.0 | 0.800 ± 0.000 |" in table
+    assert R.lower_is_better("new_heldout_diffusion_loss") and not R.lower_is_better("old_class_accuracy")
