@@ -10,7 +10,9 @@
 #   GPU_EVIDENCE_OUT=/tmp/out bash benchmarks/gpu_evidence.sh --device cpu --steps 1 ...   # smoke test
 #
 # Writes: quality_mnist5k_gpu.json (every run, its curve, the summary), quality_mnist5k_gpu.md (the
-# results table), quality_mnist5k_gpu_curves.png (each metric against the step, per variant),
+# results table), quality_mnist5k_gpu_summary.md (mean ± std and seeds beating none, per arm),
+# quality_mnist5k_gpu_samples.png (seed 0's samples of every arm side by side),
+# quality_mnist5k_gpu_curves.png (each metric against the step, per variant),
 # layers/layers_<variant>.{png,json} (sra_plugin.report on each variant's first seed), samples/, and
 # the log. Needs the [evidence] extra (pip install -e '.[evidence]').
 set -euo pipefail
@@ -30,4 +32,6 @@ start=$(date +%s)
   --samples-dir "$OUT/samples" \
   --classifier "$OUT/mnist5k_classifier.pt" \
   "$@" 2>&1 | tee "$OUT/quality_mnist5k_gpu.log"
+"$PYTHON" benchmarks/evidence_report.py "$OUT/quality_mnist5k_gpu.json" --samples "$OUT/samples" \
+  --montage "$OUT/quality_mnist5k_gpu_samples.png" 2>&1 | tee -a "$OUT/quality_mnist5k_gpu.log"
 echo "gpu_evidence: $(( $(date +%s) - start )) s in all; results in $OUT" | tee -a "$OUT/quality_mnist5k_gpu.log"

@@ -187,7 +187,10 @@ def test_gpu_recipe_one_step_smoke_run_on_cpu(tmp_path: Path) -> None:
     assert saved["config"]["steps"] == 1 and saved["environment"]["device"] == "cpu"
     md = (tmp_path / "quality_mnist5k_gpu.md").read_text()
     assert "| frechet |" in md and "sra − none" in md and "sra+dispersive − none" in md
-    for name in ("quality_mnist5k_gpu_curves.png", "layers/layers_none.png", "layers/layers_sra.json",
+    summary = (tmp_path / "quality_mnist5k_gpu_summary.md").read_text()
+    assert all(f"| {arm} |" in summary for arm in D.VARIANTS)
+    assert summary.count("/1)") >= 6 * 5  # every arm but none: seeds beating none, per metric
+    for name in ("quality_mnist5k_gpu_curves.png", "quality_mnist5k_gpu_samples.png", "layers/layers_none.png", "layers/layers_sra.json",
                  "quality_mnist5k_gpu.log", "samples/samples_seed0_sra.png"):
         assert (tmp_path / name).exists(), name
     report = json.loads((tmp_path / "layers" / "layers_sra.json").read_text())
