@@ -62,14 +62,16 @@ def summary_table(result: dict, metrics: list[str] | None = None) -> str:
 
 
 def montage(samples_dir: Path, arms: list[str], seed: int, out: Path, prefix: str = "samples") -> Path:
-    """The seed's sample grid of every arm side by side, titled with the arm."""
+    """The seed's sample grid of every arm side by side, titled with the arm; each grid cut to a square
+    (as many samples per row as there are rows) so that the digits stay legible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     images = [plt.imread(samples_dir / f"{prefix}_seed{seed}_{arm}.png") for arm in arms]
-    fig, axes = plt.subplots(1, len(arms), figsize=(2.6 * len(arms), 3.2), dpi=120, squeeze=False)
+    images = [img[:, : img.shape[0]] for img in images]
+    fig, axes = plt.subplots(1, len(arms), figsize=(2.2 * len(arms), 2.6), dpi=120, squeeze=False)
     for ax, arm, img in zip(axes[0], arms, images):
         ax.imshow(img)
         ax.set_title(arm, fontsize=9)
