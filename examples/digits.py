@@ -405,11 +405,13 @@ def train(
             if method == "sra":
                 obj.update_teacher()  # advances sra.step (the teacher is ``ema``, updated above)
         result.diff_loss.append(diff.item())
-        if objectives:
-            metrics = objectives[0][1].metrics
-            result.align_loss.append(_raw_term(metrics))
-            result.cos_sim.append(float(metrics.get("cos_sim", float("nan"))))
-            result.term_loss.append(sum(float(obj.metrics.get("loss", float("nan"))) for _, obj in objectives))
+        if objectives:  # a term without metrics (a stand-in of the API) records nothing
+            metrics = getattr(objectives[0][1], "metrics", None) or {}
+            if metrics:
+                result.align_loss.append(_raw_term(metrics))
+                result.cos_sim.append(float(metrics.get("cos_sim", float("nan"))))
+            result.term_loss.append(sum(float((getattr(obj, "metrics", None) or {}).get("loss", float("nan")))
+                                        for _, obj in objectives))
         if not math.isfinite(result.diff_loss[-1]):
             raise FloatingPointError(f"diffusion loss became {result.diff_loss[-1]} at step {step}: lower the lr")
         if bar is not None:
