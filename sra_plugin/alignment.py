@@ -14,7 +14,17 @@ from .registry import Adapter, ModelCall, resolve_blocks
 from .student import Objective, Weight, check_weight, head_on_model
 from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
 
-__all__ = ["SelfRepresentationAlignment"]
+__all__ = ["SelfRepresentationAlignment", "RECIPES"]
+
+# recipe -> the loss and weight it fills in where the caller gives none. "paper": arXiv 2505.02831's
+# SiT recipe (smooth-L1, beta 0.05, weight 0.2; its weight schedule is ``schedules.paper``). "official":
+# the authors' code's current default, cosine over the token axis with weight 0.5 (their code keeps
+# smooth-L1 only to reproduce the paper).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"loss": "smooth_l1", "weight": 0.2},
+    "official": {"loss": "cosine_tokens", "weight": 0.5},
+}
+DEFAULT_RECIPE = "paper"
 
 
 class SelfRepresentationAlignment(Objective):
@@ -32,8 +42,10 @@ class SelfRepresentationAlignment(Objective):
         loss.backward(); opt.step(); opt.zero_grad()
         sra.update_teacher()
 
-    Layers are 1-based block numbers, negative from the end, or fractions of depth (see
-    ``sra_plugin.layers``). ``sra(...)`` returns the weighted loss; ``metrics`` holds the last call's
+    ``loss``/``weight`` left as None come from ``recipe`` (``RECIPES``): ``"paper"`` is smooth-L1
+    (beta 0.05) x 0.2, ``"official"`` the authors' current code, ``cosine_tokens`` x 0.5; a ``loss`` or
+    ``weight`` given explicitly wins over the recipe's. Layers are 1-based block numbers, negative from
+    the end, or fractions of depth (see ``sra_plugin.layers``). ``sra(...)`` returns the weighted loss; ``metrics`` holds the last call's
     figures as floats.
 
     Many processes: wrap the model in DDP, and ``sra`` too when it has parameters that train (any head
@@ -56,14 +68,19 @@ class SelfRepresentationAlignment(Objective):
         teacher: str | nn.Module = "ema",
         ema_decay: float = 0.9999,
         head: str | nn.Module = "mlp",
-        loss: str | Callable[[Tensor, Tensor], Tensor] = "smooth_l1",
-        weight: Weight = 0.2,
+        loss: str | Callable[[Tensor, Tensor], Tensor] | None = None,
+        weight: Weight | None = None,
         adapter: str | Adapter | None = None,
         check_finite: bool = False,
         ema_dtype: torch.dtype = torch.float32,
         compile_teacher: bool | dict | None = None,
+        recipe: str = DEFAULT_RECIPE,
     ) -> None:
         super().__init__()
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise ValueError(f"recipe={recipe!r} is not accepted: use one of {sorted(RECIPES)}")
+        loss = RECIPES[recipe]["loss"] if loss is None else loss
+        weight = RECIPES[recipe]["weight"] if weight is None else weight
         # Everything is validated before anything is created or attached.
         student, adapter, blocks = resolve_blocks(model, adapter)
         depth = len(blocks)
@@ -89,6 +106,7 @@ class SelfRepresentationAlignment(Objective):
         self.teacher_layer = teacher_index
         self.ema_decay = float(ema_decay)
         self.compile_teacher = compile_teacher
+        self.recipe = recipe
         self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         # The owned teacher is built before any hook is attached, so a copy carries none of ours.
         self.ema: EMATeacher | None = EMATeacher(student, ema_decay, ema_dtype) if user_teacher is None else None

@@ -23,6 +23,10 @@ from .student import Objective, Weight, check_weight, head_on_model
 
 __all__ = ["LatentAlignment"]
 
+TARGET_NORMS = (None, "sample")
+TARGET_NORM_DEFAULT: str | None = None
+TARGET_NORM_EPS = 1e-6
+
 
 class LatentAlignment(Objective):
     """Align block ``layer``'s tokens, through ``head``, with the clean latent ``x0`` in patch tokens.
@@ -43,6 +47,9 @@ class LatentAlignment(Objective):
     clean latent of what the model predicts (``Adapter.target_shape``): of its output channels where the
     input stacks conditioning channels (image-to-video, fill), of the generated image's tokens where an
     edit model appends reference-image tokens.
+    ``target_norm="sample"`` z-scores each sample's target (its patchified latent) before the loss, so
+    the term's size does not follow the latent's scale (video VAEs give large latents); None aligns
+    with the raw values.
     """
 
     def __init__(
@@ -55,8 +62,14 @@ class LatentAlignment(Objective):
         adapter: str | Adapter | None = None,
         target_dim: int | None = None,
         check_finite: bool = False,
+        target_norm: str | None = TARGET_NORM_DEFAULT,
     ) -> None:
         super().__init__()
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(
+                f"target_norm={target_norm!r} is not accepted: use 'sample' (z-score each sample's patchified latent) "
+                "or None (the raw latent values)"
+            )
         student, adapter, blocks = resolve_blocks(model, adapter)
         index = resolve_layer(layer, len(blocks), "layer")
         if not callable(weight):
@@ -73,6 +86,7 @@ class LatentAlignment(Objective):
         self.depth = len(blocks)
         self.taps = {"student": index}
         self.target_dim = int(target_dim)
+        self.target_norm = target_norm
         self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         self._init_student(student)
 
@@ -82,8 +96,15 @@ class LatentAlignment(Objective):
         return self.student_layer
 
     def target(self, x0: Tensor) -> Tensor:
-        """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``."""
-        return self.adapter.patchify(self._student, x0)
+        """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``; with
+        ``target_norm="sample"`` each sample's values z-scored (mean 0, std 1 over all its values)."""
+        patches = self.adapter.patchify(self._student, x0)
+        if self.target_norm == "sample":
+            flat = patches.float().flatten(1)
+            mean = flat.mean(1).view(-1, *[1] * (patches.dim() - 1))
+            std = flat.std(1).view(-1, *[1] * (patches.dim() - 1))
+            patches = ((patches.float() - mean) / (std + TARGET_NORM_EPS)).to(patches.dtype)
+        return patches
 
     def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x0: Any = None) -> None:
         if not isinstance(x0, Tensor):
@@ -123,10 +144,11 @@ class LatentAlignment(Objective):
         return self._run(model, x_t, t, args, kwargs, sample_weight, x0=x0)
 
     def _identity(self) -> dict[str, Any]:
-        return {"layer": self.student_layer, "depth": self.depth, "head": self.head_name, "target_dim": self.target_dim}
+        return {"layer": self.student_layer, "depth": self.depth, "head": self.head_name, "target_dim": self.target_dim,
+                "target_norm": self.target_norm}
 
     def extra_repr(self) -> str:
         return (
             f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth} -> latent patches "
-            f"of {self.target_dim}, loss={self.loss_name!r}, head={self.head_name!r}"
+            f"of {self.target_dim}, loss={self.loss_name!r}, head={self.head_name!r}, target_norm={self.target_norm!r}"
         )

@@ -167,24 +167,30 @@ def test_gpu_recipe_is_valid_bash() -> None:
     hidden, depth, _, patch, *_ = D.MODEL_SIZES[args.model_size]
     assert args.dataset == "mnist5k" and 256 <= hidden <= 384 and 8 <= depth <= 12 and patch == 2
     assert len(args.seeds) >= 3 and args.device == "cuda" and args.workers >= 12
-    assert quality.PRESETS["gpu"]["variants"] == ["none", "sra", "sra-cosine", "sra2"]
+    # Every arm of the CPU comparison, composition included (the preset used to stop at sra2).
+    assert quality.PRESETS["gpu"]["variants"] == ["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive"]
     assert quality.parse_args(["--preset", "gpu", "--variants", "none", "--steps", "7"]).steps == 7  # flags win
 
 
 def test_gpu_recipe_one_step_smoke_run_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "GPU_EVIDENCE_OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    flags = ["--device", "cpu", "--steps", "1", "--seeds", "0", "--variants", "none", "sra", "--model-size", "tiny",
+    flags = ["--device", "cpu", "--steps", "1", "--seeds", "0", "--variants", *D.VARIANTS, "--model-size", "tiny",
              "--per-class", "2", "--sample-steps", "1", "--workers", "1", "--threads", "1", "--classifier-epochs", "1",
-             "--eval-every", "0", "--batch-size", "4"]
+             "--eval-every", "0", "--batch-size", "4", "--data-limit", "200"]
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_evidence.sh"), *flags], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = json.loads((tmp_path / "quality_mnist5k_gpu.json").read_text())
-    assert saved["dataset"] == "mnist5k" and {r["variant"] for r in saved["runs"]} == {"none", "sra"}
+    assert saved["dataset"] == "mnist5k" and [r["variant"] for r in saved["runs"]] == list(D.VARIANTS)
+    assert all(np.isfinite(r["frechet"]) and np.isfinite(r["heldout_diffusion_loss"]) for r in saved["runs"])
+    assert saved["variants"]["sra+dispersive"] == "SRA smooth_l1 x 0.2 + Dispersive x 0.5"
     assert saved["config"]["steps"] == 1 and saved["environment"]["device"] == "cpu"
     md = (tmp_path / "quality_mnist5k_gpu.md").read_text()
-    assert "| frechet |" in md and "sra − none" in md
-    for name in ("quality_mnist5k_gpu_curves.png", "layers/layers_none.png", "layers/layers_sra.json",
+    assert "| frechet |" in md and "sra − none" in md and "sra+dispersive − none" in md
+    summary = (tmp_path / "quality_mnist5k_gpu_summary.md").read_text()
+    assert all(f"| {arm} |" in summary for arm in D.VARIANTS)
+    assert summary.count("/1)") >= 6 * 5  # every arm but none: seeds beating none, per metric
+    for name in ("quality_mnist5k_gpu_curves.png", "quality_mnist5k_gpu_samples.png", "layers/layers_none.png", "layers/layers_sra.json",
                  "quality_mnist5k_gpu.log", "samples/samples_seed0_sra.png"):
         assert (tmp_path / name).exists(), name
     report = json.loads((tmp_path / "layers" / "layers_sra.json").read_text())
