@@ -60,7 +60,8 @@ METHOD_CLASSES = {
 }
 # The compared variants: name -> its terms, all added to the diffusion loss of one forward. "sra" is the
 # paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the official code's current default
-# (cosine over the token axis, weight 0.5); "sra+dispersive" composes the paper's SRA with Dispersive.
+# (cosine over the token axis, weight 0.5); "dispersive-0.25" is Dispersive at the weight of the authors'
+# release (0.25; the class default is 0.5); "sra+dispersive" composes the paper's SRA with Dispersive.
 VARIANTS: dict[str, tuple[Term, ...]] = {
     "none": (),
     "sra": (("sra", "smooth_l1", 0.2),),
@@ -68,6 +69,7 @@ VARIANTS: dict[str, tuple[Term, ...]] = {
     "sra2": (("latent", None, None),),
     "layersync": (("layersync", None, None),),
     "dispersive": (("dispersive", None, None),),
+    "dispersive-0.25": (("dispersive", None, 0.25),),
     "sra+dispersive": (("sra", "smooth_l1", 0.2), ("dispersive", None, None)),
 }
 

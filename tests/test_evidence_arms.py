@@ -22,6 +22,7 @@ EXPECTED = {  # arm -> (class, loss name, weight) of each term
     "sra2": [("LatentAlignment", None, None)],
     "layersync": [("LayerSync", None, None)],
     "dispersive": [("Dispersive", None, None)],
+    "dispersive-0.25": [("Dispersive", "infonce_l2", 0.25)],
     "sra+dispersive": [("SelfRepresentationAlignment", "smooth_l1", 0.2), ("Dispersive", None, None)],
 }
 
