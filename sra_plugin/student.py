@@ -5,6 +5,7 @@ reduction of a loss to one number per sample, and the lifetime of the hooks."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 import weakref
@@ -27,6 +28,24 @@ Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
 STILL_STEP_CALLS = 1000
 """Training calls at one step, after ``update_teacher()`` was called once, that make a warning: far
 more micro-batches than any gradient accumulation accumulates."""
+
+
+def encode_state(state: dict[str, Any]) -> Tensor:
+    """A dict of plain values (numbers, strings, booleans, None) as JSON bytes in a 1-D uint8 tensor."""
+    return torch.tensor(list(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode_state(state: Any) -> dict[str, Any] | None:
+    """The dict ``encode_state`` wrote (or a dict, as states saved by 0.2 hold), else None."""
+    if isinstance(state, dict):
+        return state
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        return None
+    try:
+        decoded = json.loads(state.cpu().numpy().tobytes())
+    except ValueError:
+        return None
+    return decoded if isinstance(decoded, dict) else None
 
 
 def check_weight(weight: Any, where: str) -> float | Tensor:
@@ -382,22 +401,30 @@ class Objective(nn.Module):
         """What a saved state must agree on to be loaded here (layers, head, ...)."""
         raise NotImplementedError
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, **self._identity()}
+    def get_extra_state(self) -> Tensor:
+        """``step`` and the identity as JSON bytes in a uint8 tensor: every checkpoint writer takes a
+        tensor (accelerate's default ``save_state`` writes safetensors, which refuses a dict)."""
+        return encode_state({"step": self.step, "steps_from_updates": self._steps_from_updates, **self._identity()})
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._check_extra_state(state)
+    def set_extra_state(self, state: Tensor | dict[str, Any]) -> None:
+        state = self._check_extra_state(state)
         self.step = int(state["step"])
-        self._counted_calls = 0
+        # Which of the step rule's two counters runs resumes too: otherwise the micro-batches of the first
+        # optimizer step after a resume would each advance the step (and read a schedule's later weights).
+        self._steps_from_updates = bool(state.get("steps_from_updates", False))
+        self._counted_calls = self._counted_until = self._calls_since_update = 0
 
-    def _check_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or "step" not in state:
+    def _check_extra_state(self, state: Any) -> dict[str, Any]:
+        """The saved extra state as a dict, if it belongs to an object configured like this one."""
+        decoded = decode_state(state)
+        if decoded is None or "step" not in decoded:
             raise ValueError(f"state dict has no extra state of a {type(self).__name__} (got {type(state).__name__})")
-        mine = self._identity()
-        theirs = {k: state.get(k) for k in mine}
+        mine = decode_state(encode_state(self._identity()))  # as JSON gives it back: tuples are lists
+        theirs = {k: decoded.get(k) for k in mine}
         if theirs != mine:
             diff = ", ".join(f"{k}: saved {theirs[k]!r}, here {mine[k]!r}" for k in mine if theirs[k] != mine[k])
             raise ValueError(f"cannot load this state dict into a differently configured {type(self).__name__} ({diff})")
+        return decoded
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # torch sets this module's extra state before loading its children (so a wrong layer pair
@@ -408,7 +435,7 @@ class Objective(nn.Module):
         wrong = [
             f"{key[len(prefix):]}: saved {tuple(state_dict[key].shape)}, here {tuple(value.shape)}"
             for key, value in self.state_dict(prefix=prefix).items()
-            if isinstance(value, Tensor) and isinstance(state_dict.get(key), Tensor) and state_dict[key].shape != value.shape
+            if key != prefix + "_extra_state" and isinstance(value, Tensor) and isinstance(state_dict.get(key), Tensor) and state_dict[key].shape != value.shape
         ]
         if wrong:
             raise ValueError(f"cannot load this state dict into {type(self).__name__}: shapes differ ({'; '.join(wrong[:4])})")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sra_plugin import SelfRepresentationAlignment
+from sra_plugin.student import decode_state, encode_state
 from tests._models import flow_batch, tiny_sit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,8 +89,9 @@ def test_sra_state_carries_step_and_identity():
     for step in range(2):
         train_step(model, sra, opt, step)
     state = sra.state_dict()
-    assert state["_extra_state"] == {
-        "step": 2, "student_layer": 2, "teacher_layer": 4, "depth": 6, "head": "mlp", "owned_teacher": True, "shared_teacher": False,
+    assert state["_extra_state"].dtype == torch.uint8  # every checkpoint writer takes it, safetensors included
+    assert decode_state(state["_extra_state"]) == {
+        "step": 2, "steps_from_updates": True, "student_layer": 2, "teacher_layer": 4, "depth": 6, "head": "mlp", "owned_teacher": True, "shared_teacher": False,
     }
     assert {k.split(".")[0] for k in state} == {"_extra_state", "head", "ema"}
 
@@ -134,8 +136,51 @@ def test_state_of_another_configuration_fails_before_anything_changes(tmp_path, 
 
 def test_state_without_sra_identity_is_refused():
     model, sra, _ = build(seed=0)
-    with pytest.raises(ValueError, match="no extra state of a SelfRepresentationAlignment"):
-        sra.set_extra_state({"student_layer": 2})
+    for wrong in ({"student_layer": 2}, torch.tensor([1, 2, 3], dtype=torch.uint8), torch.zeros(3), encode_state({"x": 1})):
+        with pytest.raises(ValueError, match="no extra state of a SelfRepresentationAlignment"):
+            sra.set_extra_state(wrong)
+    assert sra.step == 0
+
+
+def test_resume_under_accumulation_reads_the_schedule_at_the_saved_step():
+    """The step rule's state is saved: after a resume, the micro-batches of an optimizer step read the
+    schedule's weight at that step, as in the run that was not interrupted."""
+    def run(sra, model, opt, steps: range) -> list[float]:
+        weights = []
+        for step in steps:
+            for micro in range(2):
+                torch.manual_seed(1000 + 2 * step + micro)
+                x_t, x_s, t, s, y, target = flow_batch(2, 2 * step + micro)
+                (F.mse_loss(model(x_t, t, y), target) + sra(model, x_t, x_s, t, s, y)).backward()
+                weights.append(sra.metrics["weight"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sra.update_teacher()
+        return weights
+
+    schedule = lambda step: 0.1 * (step + 1)  # noqa: E731
+    model, sra, opt = build(seed=0, weight=schedule)
+    straight = run(sra, model, opt, range(3))
+    model, sra, opt = build(seed=0, weight=schedule)
+    first = run(sra, model, opt, range(2))
+    saved = states(model, sra, opt)
+    model, sra, opt = build(seed=5, weight=schedule)
+    model.load_state_dict(saved["model"]), sra.load_state_dict(saved["sra"]), opt.load_state_dict(saved["optimizer"])
+    rest = run(sra, model, opt, range(2, 3))
+    # before the first update_teacher() each call counts a step (the rule); after it, only updates do
+    assert first + rest == straight == pytest.approx([0.1, 0.2, 0.2, 0.2, 0.3, 0.3])
+    assert sra.step == 3
+
+
+def test_state_saved_by_0_2_with_a_dict_extra_state_still_loads():
+    model, sra, opt = build(seed=0)
+    for step in range(2):
+        train_step(model, sra, opt, step)
+    old = {**sra.state_dict(), "_extra_state": decode_state(sra.state_dict()["_extra_state"])}  # 0.2.0 wrote a dict
+    _, fresh, _ = build(seed=1)
+    fresh.load_state_dict(old)
+    assert fresh.step == 2
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in old.items() if k != "_extra_state")
 
 
 # ---------------------------------------------------------------- security
