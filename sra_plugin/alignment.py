@@ -8,10 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, ModelCall, resolve_blocks
-from .student import Objective, Weight, check_weight, head_on_model
+from .registry import Adapter, ModelCall
+from .student import Objective, Weight, head_on_model, resolve_objective
 from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
 
 __all__ = ["SelfRepresentationAlignment", "RECIPES"]
@@ -82,17 +81,15 @@ class SelfRepresentationAlignment(Objective):
         loss = RECIPES[recipe]["loss"] if loss is None else loss
         weight = RECIPES[recipe]["weight"] if weight is None else weight
         # Everything is validated before anything is created or attached.
-        student, adapter, blocks = resolve_blocks(model, adapter)
+        student, adapter, blocks, indices, weight = resolve_objective(
+            model, adapter, weight, student_layer=student_layer, teacher_layer=teacher_layer)
         depth = len(blocks)
-        student_index = resolve_layer(student_layer, depth, "student_layer")
-        teacher_index = resolve_layer(teacher_layer, depth, "teacher_layer")
+        student_index, teacher_index = indices["student_layer"], indices["teacher_layer"]
         if teacher_index < student_index:
             raise ValueError(
                 f"teacher_layer={teacher_layer!r} (block {teacher_index}) comes before student_layer={student_layer!r} "
                 f"(block {student_index}): the teacher's block must be the same or a later one"
             )
-        if not callable(weight):
-            weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
         user_teacher = check_teacher_options(teacher, student, ema_decay, ema_dtype, compile_teacher)
         teacher_model = user_teacher if user_teacher is not None else student

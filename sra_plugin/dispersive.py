@@ -21,10 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import is_real
-from .layers import resolve_layer
 from .losses import no_autocast
-from .registry import Adapter, resolve_blocks
-from .student import Objective, Weight, check_weight
+from .registry import Adapter
+from .student import Objective, Weight, resolve_objective
 
 __all__ = ["Dispersive", "dispersive_loss"]
 
@@ -68,10 +67,8 @@ class Dispersive(Objective):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        student, adapter, blocks = resolve_blocks(model, adapter)
-        index = resolve_layer(layer, len(blocks), "layer")
-        if not callable(weight):
-            weight = check_weight(weight, "weight")
+        student, adapter, blocks, indices, weight = resolve_objective(model, adapter, weight, layer=layer)
+        index = indices["layer"]
         if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature={temperature!r} is not accepted: use a finite number > 0")
         self.adapter = adapter

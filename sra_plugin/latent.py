@@ -16,10 +16,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, ModelCall, resolve_blocks
-from .student import Objective, Weight, check_weight, head_on_model
+from .registry import Adapter, ModelCall
+from .student import Objective, Weight, head_on_model, resolve_objective
 
 __all__ = ["LatentAlignment"]
 
@@ -70,10 +69,8 @@ class LatentAlignment(Objective):
                 f"target_norm={target_norm!r} is not accepted: use 'sample' (z-score each sample's patchified latent) "
                 "or None (the raw latent values)"
             )
-        student, adapter, blocks = resolve_blocks(model, adapter)
-        index = resolve_layer(layer, len(blocks), "layer")
-        if not callable(weight):
-            weight = check_weight(weight, "weight")
+        student, adapter, blocks, indices, weight = resolve_objective(model, adapter, weight, layer=layer)
+        index = indices["layer"]
         loss_fn = build_loss(loss)
         if target_dim is None:
             target_dim = adapter.patch_dim(student)

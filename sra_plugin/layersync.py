@@ -14,10 +14,9 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, resolve_blocks
-from .student import Objective, Weight, check_weight, head_on_model
+from .registry import Adapter
+from .student import Objective, Weight, head_on_model, resolve_objective
 
 __all__ = ["LayerSync"]
 
@@ -50,16 +49,14 @@ class LayerSync(Objective):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        student, adapter, blocks = resolve_blocks(model, adapter)
-        student_index = resolve_layer(student_layer, len(blocks), "student_layer")
-        target_index = resolve_layer(target_layer, len(blocks), "target_layer")
+        student, adapter, blocks, indices, weight = resolve_objective(
+            model, adapter, weight, student_layer=student_layer, target_layer=target_layer)
+        student_index, target_index = indices["student_layer"], indices["target_layer"]
         if target_index <= student_index:
             raise ValueError(
                 f"target_layer={target_layer!r} (block {target_index}) is not deeper than student_layer={student_layer!r} "
                 f"(block {student_index}): LayerSync aligns an earlier block to a later one"
             )
-        if not callable(weight):
-            weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
         dim = adapter.dim(student, blocks[student_index - 1])
         target_dim = adapter.dim(student, blocks[target_index - 1])

@@ -17,10 +17,9 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from .layers import resolve_layer
 from .losses import build_loss
-from .registry import Adapter, ModelCall, resolve_blocks
-from .student import Objective, Weight, check_weight, head_on_model, placed_like
+from .registry import Adapter, ModelCall
+from .student import Objective, Weight, head_on_model, placed_like, resolve_objective
 from .targets import EncoderTarget, encoder_reader
 
 __all__ = ["REPA", "REPAProjector"]
@@ -66,14 +65,12 @@ class REPA(Objective):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        student, adapter, blocks = resolve_blocks(model, adapter)
+        student, adapter, blocks, indices, weight = resolve_objective(model, adapter, weight, layer=layer)
+        index = indices["layer"]
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder={type(encoder).__name__} is not accepted: use the frozen image encoder, an nn.Module")
         if encoder is student:
             raise ValueError("encoder is the model itself: REPA aligns to a separate, frozen image encoder (e.g. DINOv2)")
-        index = resolve_layer(layer, len(blocks), "layer")
-        if not callable(weight):
-            weight = check_weight(weight, "weight")
         loss_fn = build_loss(loss)
         _, target_dim = encoder_reader(encoder, encoder_tokens, encoder_dim)
         if isinstance(projector_dim, bool) or not isinstance(projector_dim, numbers.Integral) or projector_dim < 1:

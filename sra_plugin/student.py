@@ -18,10 +18,14 @@ from . import losses as loss_module
 from ._checks import is_real
 from .capture import Decision, Subscription, probe_call, subscribe
 from .heads import build_head
-from .registry import ModelCall
+from .layers import resolve_layer
+from .registry import Adapter, ModelCall, resolve_blocks
 from .wrappers import unwrap
 
-__all__ = ["Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model", "placed_like"]
+__all__ = [
+    "Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model", "placed_like",
+    "resolve_objective",
+]
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
 
@@ -60,6 +64,15 @@ def check_weight(weight: Any, where: str) -> float | Tensor:
     if not is_real(weight) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0 or a 0-dim floating tensor")
     return float(weight)
+
+
+def resolve_objective(model: nn.Module, adapter: Any, weight: Any, **layers: int | float) -> tuple[nn.Module, Adapter, list[nn.Module], dict[str, int], Weight]:
+    """What every objective's constructor checks first, before it creates anything: the model's blocks
+    (through its adapter), each named layer argument as a 1-based block number, and the weight (a
+    schedule ``step -> weight`` is kept as given and checked at each call)."""
+    student, adapter, blocks = resolve_blocks(model, adapter)
+    indices = {name: resolve_layer(value, len(blocks), name) for name, value in layers.items()}
+    return student, adapter, blocks, indices, weight if callable(weight) else check_weight(weight, "weight")
 
 
 def first_float_parameter(model: nn.Module) -> Tensor | None:
