@@ -34,9 +34,16 @@ STILL_STEP_CALLS = 1000
 more micro-batches than any gradient accumulation accumulates."""
 
 
+STATE_BYTES = 1024
+"""The extra state's length: JSON padded with spaces, so that its shape does not change as ``step``
+grows (torch.distributed.checkpoint loads in place and needs the saved shape)."""
+
+
 def encode_state(state: dict[str, Any]) -> Tensor:
-    """A dict of plain values (numbers, strings, booleans, None) as JSON bytes in a 1-D uint8 tensor."""
-    return torch.tensor(list(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
+    """A dict of plain values (numbers, strings, booleans, None) as JSON bytes in a 1-D uint8 tensor of
+    ``STATE_BYTES`` (longer if the JSON is)."""
+    data = json.dumps(state, sort_keys=True).encode()
+    return torch.tensor(list(data.ljust(STATE_BYTES)), dtype=torch.uint8)
 
 
 def decode_state(state: Any) -> dict[str, Any] | None:

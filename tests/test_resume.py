@@ -250,3 +250,23 @@ def test_scanner_finds_what_it_looks_for():
 def test_no_network_and_only_weights_only_loads():
     problems = [p for path in _sources() for p in _problems(path.read_text(), str(path.relative_to(ROOT)))]
     assert problems == []
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_extra_state_keeps_its_shape_as_the_step_grows_and_loads_with_distributed_checkpoint(tmp_path):
+    """torch.distributed.checkpoint (FSDP2's and accelerate's sharded checkpoints) loads into tensors of
+    the saved shapes: the extra state's shape must not change from step 9 to step 10."""
+    import torch.distributed.checkpoint as dcp
+
+    model, sra, opt = build(seed=0)
+    for step in range(2):
+        train_step(model, sra, opt, step)
+    assert sra.state_dict()["_extra_state"].shape == build(seed=0)[1].state_dict()["_extra_state"].shape
+    dcp.save(sra.state_dict(), checkpoint_id=str(tmp_path), no_dist=True)
+    _, fresh, _ = build(seed=1)
+    fresh.step = 12345  # a longer number than the saved 2
+    state = fresh.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+    fresh.load_state_dict(state)
+    assert fresh.step == 2
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sra.state_dict().items())
