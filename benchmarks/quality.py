@@ -77,7 +77,8 @@ PRESETS: dict[str, dict] = {
     # under 8 minutes on one H100: 21 x 1,500 steps is about the 12 x 2,000 of the 0.2.0 preset.
     "gpu": dict(
         dataset="mnist5k", model_size="gpu", device="cuda", steps=1500, batch_size=64, lr=5e-4,
-        ema_decay=0.999, variants=list(VARIANTS), seeds=[0, 1, 2], workers=21, eval_every=500,
+        ema_decay=0.999, variants=["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive"],
+        seeds=[0, 1, 2], workers=21, eval_every=500,
         per_class=50, tf32=True, json=Path("benchmarks/results/gpu/quality_mnist5k_gpu.json"),
         table=Path("benchmarks/results/gpu/quality_mnist5k_gpu.md"),
         plots=Path("benchmarks/results/gpu/quality_mnist5k_gpu_curves.png"),
@@ -164,16 +165,17 @@ def _variant_recipe(args: argparse.Namespace, variant: str) -> str:
 
     import sra_plugin
 
-    from examples.digits import METHOD_CLASSES
+    from examples.digits import METHOD_CLASSES, term_parts
 
     parts = []
-    for method, loss, weight in VARIANTS[variant]:
+    for method, loss, weight, options in map(term_parts, VARIANTS[variant]):
         cls = METHOD_CLASSES[method]
         params = inspect.signature(getattr(sra_plugin, cls)).parameters
         loss = loss if loss is not None else params["loss"].default if "loss" in params else None
         weight = weight if weight is not None else params["weight"].default
         name = {"sra": "SRA", "latent": "LatentAlignment (SRA 2)"}.get(method, cls)
-        parts.append(f"{name} {loss} x {weight}" if loss is not None else f"{name} x {weight}")
+        where = "".join(f", {k}={v}" for k, v in options.items())
+        parts.append((f"{name} {loss} x {weight}" if loss is not None else f"{name} x {weight}") + where)
     return " + ".join(parts) or "no alignment"
 
 

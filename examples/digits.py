@@ -54,14 +54,23 @@ LOSSES = ("smooth_l1", "cosine", "cosine_tokens", "mse", "l1")
 # (SelfRepresentationAlignment, blocks L_s -> L_t against the sampling EMA), "latent" (LatentAlignment,
 # SRA 2, block L_s against the clean image's patches), "layersync" (LayerSync, its default blocks of
 # the same forward), "dispersive" (Dispersive, its default block, the last).
-Term = tuple[str, "str | None", "float | None"]
+# A fourth, optional element holds more keyword arguments of the class (e.g. {"layer": 0.5}).
+Term = tuple  # (method, loss, weight) or (method, loss, weight, options)
+
+
+def term_parts(term: Term) -> tuple[str, "str | None", "float | None", dict]:
+    """(method, loss, weight, options) of a term; options are {} when the term has three elements."""
+    method, loss, weight, *rest = term
+    return method, loss, weight, dict(rest[0]) if rest else {}
+
 METHOD_CLASSES = {
     "sra": "SelfRepresentationAlignment", "latent": "LatentAlignment", "layersync": "LayerSync", "dispersive": "Dispersive",
 }
 # The compared variants: name -> its terms, all added to the diffusion loss of one forward. "sra" is the
 # paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the official code's current default
 # (cosine over the token axis, weight 0.5); "dispersive-0.25" is Dispersive at the weight of the authors'
-# release (0.25; the class default is 0.5); "sra+dispersive" composes the paper's SRA with Dispersive.
+# release (0.25; the class default is 0.5), "dispersive-mid" the same at the middle block (layer 0.5, block
+# 3 of 6) instead of the last; "sra+dispersive" composes the paper's SRA with Dispersive.
 VARIANTS: dict[str, tuple[Term, ...]] = {
     "none": (),
     "sra": (("sra", "smooth_l1", 0.2),),
@@ -70,6 +79,7 @@ VARIANTS: dict[str, tuple[Term, ...]] = {
     "layersync": (("layersync", None, None),),
     "dispersive": (("dispersive", None, None),),
     "dispersive-0.25": (("dispersive", None, 0.25),),
+    "dispersive-mid": (("dispersive", None, 0.25, {"layer": 0.5}),),
     "sra+dispersive": (("sra", "smooth_l1", 0.2), ("dispersive", None, None)),
 }
 
@@ -78,7 +88,7 @@ def variant_unavailable(name: str) -> str | None:
     """Why variant ``name`` cannot run with the installed sra_plugin, or None if it can."""
     if name not in VARIANTS:
         return f"variant {name!r} is not known: use one of {list(VARIANTS)}"
-    for method, loss, _ in VARIANTS[name]:
+    for method, loss, _, _ in map(term_parts, VARIANTS[name]):
         cls = METHOD_CLASSES[method]
         if getattr(sra_plugin, cls, None) is None:
             extra = " (SRA 2)" if method == "latent" else ""
@@ -275,8 +285,8 @@ def check_device(device: str) -> torch.device:
 def build_objective(term: Term, model: nn.Module, ema: nn.Module, layers: tuple[int, int]) -> nn.Module:
     """One term of a variant on ``model``: SRA gets ``ema`` as its teacher and blocks ``layers``,
     SRA 2 block ``layers[0]``; LayerSync and Dispersive keep their own default blocks."""
-    method, loss, weight = term
-    given = {k: v for k, v in (("loss", loss), ("weight", weight)) if v is not None}
+    method, loss, weight, options = term_parts(term)
+    given = {**{k: v for k, v in (("loss", loss), ("weight", weight)) if v is not None}, **options}
     if method == "sra":
         return SelfRepresentationAlignment(model, student_layer=layers[0], teacher_layer=layers[1], teacher=ema, **given)
     if method == "latent":
@@ -355,8 +365,7 @@ def train(
     # (An owned ``teacher="ema"`` would be the same average, but on a small SiT at 32x32 the frozen
     # sin-cos table is over 1% of the weights and the owned EMA then keeps no separate module.)
     ema = ema_copy(model)
-    objectives = [(method, build_objective((method, loss, weight), model, ema, layers).to(device))
-                  for method, loss, weight in terms]
+    objectives = [(term_parts(term)[0], build_objective(term, model, ema, layers).to(device)) for term in terms]
     params = [p for p in model.parameters() if p.requires_grad]
     own = {id(p) for p in model.parameters()}
     for _, obj in objectives:  # their heads; never the model's own parameters twice

@@ -23,6 +23,7 @@ EXPECTED = {  # arm -> (class, loss name, weight) of each term
     "layersync": [("LayerSync", None, None)],
     "dispersive": [("Dispersive", None, None)],
     "dispersive-0.25": [("Dispersive", "infonce_l2", 0.25)],
+    "dispersive-mid": [("Dispersive", "infonce_l2", 0.25)],
     "sra+dispersive": [("SelfRepresentationAlignment", "smooth_l1", 0.2), ("Dispersive", None, None)],
 }
 
@@ -56,6 +57,11 @@ def test_every_arm_trains_with_its_terms_on_one_forward(arm: str, data: D.Digits
         if want_loss is not None:
             assert (loss, weight) == (want_loss, want_weight)
     assert run.diff_loss[0] == plain.diff_loss[0]  # same weights, batch, noise: only the term differs
+    if arm == "dispersive-mid":  # its options reach the class: the middle block, not the default last one
+        from sra_plugin.layers import resolve_layer
+
+        assert [obj.layer for _, obj in run.objectives] == [resolve_layer(0.5, run.objectives[0][1].depth, "layer")]
+        assert run.objectives[0][1].layer < run.objectives[0][1].depth
     if not want:
         assert run.align_loss == [] and run.term_loss == []
         return
