@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._checks import is_real
 from .losses import no_autocast
-from .registry import Adapter
+from .registry import Adapter, ModelCall
 from .student import Objective, Weight, resolve_objective
 
 __all__ = ["Dispersive", "dispersive_loss"]
@@ -81,6 +81,15 @@ class Dispersive(Objective):
     @property
     def layer(self) -> int:
         return self.student_layer
+
+    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, **inputs: Any) -> None:
+        super()._check_inputs(x_t, t, call, **inputs)
+        if x_t.dim() and x_t.shape[0] < 2:
+            raise ValueError(
+                f"x_t has a batch of {x_t.shape[0]}, which Dispersive cannot use: it pushes the samples of one batch "
+                "apart, so one sample gives a loss of 0 and no gradient (a silent no-op). Give it at least 2 samples "
+                "per call; under DDP, FSDP or ZeRO each process disperses its own batch, so that is per process"
+            )
 
     @staticmethod
     def _check_sample_weight(sample_weight: Any, batch: int | None) -> None:

@@ -202,12 +202,16 @@ def test_dispersive_refuses_a_bad_temperature(temperature):
         Dispersive(ToyDenoiser(), temperature=temperature, adapter=TOY)
 
 
-def test_dispersive_of_one_sample_is_zero():
+def test_dispersive_of_one_sample_is_zero_so_the_class_refuses_a_batch_of_one():
+    from sra_plugin.dispersive import dispersive_loss
+
+    assert float(dispersive_loss(torch.randn(1, 5, 8), 1.0)) == 0.0  # log mean exp(0): nothing to push apart
     model = ToyDenoiser()
     disp = Dispersive(model, adapter=TOY)
     x, t = toy_batch(n=1)
     model(x, t)
-    assert float(quiet(disp, model, x, t).detach()) == 0.0
+    with pytest.raises(ValueError, match="batch of 1"):
+        quiet(disp, model, x, t)
 
 
 # ---------------------------------------------------------------- composition

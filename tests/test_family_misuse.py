@@ -88,6 +88,19 @@ def test_dispersive_still_refuses_any_sample_weight():
     assert disp.step == 0
 
 
+def test_dispersive_refuses_a_batch_of_one_which_would_give_zero_loss_and_no_gradient():
+    """A LoRA fine-tune at batch 1 per GPU (the diffusers scripts' default) would get nothing from it."""
+    model = pretrained_sit()
+    disp, _ = build("dispersive", model)
+    x_t, _, t, _, y, _ = flow_batch()
+    model(x_t[:1], t[:1], y[:1])
+    with pytest.raises(ValueError, match="x_t has a batch of 1, which Dispersive cannot use.*per process"):
+        disp(model, x_t[:1], t[:1], y[:1])
+    assert disp.step == 0
+    model(x_t[:2], t[:2], y[:2])
+    assert disp(model, x_t[:2], t[:2], y[:2]).item() < 0 and disp.step == 1  # two samples: a real term
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_family_argument_missing_from_the_call_is_named_and_the_forward_kept(method):
     model = pretrained_sit()
