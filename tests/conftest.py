@@ -76,3 +76,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if name:
         lines.append(f"NoiseGap.sample replaced by the broken version {name!r}")
     return lines
+
+
+@pytest.fixture(autouse=True)
+def clean_registry():
+    """Every test leaves the adapter registry as it found it (an adapter one test registers would
+    otherwise show up in another's view of the built-in registry)."""
+    from sra_plugin import registry
+
+    saved = list(registry._REGISTRY)
+    yield
+    registry._REGISTRY[:] = saved

@@ -17,14 +17,6 @@ from sra_plugin import Adapter, SelfRepresentationAlignment, register_adapter, r
 from sra_plugin import registry
 
 
-@pytest.fixture(autouse=True)
-def clean_registry():
-    """Every test leaves the registry as it found it."""
-    saved = list(registry._REGISTRY)
-    yield
-    registry._REGISTRY[:] = saved
-
-
 def step(model: nn.Module, sra: SelfRepresentationAlignment, layer_attr: str = "layers") -> Tensor:
     """One training forward and SRA call on digits-sized inputs; returns the SRA loss."""
     g = torch.Generator().manual_seed(0)
