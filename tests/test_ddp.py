@@ -96,6 +96,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {name: train(rank, **kwargs) for name, kwargs in RUNS.items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
     finally:
         dist.destroy_process_group()
 

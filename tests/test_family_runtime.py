@@ -66,6 +66,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.save(train_ddp(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
     finally:
         dist.destroy_process_group()
 
@@ -191,6 +192,7 @@ def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
             result[disp_weight] = {"model": full(model), "head": full(ls.head), "repa_head": full(repa.head),
                                    "losses": losses, "reruns": ls.student_reruns + disp.student_reruns + repa.student_reruns}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
     finally:
         dist.destroy_process_group()
 

@@ -83,6 +83,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         result = {"model": full(model), "head": full(sra.head), "teacher": full(sra.teacher),
                   "losses": losses, "sharded": sharded, "step": sra.step}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
     finally:
         dist.destroy_process_group()
 

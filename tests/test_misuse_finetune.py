@@ -462,6 +462,7 @@ def _identity_worker(rank: int, port: int, out_dir: str) -> None:
             sra.update_teacher()
         torch.save({"refused": refused, "model": model.state_dict(), "teacher": sra.teacher.state_dict()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
     finally:
         dist.destroy_process_group()
 
