@@ -22,8 +22,6 @@ import copy
 import functools
 import importlib.util
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
 
@@ -38,7 +36,7 @@ from sra_plugin import REPA, Dispersive, LatentAlignment, LayerSync, ModelWithHe
 from sra_plugin.heads import build_head
 from sra_plugin.repa import REPAProjector
 from sra_plugin.wrappers import unwrap
-from tests._models import flow_batch, free_port, tiny_sit
+from tests._models import flow_batch, free_port, tiny_sit, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -443,10 +441,9 @@ def test_model_with_heads_is_the_model_to_callers_and_to_unwrap():
 def test_accelerate_zero_example_runs_on_two_cpu_processes(mode):
     """examples/accelerate_zero.py under torchrun: accelerate's DeepSpeed ZeRO-3 and FSDP2 plugins; every rank
     ends with the same student, head and teacher, and the teacher is not the student."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               os.path.join(ROOT, "examples", "accelerate_zero.py"), "--mode", mode, "--steps", "3", "--batch-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = torchrun([os.path.join(ROOT, "examples", "accelerate_zero.py"), "--mode", mode, "--steps", "3", "--batch-size", "4"],
+                    done=f"{mode}: 2 processes", cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[:3000] + "\n...\n" + done.stderr[-1500:]
     line = next(l for l in done.stdout.splitlines() if l.startswith(f"{mode}: 2 processes"))
     assert "identical on every rank: True" in line and "teacher != student: True" in line, line

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from examples import digits as D
-from tests._models import free_port
+from tests._models import free_port, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,13 +210,11 @@ def test_ddp_example_two_processes_with_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 rank(s), 2 steps: student, head and teacher agree across ranks" in proc.stdout
+    done = "2 rank(s), 2 steps: student, head and teacher agree across ranks"
+    proc = torchrun([str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4"],
+                    done=done, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-1500:]
+    assert done in proc.stdout
 
 
 def test_ddp_example_accelerate_flag_without_accelerate() -> None:
@@ -372,10 +370,33 @@ def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> No
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4", "--accelerate"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = "2 rank(s), 2 steps: student, head and teacher agree across ranks"
+    proc = torchrun([str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4", "--accelerate"],
+                    done=done, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-1500:]  # the head holds the failing rank's own message
-    assert "2 rank(s), 2 steps: student, head and teacher agree across ranks" in proc.stdout
+    assert done in proc.stdout
+
+
+@pytest.mark.parametrize("prints_result", [True, False])
+def test_torchrun_helper_reruns_only_an_exit_abort_after_the_result(tmp_path: Path, prints_result: bool) -> None:
+    """The multi-process example tests run again only when every check passed and printed, and a rank
+    then died of gloo's abort at exit; any other failure fails at once."""
+    from tests._models import GLOO_EXIT_ABORT
+
+    script = tmp_path / "aborts_once.py"
+    script.write_text(
+        "import os, sys\n"
+        f"runs = {str(tmp_path)!r} + '/runs-' + os.environ['RANK']\n"
+        "n = len(open(runs).read()) if os.path.exists(runs) else 0\n"
+        "open(runs, 'a').write('x')\n"
+        f"if {prints_result}: print('all ranks agree', flush=True)\n"
+        "if n == 0 and os.environ['RANK'] == '1':\n"
+        f"    sys.stderr.write({GLOO_EXIT_ABORT!r} + '\\n'); sys.stderr.flush(); os.abort()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = torchrun([str(script)], done="all ranks agree", cwd=tmp_path, env=env, timeout=120)
+    runs = len((tmp_path / "runs-1").read_text())
+    if prints_result:
+        assert proc.returncode == 0 and runs == 2
+    else:
+        assert proc.returncode != 0 and runs == 1
