@@ -4,6 +4,7 @@ gates randomised so that every block does something from the first step), the on
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -79,10 +80,14 @@ def torchrun(script_and_args: list[str], *, done: str, **run_kwargs) -> subproce
 
     Run once more only when the run printed ``done`` (its result line, after every check) and a rank then
     died of gloo's exit abort (SIGABRT); the second run must pass on its own."""
+    env = dict(run_kwargs.pop("env", None) or os.environ)
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)  # torchrun sets its ranks' own
+
     def once() -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    "--master_port", str(free_port()), *script_and_args]
-        return subprocess.run(command, capture_output=True, text=True, **run_kwargs)
+        return subprocess.run(command, capture_output=True, text=True, env=env, **run_kwargs)
 
     proc = once()
     aborted_at_exit = GLOO_EXIT_ABORT in proc.stderr and "(SIGABRT)" in proc.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from examples import digits as D
-from tests._models import free_port, torchrun
+from tests._models import GLOO_EXIT_ABORT, free_port, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,8 +208,6 @@ def test_ddp_example_one_process(monkeypatch, capsys) -> None:
 
 def test_ddp_example_two_processes_with_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(key, None)
     done = "2 rank(s), 2 steps: student, head and teacher agree across ranks"
     proc = torchrun([str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4"],
                     done=done, cwd=tmp_path, env=env, timeout=300)
@@ -368,8 +366,6 @@ def test_ddp_example_modes_log_raw_alignment_and_check_ranks(monkeypatch, capsys
 def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(key, None)
     done = "2 rank(s), 2 steps: student, head and teacher agree across ranks"
     proc = torchrun([str(ROOT / "examples" / "accelerate_ddp.py"), "--steps", "2", "--batch-size", "4", "--accelerate"],
                     done=done, cwd=tmp_path, env=env, timeout=300)
@@ -381,8 +377,6 @@ def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> No
 def test_torchrun_helper_reruns_only_an_exit_abort_after_the_result(tmp_path: Path, prints_result: bool) -> None:
     """The multi-process example tests run again only when every check passed and printed, and a rank
     then died of gloo's abort at exit; any other failure fails at once."""
-    from tests._models import GLOO_EXIT_ABORT
-
     script = tmp_path / "aborts_once.py"
     script.write_text(
         "import os, sys\n"
@@ -393,8 +387,7 @@ def test_torchrun_helper_reruns_only_an_exit_abort_after_the_result(tmp_path: Pa
         "if n == 0 and os.environ['RANK'] == '1':\n"
         f"    sys.stderr.write({GLOO_EXIT_ABORT!r} + '\\n'); sys.stderr.flush(); os.abort()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = torchrun([str(script)], done="all ranks agree", cwd=tmp_path, env=env, timeout=120)
+    proc = torchrun([str(script)], done="all ranks agree", cwd=tmp_path, timeout=120)
     runs = len((tmp_path / "runs-1").read_text())
     if prints_result:
         assert proc.returncode == 0 and runs == 2
