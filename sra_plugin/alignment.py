@@ -185,9 +185,13 @@ class SelfRepresentationAlignment(Objective):
         The first call replaces the steps that training calls had counted before it (a first optimizer
         step of 4 accumulated micro-batches ends at step 1, not 4). A step that stands still
         for 1000 training calls after ``update_teacher()`` was called warns once.
+
+        A call with no optimizer step since the last one does nothing (warned once): under gradient
+        accumulation, calling it after ``optimizer.step()`` inside ``accelerator.accumulate`` (which runs at
+        every micro-batch) moves the EMA and the step once per optimizer step, as it should. A step is a
+        torch optimizer's ``step()`` or an in-place change of a trainable parameter (``sra_plugin.steps``).
         """
-        self._teacher_pass.update()
-        self._count_update()
+        self._count_update(self._teacher_pass.update)
 
     # ------------------------------------------------------------------ state
     def _identity(self) -> dict[str, Any]:

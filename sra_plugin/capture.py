@@ -103,6 +103,15 @@ class _Hook:
         return _inert_hook
 
 
+class _PostHook(_Hook):
+    """A lasting forward hook on the model itself. Its own ``__call__`` (code object) because torch.compile
+    compiles a compiled model's top-level hooks as frames of their own, cached per code object: the
+    pre-hook's ``(args, kwargs)`` and this hook's ``(args, output)`` in one frame would recompile it."""
+
+    def __call__(self, fired_on: nn.Module, *rest: Any) -> None:
+        return super().__call__(fired_on, *rest)
+
+
 def _end_stopped_fsdp_forward(model: nn.Module) -> None:
     """FSDP2 reshards the root's parameters and ends its iteration in post-forward hooks that an
     early stop skips; without this a teacher's root keeps plain unsharded parameters."""
@@ -128,42 +137,67 @@ def _eager(*modules: nn.Module) -> Iterator[None]:
             m._compiled_call_impl = call
 
 
-def _lora_scalings(model: nn.Module) -> list[tuple[dict, dict]]:
-    """Every LoRA layer's ``scaling`` dict (peft's tuner layers: adapter name -> factor) with a copy of its
-    values. Read by duck typing: ``sra_plugin`` does not import peft."""
-    # Read from the instance dict: a getattr that misses goes through nn.Module.__getattr__ and costs
-    # ~5 us per module (6 ms per pass on a LoRA SiT-XL).
-    found = (vars(m).get("scaling") for m in model.modules())
-    return [(scaling, dict(scaling)) for scaling in found if isinstance(scaling, dict)]
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    kind = type(value)
+    return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
+
+
+def _plain_state(model: nn.Module) -> list[tuple[dict, dict, dict]]:
+    """For every module: its plain attributes (numbers, strings, None, tuples of them) and copies of its
+    dicts of plain values (peft's LoRA ``scaling``), read from the instance dict.
+
+    Left out: ``training`` (set and restored by the library's own mode switches) and DeepSpeed's ``ds_*``
+    bookkeeping (ZeRO-3 counts the gradients a module still expects; a pass must keep what it added)."""
+    saved = []
+    for module in model.modules():
+        attributes, dicts = {}, {}
+        for name, value in vars(module).items():
+            if name == "training" or name.startswith("ds_"):
+                continue
+            if _is_plain(value):
+                attributes[name] = value
+            elif type(value) is dict and all(type(v) in _PLAIN for v in value.values()):
+                dicts[name] = dict(value)
+        if attributes or dicts:
+            saved.append((vars(module), attributes, dicts))
+    return saved
 
 
 @contextmanager
 def restoring_model_state(model: nn.Module) -> Iterator[None]:
-    """Put back what a stopped pass leaves changed.
+    """Leave every module of ``model`` as a completed forward would, after a pass stopped early.
 
-    A forward may change state at its start and undo it at its end; a pass stopped after a block skips
-    the undo unless the forward wraps it in ``try``/``finally``. diffusers 0.30 (not 0.42) multiplies every
-    LoRA layer's ``scaling`` by ``attention_kwargs["scale"]`` (``scale_lora_layers``) and divides it back
-    after the last block (``unscale_lora_layers``), so each stopped pass would leave the LoRA scaled once
-    more. The rule: every pass this library stops early restores the ``scaling`` of each LoRA layer of
-    the model to its value before the pass. DeepSpeed ZeRO-3 pushes each module on a global stack before
-    its forward and pops it after; the stack's depth is restored too (``zero.kept_forward_stack``). Other
-    state a forward restores only at its end is not restored (none is known in the supported backbones)."""
-    saved = _lora_scalings(model)
+    A forward may set state at its start and undo it at its end; a pass stopped after a block skips the
+    undo unless the forward wraps it in ``try``/``finally``. Examples: diffusers 0.30 (not 0.42) multiplies
+    every LoRA layer's ``scaling`` by ``attention_kwargs["scale"]`` and divides it back after the last
+    block; a custom forward that sets ``self.gain`` and resets it at its end. The rule, for any model: the
+    plain attributes of every module (numbers, strings, ``None``, tuples of them, and dicts of such values,
+    restored in place) get back their values from before the pass. Tensors and other objects are not
+    touched (caches a forward fills stay filled). DeepSpeed ZeRO-3 pushes each module on a global stack
+    before its forward and pops it after; the stack's depth is restored too (``zero.kept_forward_stack``)."""
+    saved = _plain_state(model)
     try:
         with zero.kept_forward_stack():
             yield
     finally:
-        for scaling, values in saved:
-            if scaling != values:
-                scaling.clear()
-                scaling.update(values)
+        for now, attributes, dicts in saved:
+            for name, value in attributes.items():
+                if now.get(name, value) is not value:
+                    now[name] = value
+            for name, values in dicts.items():
+                current = now.get(name)
+                if type(current) is dict and current != values:
+                    current.clear()
+                    current.update(values)
 
 
 def run_until(model: nn.Module, block: nn.Module, adapter: Adapter, x: Tensor, t: Any,
               args: tuple, kwargs: dict) -> Tensor:
     """Run ``adapter.forward(model, x, t, ...)`` and return the tokens of ``block``; nothing after it runs.
-    State the forward would have restored at its end is restored (``restoring_model_state``)."""
+    Plain state the forward would have restored at its end is restored (``restoring_model_state``)."""
     found: list[Tensor] = []
     calls: list[ModelCall] = []
     read_tokens = token_reader(adapter)
@@ -294,14 +328,62 @@ def _data_ptr(tensor: Tensor) -> int | None:
         return None
 
 
+def _checksum(tensor: Tensor) -> Tensor:
+    """Four float64 sums of ``tensor``'s values: plain, squared, position-weighted and absolute."""
+    v = tensor.detach().flatten().double()
+    ramp = torch.arange(v.numel(), dtype=torch.float64, device=v.device) / max(v.numel(), 1)
+    return torch.stack([v.sum(), (v * v).sum(), (v * ramp).sum(), v.abs().sum()])
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What tells that a tensor changed after a compiled forward: inside a graph torch.compile traces,
+    version counters and data pointers cannot be read, so the forward computes a checksum of the values
+    (``_checksum``, part of the graph) and the check recomputes it. Differences below 1e-9 of the
+    magnitude are taken as a compiled kernel's summation order, not an edit."""
+
+    tensor: Tensor
+    value: Tensor
+
+    @staticmethod
+    def of(tensor: Tensor) -> "Fingerprint":
+        return Fingerprint(tensor, _checksum(tensor))
+
+    def changed(self) -> bool:
+        then, now = self.value, _checksum(self.tensor)
+        scale = torch.stack([then[3], then[1], then[3], then[3]])
+        return bool(((now - then).abs() > 1e-9 * scale).any() | (now.isnan() != then.isnan()).any())
+
+
+def adapter_state(model: nn.Module) -> tuple:
+    """The state of every peft tuner layer of ``model`` (adapters disabled, active, merged; LoRA scale),
+    read by duck typing from the instance dicts (``sra_plugin`` does not import peft): a forward with
+    another adapter state (``disable_adapter()``, ``set_adapter``, ``set_scale``) is another forward."""
+    found = []
+    for module in model.modules():
+        attributes = vars(module)
+        scaling = attributes.get("scaling")
+        if type(scaling) is dict:
+            active = attributes.get("_active_adapter")
+            found.append((
+                attributes.get("_disable_adapters", False),
+                tuple(active) if isinstance(active, list) else active,
+                tuple(attributes.get("merged_adapters", ())),
+                tuple(scaling.items()),
+            ))
+    return tuple(found)
+
+
 @dataclass
 class Captured:
     """What one training forward of the student left: its inputs, the tokens of every tapped block (by
     1-based block number), what the adapter watches. Shared by every objective on the model."""
 
     call: ModelCall
-    inputs: list[Snapshot]  # every input tensor, as it was at the forward
+    inputs: list[Snapshot | Fingerprint]  # every input tensor, as it was at the forward
     grad: bool = True  # grad mode when the forward began
+    adapters: tuple | None = None  # ``adapter_state`` at the forward (None: not read, inside a compiled graph)
+    open: bool = True  # the forward is running: what watched modules see belongs to it
     taps: dict[int, Tensor] = field(default_factory=dict)
     tap_snapshots: dict[int, Snapshot | None] = field(default_factory=dict)  # None: not read (inside a compiled graph)
     watched: dict[str, Any] = field(default_factory=dict)
@@ -429,6 +511,7 @@ class StudentCapture:
             self._signature = None
         self.handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(_Hook(self, "_start", model), with_kwargs=True),
+            model.register_forward_hook(_PostHook(self, "_end", model)),
         ]
         self._tap_handles: dict[int, RemovableHandle] = {}
         self._watched: dict[str, Callable[[tuple, dict], Any]] = {}
@@ -517,8 +600,16 @@ class StudentCapture:
         self.forwards_seen = 1
         if self._capturing():
             call = ModelCall(args, kwargs)
-            inputs = [] if torch.compiler.is_compiling() else [Snapshot.of(v) for v in _tensors((args, kwargs))]
-            self.record = Captured(call, inputs, torch.is_grad_enabled())
+            if torch.compiler.is_compiling():  # fingerprinted at the first tap, inside the forward's graph
+                self.record = Captured(call, [], torch.is_grad_enabled())
+            else:
+                inputs = [Snapshot.of(v) for v in _tensors((args, kwargs))]
+                self.record = Captured(call, inputs, torch.is_grad_enabled(), adapter_state(self.model))
+
+    def _end(self, args: tuple, output: Any) -> None:
+        """The model's forward returned (or raised): a module called on its own later is not part of it."""
+        if self.record is not None:
+            self.record.open = False
 
     def _keep(self, block: int, args: tuple, output: Any) -> None:
         if self._paused:
@@ -537,10 +628,17 @@ class StudentCapture:
                 record = self.record = Captured(ModelCall(), [], torch.is_grad_enabled())
             tokens = self._read_tokens(output, self.model, record.call)
             record.taps[block] = tokens
-            record.tap_snapshots[block] = None if torch.compiler.is_compiling() else Snapshot.of(tokens)
+            if torch.compiler.is_compiling():
+                record.tap_snapshots[block] = None
+                if not record.inputs:
+                    # A compiled model's top-level pre-hook runs as a frame of its own: the checksums go
+                    # into the forward's graph here (the inputs are as the forward got them).
+                    record.inputs = [Fingerprint.of(v) for v in _tensors((record.call.args, record.call.kwargs))]
+            else:
+                record.tap_snapshots[block] = Snapshot.of(tokens)
 
     def _watch(self, name: str, args: tuple, kwargs: dict) -> None:
-        if self._capturing() and self.record is not None:
+        if self._capturing() and self.record is not None and self.record.open:
             self.record.watched[name] = self._watched[name](args, kwargs)
 
     # -------------------------------------------------------------- decisions
@@ -615,6 +713,19 @@ class StudentCapture:
         ignored = set(getattr(self.adapter, "output_form_arguments", ()))
         self._check_nothing_missing(record.call, call, ignored)
         self.mark_taken(sub)
+        if torch.is_grad_enabled() and not record.grad:
+            return Decision(
+                None, "no-grad",
+                "the captured forward ran with gradients disabled (a call under torch.no_grad(), or its re-run), and "
+                "this call needs gradients; its tokens would train nothing",
+            )
+        if record.adapters is not None and record.adapters != adapter_state(self.model):
+            return Decision(
+                None, "adapter-state",
+                "the last training forward ran with another adapter state than the model has now (peft's "
+                "disable_adapter(), set_adapter or a LoRA scale, e.g. a reference forward of the base model in "
+                "between); its tokens are not the trained model's",
+            )
         mine = self._arguments(call)
         seen = self._arguments(record.call)
         for name in dict.fromkeys([*seen, *mine]):
@@ -642,6 +753,7 @@ class StudentCapture:
         record = self.record
         if record is None:  # no hook of ours fired (a model compiled before the capture existed)
             record = Captured(ModelCall(), [], torch.is_grad_enabled())
+        record.open = False  # the stopped pass never returned through the model's forward hook
         view = TapRecord(record, sub.taps)
         if any(tokens is None for tokens in view.taps.values()):
             # The blocks' hooks did not fire (compiled before they were added): read each tap directly.

@@ -28,16 +28,26 @@ from .student import Objective, Weight, resolve_objective
 __all__ = ["Dispersive", "dispersive_loss"]
 
 
+def _dispersion(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """The dispersive loss (float32) and the mean scaled squared distance of the pairs (for the metrics).
+
+    The squared distances are computed in float64: in float32 a sum over F values loses about 1e-3 of
+    relative precision at F = 12.6 M (one 1024-px Flux block per sample) and 3e-2 at 2^27."""
+    with no_autocast(features.device.type):
+        z = features.reshape(features.shape[0], -1).double()
+        batch, size = z.shape
+        scaled = torch.nn.functional.pdist(z).pow(2) / size  # each pair i < j once
+        # The full B x B matrix: every pair twice and the zero diagonal, as the authors' code does.
+        logits = torch.cat([-scaled, -scaled, z.new_zeros(batch)]) / temperature
+        loss = (torch.logsumexp(logits, 0) - math.log(batch * batch)).float()
+        return loss, scaled.detach().mean().float() if scaled.numel() else scaled.new_zeros(()).float()
+
+
 def dispersive_loss(features: Tensor, temperature: float = 1.0) -> Tensor:
     """``log mean_ij exp(-||z_i - z_j||^2 / (F * temperature))`` over a batch of ``B`` samples, ``z_i``
-    sample i's features flattened to ``F`` values, in float32 whatever autocast is active."""
-    with no_autocast(features.device.type):
-        z = features.float().reshape(features.shape[0], -1)
-        batch, size = z.shape
-        scaled = torch.nn.functional.pdist(z).pow(2) / (size * temperature)  # each pair i < j once
-        # The full B x B matrix: every pair twice and the zero diagonal, as the authors' code does.
-        logits = torch.cat([-scaled, -scaled, z.new_zeros(batch)])
-        return torch.logsumexp(logits, 0) - math.log(batch * batch)
+    sample i's features flattened to ``F`` values; float32, whatever autocast is active (the distances
+    are accumulated in float64, exact to ~1e-8 at any F)."""
+    return _dispersion(features, temperature)[0]
 
 
 class Dispersive(Objective):
@@ -105,15 +115,13 @@ class Dispersive(Objective):
 
     def _loss(self, taps: dict[str, Tensor], target: None, weight: float | Tensor, sample_weight: None) -> Tensor:
         tokens = taps["student"]
-        disp = dispersive_loss(tokens, self.temperature)
+        disp, mean_sq_dist = _dispersion(tokens, self.temperature)
         loss = weight * disp
         with torch.no_grad(), no_autocast(tokens.device.type):
-            z = tokens.detach().float().reshape(tokens.shape[0], -1)
-            pairs = torch.nn.functional.pdist(z).pow(2) / z.shape[1]
             self._metrics = {
                 "loss": loss.detach(),
                 "disp_loss": disp.detach(),
-                "mean_sq_dist": pairs.mean() if pairs.numel() else 0.0,
+                "mean_sq_dist": mean_sq_dist,
                 "student_norm": tokens.detach().float().norm(dim=-1).mean(),
                 "weight": weight,
                 "student_reruns": self.student_reruns,

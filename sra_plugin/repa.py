@@ -18,6 +18,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from .losses import build_loss
+from .heads import NotAView
 from .registry import Adapter, ModelCall
 from .student import Objective, Weight, head_on_model, placed_like, resolve_objective
 from .targets import EncoderTarget, encoder_reader
@@ -25,7 +26,7 @@ from .targets import EncoderTarget, encoder_reader
 __all__ = ["REPA", "REPAProjector"]
 
 
-class REPAProjector(nn.Sequential):
+class REPAProjector(NotAView, nn.Sequential):
     """REPA's projector: ``Linear(D, h) -> SiLU -> Linear(h, h) -> SiLU -> Linear(h, D_enc)``, h = 2048."""
 
     def __init__(self, dim: int, target_dim: int, hidden: int = 2048) -> None:

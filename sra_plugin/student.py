@@ -20,6 +20,7 @@ from .capture import Decision, Subscription, probe_call, subscribe
 from .heads import build_head
 from .layers import resolve_layer
 from .registry import Adapter, ModelCall, resolve_blocks
+from .steps import OptimizerSteps
 from .wrappers import unwrap
 
 __all__ = [
@@ -61,13 +62,14 @@ def decode_state(state: Any) -> dict[str, Any] | None:
 
 def check_weight(weight: Any, where: str) -> float | Tensor:
     """A loss weight: a real number >= 0 or a 0-dim floating tensor (checked for value only on the CPU,
-    so that a GPU weight costs no device sync)."""
+    so that a GPU weight costs no device sync). A tensor that requires grad (an ``nn.Parameter``, or one
+    computed from parameters, as in uncertainty weighting) keeps its graph: it gets a gradient."""
     if isinstance(weight, Tensor):
         if weight.dim() != 0 or not weight.is_floating_point():
             raise ValueError(f"{where}={weight!r} is not accepted: use a number >= 0 or a 0-dim floating tensor")
         if weight.device.type == "cpu" and not (bool(torch.isfinite(weight)) and float(weight) >= 0):
             raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0")
-        return weight.detach()
+        return weight if weight.requires_grad else weight.detach()
     if not is_real(weight) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0 or a 0-dim floating tensor")
     return float(weight)
@@ -137,7 +139,9 @@ class Objective(nn.Module):
     def _set_objective(self, head: str | nn.Module, head_module: nn.Module, loss: Any,
                        loss_fn: Callable[[Tensor, Tensor], Tensor], weight: Weight, check_finite: bool) -> None:
         """The head and the loss, already checked, and their names for ``repr`` and the state's identity."""
-        self.weight = weight
+        # Set past nn.Module's __setattr__: a learnable weight (an nn.Parameter) is the user's, not a
+        # parameter of this module (not in its state dict, nor synchronised by DDP as ours).
+        object.__setattr__(self, "weight", weight)
         self.loss_fn = loss_fn
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.head_name = head if isinstance(head, str) else type(head).__name__
@@ -208,15 +212,40 @@ class Objective(nn.Module):
                 stacklevel=3,
             )
 
-    def _count_update(self) -> None:
-        """``update_teacher()``: from now on it alone advances the step; the steps that this object's
-        training calls counted before the first update are replaced by that one."""
+    def _count_update(self, update: Callable[[], None] = lambda: None) -> None:
+        """``update_teacher()``: run ``update`` (the EMA step) and advance the step, if an optimizer step
+        happened since the last call. From the first call on, only this advances the step; the steps that
+        this object's training calls counted before it are replaced by that one. A call with no optimizer
+        step since the last one (every micro-batch under gradient accumulation) does nothing (said once)."""
+        steps = self._optimizer_steps()
+        stepped, look = steps.look(self._student)
+        if stepped:
+            update()  # first: if it raises, nothing here changed
+            steps.keep(look)
         if not self._steps_from_updates:
             self._steps_from_updates = True
             if self._counted_calls and self.step == self._counted_until:
                 self.step -= self._counted_calls
-        self.step += 1
         self._calls_since_update = 0
+        if stepped:
+            self.step += 1
+        elif "no-optimizer-step" not in self._warned:
+            self._warned.add("no-optimizer-step")
+            warnings.warn(
+                f"{type(self).__name__}.update_teacher() was called with no optimizer step since its last call (no "
+                "torch optimizer stepped and no trainable parameter changed): under gradient accumulation the line "
+                "after optimizer.step() runs at every micro-batch. Such calls are ignored, so the EMA and the step "
+                "move once per optimizer step. (Said once. If your update writes the weights through .data outside "
+                "a torch optimizer, update them under torch.no_grad() without .data instead.)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _optimizer_steps(self) -> OptimizerSteps:
+        found = self.__dict__.get("_steps_seen")
+        if found is None:
+            found = self.__dict__["_steps_seen"] = OptimizerSteps()
+        return found
 
     @staticmethod
     def _is_zero(weight: float | Tensor) -> bool:
@@ -245,6 +274,8 @@ class Objective(nn.Module):
         self._check_inputs(x_t, t, ModelCall(args, kwargs), **inputs)
         self._check_sample_weight(sample_weight, x_t.shape[0] if x_t.dim() else None)
         weight = self.current_weight()
+        if torch.is_grad_enabled():
+            self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
         self._begin_step()
         if self._is_zero(weight):
             self._count_training_call()

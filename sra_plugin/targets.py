@@ -85,13 +85,20 @@ class EncoderTarget:
         if not isinstance(found, Tensor) or found.dim() != 3 or found.shape[0] != images.shape[0]:
             shape = tuple(found.shape) if isinstance(found, Tensor) else type(found).__name__
             raise ValueError(f"the encoder's tokens have shape {shape}: expected (B, N_enc, D_enc) with B={images.shape[0]}")
-        if found.shape[1] == model_tokens:
-            return found.detach()
+        same_count = found.shape[1] == model_tokens
         if model_input.dim() != 4 or images.dim() != 4:
+            if same_count:  # no 2-D grid to compare (video, packed tokens): paired by index
+                return found.detach()
             raise ValueError(
                 f"the encoder gives {found.shape[1]} tokens and the model {model_tokens}: resizing the encoder's grid "
                 f"needs 2-D inputs, got x_t {tuple(model_input.shape)} and images {tuple(images.shape)}"
             )
-        grid = grid_of(found.shape[1], images.shape[-2], images.shape[-1], "the encoder's output")
-        size = grid_of(model_tokens, model_input.shape[-2], model_input.shape[-1], "the model's block")
+        # Grids, not token counts: an 8x8 encoder grid and a 4x16 model grid both have 64 tokens.
+        try:
+            grid = grid_of(found.shape[1], images.shape[-2], images.shape[-1], "the encoder's output")
+            size = grid_of(model_tokens, model_input.shape[-2], model_input.shape[-1], "the model's block")
+        except ValueError:
+            if same_count:  # tokens that form no grid of their input's shape: paired by index
+                return found.detach()
+            raise
         return resize_grid(found.detach(), grid, size)

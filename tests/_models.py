@@ -61,6 +61,13 @@ def flow_batch(n: int = 4, seed: int = 0):
     return x_t, x_s, t, s, y, noise - x0
 
 
+def optimizer_step(*modules: nn.Module) -> None:
+    """A torch optimizer step that changes nothing (SGD at lr 0): what ``update_teacher()`` needs to see
+    before it moves the EMA and the step (``sra_plugin.steps``), in tests that set weights by hand."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    torch.optim.SGD(params or [nn.Parameter(torch.zeros(1))], lr=0.0).step()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, for a process group's rendezvous."""
     with socket.socket() as sock:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sra_plugin import DDPMPath, LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import batch, tiny_dit, tiny_sit
+from tests._models import batch, optimizer_step, tiny_dit, tiny_sit
 
 BUILDERS = {"sit": tiny_sit, "dit": tiny_dit}
 
@@ -78,7 +78,9 @@ def test_callable_loss_and_weight_schedule():
     x_t, x_s, t, s, y = inputs("sit", model)
     model(x_t, t, y)
     first = sra(model, x_t, x_s, t, s, y)
+    optimizer_step(model)
     sra.update_teacher()
+    optimizer_step(model)
     sra.update_teacher()
     model(x_t, t, y)
     third = sra(model, x_t, x_s, t, s, y)

@@ -32,7 +32,7 @@ import sra_plugin.teacher as teacher_module
 import sra_plugin.wrappers as wrappers_module
 from examples.models import SiT
 from sra_plugin import SelfRepresentationAlignment
-from tests._models import TINY, flow_batch, randomise_gates, tiny_sit
+from tests._models import TINY, flow_batch, optimizer_step, randomise_gates, tiny_sit
 
 
 def block_output(model: nn.Module, k: int, x, t, y) -> torch.Tensor:
@@ -185,6 +185,7 @@ def check_integer_buffers_reach_the_owned_teacher() -> None:
     torch.testing.assert_close(loss, 0.2 * F.smooth_l1_loss(sra.head(student), target, beta=0.05), rtol=1e-5, atol=1e-7)
     # The order changes during training: the next update copies it.
     model.token_order.copy_(torch.randperm(n, generator=g))
+    optimizer_step(model)
     sra.update_teacher()
     assert torch.equal(sra.teacher.token_order, model.token_order)
 

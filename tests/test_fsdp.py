@@ -51,7 +51,8 @@ def train(model, sra, batches) -> torch.Tensor:
     for x_t, x_s, t, s, y, target in batches:
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="SelfRepresentationAlignment")  # no fallback pass
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the head's output is a view
+            # Issue 27, case 9: the head's output is no view, so FSDP2 keeps its pre-backward hook.
+            warnings.filterwarnings("error", message="FSDP2-wrapped module")
             pred = model(x_t, t, y)
             align = sra(model, x_t, x_s, t, s, y)
         (F.mse_loss(pred, target) + align).backward()
@@ -75,9 +76,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         model, sra = build()  # sra first (hooks, teacher copy), then shard student and teacher alike
         for net in (model, sra.teacher):
             for block in net.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(net, mesh=mesh)
-        fully_shard(sra.head, mesh=mesh)
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+            fully_shard(net, mesh=mesh, reshard_after_forward=True)
+        fully_shard(sra.head, mesh=mesh, reshard_after_forward=True)
         sharded = type(model.blocks[0].attn.qkv.weight).__name__
         losses = train(model, sra, [data(step, rank) for step in range(STEPS)])
         result = {"model": full(model), "head": full(sra.head), "teacher": full(sra.teacher),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sra_plugin import LatentAlignment, SelfRepresentationAlignment, schedules
-from tests._models import TINY, flow_batch, free_port, randomise_gates, tiny_sit
+from tests._models import TINY, flow_batch, free_port, optimizer_step, randomise_gates, tiny_sit
 from examples.models import SiT
 
 peft = pytest.importorskip("peft")
@@ -212,14 +212,15 @@ def test_step_counts_optimizer_steps_under_accumulation_once_update_teacher_is_c
     model = pretrained_sit()
     sra = SelfRepresentationAlignment(model, **LAYERS, weight=schedules.linear(0.0, 0.2, 0, 2))
     seen = []
-    for optimizer_step in range(3):
+    for k in range(3):
         for micro in range(4):
-            x_t, x_s, t, s, y, _ = flow_batch(seed=10 * optimizer_step + micro)
+            x_t, x_s, t, s, y, _ = flow_batch(seed=10 * k + micro)
             model(x_t, t, y)
             sra(model, x_t, x_s, t, s, y)
             seen.append(sra.metrics["weight"])
+        optimizer_step(model)
         sra.update_teacher()
-        assert sra.step == optimizer_step + 1
+        assert sra.step == k + 1
     # the first optimizer step's micro-batches counted before update_teacher() was ever called
     assert seen[4:] == [0.1] * 4 + [0.2] * 4
 

@@ -10,7 +10,7 @@ import torch
 
 from sra_plugin import SelfRepresentationAlignment, schedules
 from sra_plugin.schedules import cosine, linear, paper, stop_at
-from tests._models import flow_batch, tiny_sit
+from tests._models import flow_batch, optimizer_step, tiny_sit
 
 
 def official(epoch: int, resolution: int) -> float:
@@ -132,6 +132,7 @@ def test_zero_weight_from_a_schedule_runs_no_teacher_block():
     loss = sra(model, x_t, x_s, t, s, y)
     assert teacher.count == 4 and loss.item() > 0 and sra.metrics["weight"] == 0.2
     loss.backward()
+    optimizer_step(model)
     sra.update_teacher()
 
     model(x_t, t, y)

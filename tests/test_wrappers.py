@@ -12,7 +12,7 @@ from torch import nn
 
 from sra_plugin import SelfRepresentationAlignment
 from sra_plugin.wrappers import unwrap
-from tests._models import flow_batch, tiny_sit
+from tests._models import flow_batch, optimizer_step, tiny_sit
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -63,6 +63,7 @@ def test_capture_fires_whichever_level_is_passed_and_trained(built_with, train_t
     grads = {n: p.grad for n, p in levels["inner"].named_parameters() if p.requires_grad}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("blocks.1.") and "lora_B" in n)
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith(("blocks.2.", "blocks.3.")))
+    optimizer_step(model)
     sra.update_teacher()
     assert sra.step == 1
 
