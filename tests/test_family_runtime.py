@@ -138,7 +138,7 @@ def test_bf16_autocast_losses_are_float32_and_match_the_features():
     assert a.dtype == b.dtype == torch.float32
     cos = F.cosine_similarity(kept[2].float(), kept[5].float(), dim=-1)
     torch.testing.assert_close(a, 0.2 * (1 - cos).mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b, 0.5 * dispersive_loss(kept[2].float()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, 0.25 * dispersive_loss(kept[2].float()), rtol=1e-5, atol=1e-6)  # the release recipe's weight
 
 
 def fsdp_build(disp_weight: float = 0.0):
