@@ -4,11 +4,10 @@ where each recipe's docstring says it comes from."""
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sra_plugin import Dispersive
@@ -123,3 +122,165 @@ def test_dispersive_state_of_the_old_default_still_loads() -> None:
     with pytest.raises(ValueError, match="layer: saved 6, here 2"):
         Dispersive(model, recipe="paper").load_state_dict(saved)
 
+
+
+# ---------------------------------------------------------------- LayerSync
+class CheckpointedSiT(type(tiny_sit())):
+    """The tiny SiT with the blocks in ``checkpointed`` (0-based) run in a reentrant checkpoint, as
+    LightningDiT's ``use_checkpoint=True`` does: inside it a block runs with gradients disabled."""
+
+    checkpointed: frozenset[int] = frozenset()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for i, block in enumerate(self.blocks):
+            x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=True) if i in self.checkpointed else block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+
+def hand_layersync(student: torch.Tensor, target: torch.Tensor, weight: float, detach: bool) -> torch.Tensor:
+    """The official per-token negative cosine, written out, plus 1: ``weight * mean(1 - <z_s/|z_s|, z_t/|z_t|>)``."""
+    target = target.detach() if detach else target
+    s = student / student.norm(dim=-1, keepdim=True)
+    q = target / target.norm(dim=-1, keepdim=True)
+    return weight * (1 - (s * q).sum(-1)).mean()
+
+
+def layersync_step(model: nn.Module, ls, student: int = 2, target: int = 4):
+    """(loss, block ``student``'s output, block ``target``'s output) of one training step, blocks 1-based."""
+    x_t, _, t, _, y, _ = flow_batch()
+    loss, outputs = run_with_block_outputs(model, ls, x_t, t, y)
+    return loss, outputs[student], outputs[target]
+
+
+def grads(loss: torch.Tensor, params: list) -> list:
+    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+
+def assert_same_grads(got: list, want: list) -> None:
+    for g, w in zip(got, want):
+        assert g is not None and w is not None
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()) + 1e-12)
+
+
+def test_layersync_lora_recipe_sends_the_gradient_through_both_blocks() -> None:
+    from sra_plugin import LayerSync
+
+    model = lively_sit()
+    ls = LayerSync(model, student_layer=2, target_layer=4, recipe="lora")
+    assert (ls.weight, ls.detach_target, ls.recipe) == (0.002, False, "lora")
+    loss, z_s, z_t = layersync_step(model, ls)
+    want = hand_layersync(z_s, z_t, 0.002, detach=False)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-9)
+    # Blocks 3 and 4 only shape the target: they train here, by exactly the gradient of the undetached formula.
+    target_only = params_of(model.blocks[2], model.blocks[3])
+    got = grads(loss, target_only)
+    assert_same_grads(got, grads(want, target_only))
+    assert all(float(g.abs().sum()) > 0 for g in got)
+    # Blocks 1 and 2 get both paths' gradient: not the detached formula's.
+    shared = params_of(model.blocks[0], model.blocks[1])
+    got = grads(loss, shared)
+    assert_same_grads(got, grads(want, shared))
+    detached = grads(hand_layersync(z_s, z_t, 0.002, detach=True), shared)
+    assert not all(torch.allclose(g, d, rtol=1e-3, atol=0) for g, d in zip(got, detached))
+    assert all(g is None for g in grads(loss, params_of(*model.blocks[4:], model.final_layer)))
+    assert "target not detached" in repr(ls) and "recipe='lora'" in repr(ls)
+
+
+def test_layersync_pretraining_recipe_is_the_default_and_detaches_the_target() -> None:
+    from sra_plugin import LayerSync, layersync
+
+    model = lively_sit()
+    ls = LayerSync(model, student_layer=2, target_layer=4)
+    assert layersync.DEFAULT_RECIPE == "pretraining"
+    assert (ls.weight, ls.detach_target, ls.recipe) == (0.2, True, "pretraining")
+    loss, z_s, z_t = layersync_step(model, ls)
+    want = hand_layersync(z_s, z_t, 0.2, detach=True)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-8)
+    assert all(g is None for g in grads(loss, params_of(model.blocks[2], model.blocks[3])))  # no gradient through the target
+    shared = params_of(model.blocks[0], model.blocks[1])
+    assert_same_grads(grads(loss, shared), grads(want, shared))
+    assert "target detached" in repr(ls) and "recipe='pretraining'" in repr(ls)
+
+
+def test_layersync_explicit_arguments_win_over_the_recipe() -> None:
+    from sra_plugin import LayerSync
+
+    cases = [  # (recipe, given, weight, detached)
+        ("lora", {"detach_target": True}, 0.002, True),
+        ("lora", {"weight": 0.5}, 0.5, False),
+        ("pretraining", {"detach_target": False}, 0.2, False),
+        ("pretraining", {"weight": 0.05, "detach_target": True}, 0.05, True),
+    ]
+    for recipe, given, weight, detached in cases:
+        model = lively_sit()
+        ls = LayerSync(model, 2, 4, recipe=recipe, **given)
+        assert (ls.weight, ls.detach_target) == (weight, detached)
+        loss, z_s, z_t = layersync_step(model, ls)
+        torch.testing.assert_close(loss, hand_layersync(z_s, z_t, weight, detached), rtol=1e-5, atol=1e-9)
+        target_grads = grads(loss, params_of(model.blocks[2], model.blocks[3]))
+        assert all(g is None for g in target_grads) if detached else all(float(g.abs().sum()) > 0 for g in target_grads)
+
+
+@pytest.mark.parametrize("recipe", ["LoRA", "release", "", None, 1])
+def test_layersync_refuses_an_unknown_recipe_and_attaches_nothing(recipe) -> None:
+    from sra_plugin import LayerSync
+
+    model = tiny_sit()
+    before = hooks_on(model)
+    with pytest.raises(ValueError, match=rf"recipe={recipe!r} is not accepted: use one of \['lora', 'pretraining'\]"):
+        LayerSync(model, recipe=recipe)
+    with pytest.raises(TypeError, match=r"detach_target='yes' is not accepted: use True .* False .* or None"):
+        LayerSync(model, detach_target="yes")
+    assert hooks_on(model) == before
+
+
+def test_layersync_recipe_and_detach_are_the_saved_identity_and_old_states_still_load() -> None:
+    from sra_plugin import LayerSync
+    from sra_plugin.student import decode_state, encode_state
+
+    model = tiny_sit()
+    lora = LayerSync(model, 2, 4, recipe="lora").state_dict()
+    assert set(lora) == {"_extra_state"}  # the same keys as 0.3.0's
+    with pytest.raises(ValueError, match=r"detach_target: saved False, here True, recipe: saved 'lora', here 'pretraining'"):
+        LayerSync(model, 2, 4).load_state_dict(lora)
+    with pytest.raises(ValueError, match=r"detach_target: saved False, here True"):
+        LayerSync(model, 2, 4, recipe="lora", detach_target=True).load_state_dict(lora)
+    LayerSync(model, 2, 4, recipe="lora").load_state_dict(lora)
+    # A state saved by 0.3.0 has neither key; it was the pretraining recipe (always detached).
+    ls = LayerSync(model, 2, 4)
+    for _ in range(3):
+        x_t, _, t, _, y, _ = flow_batch()
+        model(x_t, t, y)
+        ls(model, x_t, t, y)
+    old = decode_state(ls.state_dict()["_extra_state"])
+    del old["recipe"], old["detach_target"]
+    assert set(old) == {"step", "steps_from_updates", "student_layer", "target_layer", "depth", "head"}
+    again = LayerSync(model, 2, 4)
+    again.load_state_dict({"_extra_state": encode_state(old)})
+    assert again.step == 3
+    with pytest.raises(ValueError, match=r"detach_target: saved True, here False, recipe: saved 'pretraining', here 'lora'"):
+        LayerSync(model, 2, 4, recipe="lora").load_state_dict({"_extra_state": encode_state(old)})
+
+
+def test_layersync_refuses_a_target_without_gradient_only_when_the_target_trains() -> None:
+    """A reentrant checkpoint around the target block leaves its tokens without gradient: harmless for a
+    detached target, a silent loss of the target's gradient for ``lora``, which is refused."""
+    from sra_plugin import LayerSync
+
+    torch.manual_seed(0)
+    model = randomise_gates(CheckpointedSiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2,
+                                            num_classes=10, class_dropout_prob=0.0), std=0.5)
+    model.checkpointed = frozenset({3})  # block 4, the target
+    x_t, _, t, _, y, _ = flow_batch()
+    ls = LayerSync(model, 2, 4, recipe="lora")
+    model(x_t, t, y)
+    with pytest.raises(RuntimeError, match="ran with gradients disabled"):
+        ls(model, x_t, t, y)
+    ls.remove()
+    ls = LayerSync(model, 2, 4)  # pretraining: the target is detached anyway (its tokens are read by a re-run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss, z_s, z_t = layersync_step(model, ls)
+    torch.testing.assert_close(loss, hand_layersync(z_s, z_t, 0.2, detach=True), rtol=1e-5, atol=1e-8)
