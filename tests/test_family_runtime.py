@@ -215,4 +215,6 @@ def test_fsdp2_layersync_dispersive_and_repa_match_across_ranks_and_one_process(
     fsdp_train(model, ls, disp, repa, [fsdp_batch(step, tuple(range(WORLD))) for step in range(STEPS)])
     for part, module in (("model", model), ("head", ls.head), ("repa_head", repa.head)):
         for name, value in module.state_dict().items():
-            torch.testing.assert_close(r0[part][name], value, rtol=1e-4, atol=1e-6, msg=f"{part}.{name}")
+            # atol: 1% of one AdamW step (lr 1e-3); an entry whose gradient is near 0 moves by summation-order noise
+            # (seen: 1.6e-6 on a few qkv biases with REPA's xavier-initialised projector).
+            torch.testing.assert_close(r0[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")

@@ -284,3 +284,56 @@ def test_layersync_refuses_a_target_without_gradient_only_when_the_target_trains
         warnings.simplefilter("ignore", RuntimeWarning)
         loss, z_s, z_t = layersync_step(model, ls)
     torch.testing.assert_close(loss, hand_layersync(z_s, z_t, 0.2, detach=True), rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------- REPA's projector
+def assert_xavier_uniform_zero_bias(head: nn.Module, large: int) -> None:
+    """Every Linear: weights inside xavier's bound sqrt(6 / (fan_in + fan_out)) and reaching close to it
+    (uniform), biases exactly zero; the layer with ``large`` weights has xavier's std."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    for linear in linears:
+        fan_out, fan_in = linear.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        w = linear.weight.detach()
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+        assert torch.equal(linear.bias.detach(), torch.zeros_like(linear.bias))
+        if w.numel() == large:
+            assert float(w.std()) == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.02)
+
+
+def test_repa_projector_is_xavier_uniform_with_zero_biases_as_the_official_code() -> None:
+    from sra_plugin import REPA
+    from sra_plugin.repa import REPAProjector
+
+    torch.manual_seed(0)
+    assert_xavier_uniform_zero_bias(REPAProjector(32, 48, hidden=512), large=512 * 512)
+    # Through REPA(head="mlp"), on a model of width 32 and an encoder of width 10.
+    model = tiny_sit()
+    encoder = nn.Linear(3, 10)
+    repa = REPA(model, encoder, layer=2, encoder_tokens=lambda e, im: e(im), encoder_dim=10, projector_dim=256)
+    assert isinstance(repa.head, REPAProjector)
+    assert_xavier_uniform_zero_bias(repa.head, large=256 * 256)
+
+
+def test_repa_projector_is_fixed_by_the_seed() -> None:
+    from sra_plugin.repa import REPAProjector
+
+    def draw(seed: int) -> dict:
+        torch.manual_seed(seed)
+        return REPAProjector(16, 8, hidden=64).state_dict()
+
+    a, b, c = draw(3), draw(3), draw(4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["0.weight"], c["0.weight"])
+
+
+def test_recipe_docstrings_name_the_files_they_come_from() -> None:
+    from sra_plugin import layersync
+    from sra_plugin.repa import REPAProjector
+
+    assert all(name in dispersive_module.__doc__ for name in ("raywang4/DispLoss", "train.py", "transport.py", "2506.09027"))
+    assert all(name in Dispersive.__doc__ for name in ("train.py", "transport.py", "2506.09027"))
+    assert all(name in layersync.__doc__ for name in ("vita-epfl/LayerSync", "train.py", "transport/transport.py", "Finetuning-LoRA/loss.py"))
+    assert all(name in layersync.LayerSync.__doc__ for name in ("train.py", "Finetuning-LoRA/loss.py"))
+    assert all(name in REPAProjector.__doc__ for name in ("sihyun-yu/REPA", "models/sit.py"))
