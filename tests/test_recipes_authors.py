@@ -334,6 +334,7 @@ def test_recipe_docstrings_name_the_files_they_come_from() -> None:
 
     assert all(name in dispersive_module.__doc__ for name in ("raywang4/DispLoss", "train.py", "transport.py", "2506.09027"))
     assert all(name in Dispersive.__doc__ for name in ("train.py", "transport.py", "2506.09027"))
-    assert all(name in layersync.__doc__ for name in ("vita-epfl/LayerSync", "train.py", "transport/transport.py", "Finetuning-LoRA/loss.py"))
+    sources = ("vita-epfl/LayerSync", "train.py", "transport/transport.py", "Finetuning-LoRA/loss.py")
+    assert all(name in layersync.__doc__ for name in sources)
     assert all(name in layersync.LayerSync.__doc__ for name in ("train.py", "Finetuning-LoRA/loss.py"))
     assert all(name in REPAProjector.__doc__ for name in ("sihyun-yu/REPA", "models/sit.py"))
