@@ -73,7 +73,7 @@ class Dispersive(Objective):
     """
 
     metric_names = ("disp_loss", "mean_sq_dist", "student_norm")
-    recipe = DEFAULT_RECIPE  # objects pickled by 0.3.0 had no recipe: theirs was this one's layer and temperature
+    recipe = DEFAULT_RECIPE  # what extra_repr shows for an object pickled by 0.3.0, which had no recipe
 
     def __init__(
         self,
