@@ -7,8 +7,9 @@
 Variants (``examples.digits.VARIANTS``): ``none`` (no alignment), ``sra`` (the paper's recipe: smooth-L1,
 beta 0.05, weight 0.2), ``sra-cosine`` (the official code's current default: ``loss="cosine_tokens"``,
 weight 0.5), ``sra2`` (``LatentAlignment``: block L_s towards the clean image's patches, its default
-loss and weight), ``layersync`` and ``dispersive`` (``LayerSync``, ``Dispersive`` with their defaults),
-``sra+dispersive`` (both terms on one forward). For each seed every variant starts from the same
+loss and weight), ``layersync`` and ``dispersive`` (``LayerSync``, ``Dispersive`` with their defaults: the
+authors' pretraining and release recipes), ``layersync-lora``, ``dispersive-paper`` (the authors' other
+recipes), ``sra+dispersive`` (both terms on one forward). For each seed every variant starts from the same
 weights and sees the same batches, times, noise and label drops (see ``examples.digits.train``); all
 sample from an EMA with the same decay. Measured on the EMA model after training (and every
 ``--eval-every`` steps, for the curves):
@@ -72,13 +73,17 @@ BASELINE = "none"
 
 # --preset NAME: defaults for a named recipe; flags given on the command line still win.
 PRESETS: dict[str, dict] = {
-    # Every variant (7) x 3 seeds on mnist5k with a 256-wide, 8-block SiT at patch 2 (256 tokens), 21
-    # workers sharing one GPU (one wave). Sized, not timed (no GPU was lent to time it), to finish in
-    # under 8 minutes on one H100: 21 x 1,500 steps is about the 12 x 2,000 of the 0.2.0 preset.
+    # Nine arms x 3 seeds on mnist5k with a 256-wide, 8-block SiT at patch 2 (256 tokens), 27 workers
+    # sharing one GPU (one wave): the seven of the CPU comparison plus the authors' other recipes,
+    # layersync-lora and dispersive-paper ("dispersive" is the release recipe, so dispersive-release
+    # would repeat it). Sized, not timed (no GPU was lent to time it): the seven arms' 21 x 1,500 steps
+    # were sized to finish in under 8 minutes on one H100 (about the 12 x 2,000 of the 0.2.0 preset);
+    # 27 runs should take about 27/21 of that.
     "gpu": dict(
         dataset="mnist5k", model_size="gpu", device="cuda", steps=1500, batch_size=64, lr=5e-4,
-        ema_decay=0.999, variants=["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive"],
-        seeds=[0, 1, 2], workers=21, eval_every=500,
+        ema_decay=0.999, variants=["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive",
+                                   "layersync-lora", "dispersive-paper"],
+        seeds=[0, 1, 2], workers=27, eval_every=500,
         per_class=50, tf32=True, json=Path("benchmarks/results/gpu/quality_mnist5k_gpu.json"),
         table=Path("benchmarks/results/gpu/quality_mnist5k_gpu.md"),
         plots=Path("benchmarks/results/gpu/quality_mnist5k_gpu_curves.png"),
@@ -171,8 +176,12 @@ def _variant_recipe(args: argparse.Namespace, variant: str) -> str:
     for method, loss, weight, options in map(term_parts, VARIANTS[variant]):
         cls = METHOD_CLASSES[method]
         params = inspect.signature(getattr(sra_plugin, cls)).parameters
-        loss = loss if loss is not None else params["loss"].default if "loss" in params else None
-        weight = weight if weight is not None else params["weight"].default
+        # An argument left as None is filled in by the class's recipe (its module's RECIPES), if it has one.
+        recipe = options.get("recipe", params["recipe"].default if "recipe" in params else None)
+        recipes = getattr(sys.modules[getattr(sra_plugin, cls).__module__], "RECIPES", {})
+        defaults = {**recipes.get(recipe, {}), **{k: v.default for k, v in params.items() if v.default is not None}}
+        loss = loss if loss is not None else defaults.get("loss")
+        weight = weight if weight is not None else defaults.get("weight")
         name = {"sra": "SRA", "latent": "LatentAlignment (SRA 2)"}.get(method, cls)
         where = "".join(f", {k}={v}" for k, v in options.items())
         parts.append((f"{name} {loss} x {weight}" if loss is not None else f"{name} x {weight}") + where)

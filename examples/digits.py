@@ -14,6 +14,7 @@ predicts the velocity ``noise - x0``, and the label ``num_classes`` is the null 
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -68,9 +69,13 @@ METHOD_CLASSES = {
 }
 # The compared variants: name -> its terms, all added to the diffusion loss of one forward. "sra" is the
 # paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the official code's current default
-# (cosine over the token axis, weight 0.5); "dispersive-0.25" is Dispersive at the weight of the authors'
-# release (0.25; the class default is 0.5), "dispersive-mid" the same at the middle block (layer 0.5, block
-# 3 of 6) instead of the last; "sra+dispersive" composes the paper's SRA with Dispersive.
+# (cosine over the token axis, weight 0.5). "dispersive" is the class default, which is the authors'
+# release recipe (last block, weight 0.25, tau 1; in 0.3.0 it was weight 0.5), so "dispersive-release"
+# names the same terms explicitly and "dispersive-0.25" (kept for older commands) equals both now;
+# "dispersive-paper" is the paper's JAX recipe (weight 0.5, tau 0.5, block depth/4); "dispersive-mid" is
+# weight 0.25 at the middle block (layer 0.5, block 3 of 6). "layersync" is LayerSync's pretraining
+# recipe (weight 0.2, deeper block detached), "layersync-lora" its LoRA code's (weight 0.002, deeper block
+# not detached). "sra+dispersive" composes the paper's SRA with Dispersive's default.
 VARIANTS: dict[str, tuple[Term, ...]] = {
     "none": (),
     "sra": (("sra", "smooth_l1", 0.2),),
@@ -81,6 +86,9 @@ VARIANTS: dict[str, tuple[Term, ...]] = {
     "dispersive-0.25": (("dispersive", None, 0.25),),
     "dispersive-mid": (("dispersive", None, 0.25, {"layer": 0.5}),),
     "sra+dispersive": (("sra", "smooth_l1", 0.2), ("dispersive", None, None)),
+    "dispersive-release": (("dispersive", None, None, {"recipe": "release"}),),
+    "dispersive-paper": (("dispersive", None, None, {"recipe": "paper"}),),
+    "layersync-lora": (("layersync", None, None, {"recipe": "lora"}),),
 }
 
 
@@ -88,12 +96,16 @@ def variant_unavailable(name: str) -> str | None:
     """Why variant ``name`` cannot run with the installed sra_plugin, or None if it can."""
     if name not in VARIANTS:
         return f"variant {name!r} is not known: use one of {list(VARIANTS)}"
-    for method, loss, _, _ in map(term_parts, VARIANTS[name]):
+    for method, loss, _, options in map(term_parts, VARIANTS[name]):
         cls = METHOD_CLASSES[method]
         if getattr(sra_plugin, cls, None) is None:
             extra = " (SRA 2)" if method == "latent" else ""
             return (f"variant {name!r} needs sra_plugin.{cls}{extra}, which this sra_plugin "
                     f"{sra_plugin.__version__} does not have: update sra-plugin or leave {name!r} out of --variants")
+        missing = sorted(set(options) - set(inspect.signature(getattr(sra_plugin, cls)).parameters))
+        if missing:
+            return (f"variant {name!r} needs {cls}({', '.join(f'{k}=' for k in missing)}), which this sra_plugin "
+                    f"{sra_plugin.__version__} does not take: update sra-plugin or leave {name!r} out of --variants")
         if loss is not None:
             from sra_plugin import losses
 

@@ -4,12 +4,19 @@ apart across the batch, InfoNCE without positive pairs. No target, no head, no e
 The InfoNCE-L2 variant as the authors' PyTorch release computes it (``disp_loss`` in its
 ``transport.py``): each sample's features are flattened to one vector of ``F`` values (here all image
 tokens of the block, ``N * D``), the squared L2 distance of every pair is divided by ``F``, and the loss
-is ``log mean_ij exp(-d_ij / tau)`` over the full ``B x B`` matrix, its zero diagonal included. That
-release has no separate temperature (``tau = 1`` on the distance divided by ``F``), which is this
-class's default; ``temperature`` divides the scaled distance further. The released code puts it on
-the last block (``act[-1]``), which is the default ``layer=-1`` here. Weight: 0.5, the default of the
-reimplementations we could read (e.g. PixNerd's ``DisperseTrainer``: weight 0.5, temperature 1.0); the
-copy of the release we read adds ``0.25 * disp_loss``, and the paper's own lambda was not checked here.
+is ``log mean_ij exp(-d_ij / tau)`` over the full ``B x B`` matrix, its zero diagonal included.
+
+The authors' settings, as ``recipe=`` (``RECIPES``; the default is ``"release"``):
+
+- ``"release"``: github.com/raywang4/DispLoss, ``train.py`` with ``transport.py``: ``0.25 * disp_loss``
+  on the last block's output (``layer=-1``), no separate temperature (``tau = 1`` on the distance
+  divided by ``F``).
+- ``"paper"``: arXiv 2506.09027's own (JAX) runs: weight 0.5, ``tau = 0.5``, the block at a quarter of
+  the depth, written ``layer=0.25`` (a fraction of depth, rounded half up as ``sra_plugin.layers`` does:
+  block ``floor(depth / 4 + 0.5)``, 1-based; SiT-XL's 28 blocks -> block 7, 12 -> 3, 6 -> 2).
+
+0.3.0's default (weight 0.5, ``tau = 1``, last block) was no author's setting; at digit scale it made
+samples worse than no term (README, "Does it help at this scale?").
 """
 
 from __future__ import annotations
@@ -25,7 +32,14 @@ from .losses import no_autocast
 from .registry import Adapter, ModelCall
 from .student import Objective, Weight, resolve_objective
 
-__all__ = ["Dispersive", "dispersive_loss"]
+__all__ = ["Dispersive", "dispersive_loss", "RECIPES", "DEFAULT_RECIPE"]
+
+# recipe -> the layer, weight and temperature it fills in where the caller gives none (module docstring).
+RECIPES: dict[str, dict[str, Any]] = {
+    "release": {"layer": -1, "weight": 0.25, "temperature": 1.0},  # DispLoss train.py / transport.py
+    "paper": {"layer": 0.25, "weight": 0.5, "temperature": 0.5},  # arXiv 2506.09027 (JAX): block depth/4
+}
+DEFAULT_RECIPE = "release"
 
 
 def _dispersion(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -55,28 +69,39 @@ class Dispersive(Objective):
 
     Usage::
 
-        disp = Dispersive(model)
+        disp = Dispersive(model)                    # the authors' release: last block, 0.25, tau 1
         pred = model(x_t, t, y)
         loss = diff_loss + disp(model, x_t, t, y)
 
-    Defaults: ``layer=-1`` (the last block), ``weight=0.5``, ``temperature=1.0`` (the module docstring
-    says where each comes from). The loss is reduced over the batch, so ``sample_weight``
+    ``layer``, ``weight`` and ``temperature`` left as None come from ``recipe`` (``RECIPES``):
+    ``"release"`` (the default; the authors' PyTorch release, DispLoss ``train.py``/``transport.py``:
+    last block, weight 0.25, temperature 1) or ``"paper"`` (arXiv 2506.09027's JAX runs: block
+    ``floor(depth / 4 + 0.5)``, i.e. ``layer=0.25``, weight 0.5, temperature 0.5); a value given
+    explicitly wins over the recipe's. The loss is reduced over the batch, so ``sample_weight``
     has no meaning here and is refused. Under data parallelism each process disperses its own batch,
     as in the authors' code; it has no parameters, so wrap only the model in DDP.
     """
 
     metric_names = ("disp_loss", "mean_sq_dist", "student_norm")
+    recipe = DEFAULT_RECIPE  # what extra_repr shows for an object pickled by 0.3.0, which had no recipe
 
     def __init__(
         self,
         model: nn.Module,
-        layer: int | float = -1,
-        weight: Weight = 0.5,
-        temperature: float = 1.0,
+        layer: int | float | None = None,
+        weight: Weight | None = None,
+        temperature: float | None = None,
         adapter: str | Adapter | None = None,
         check_finite: bool = False,
+        recipe: str = DEFAULT_RECIPE,
     ) -> None:
         super().__init__()
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise ValueError(f"recipe={recipe!r} is not accepted: use one of {sorted(RECIPES)}")
+        chosen = RECIPES[recipe]
+        layer = chosen["layer"] if layer is None else layer
+        weight = chosen["weight"] if weight is None else weight
+        temperature = chosen["temperature"] if temperature is None else temperature
         student, adapter, blocks, indices, weight = resolve_objective(model, adapter, weight, layer=layer)
         index = indices["layer"]
         if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
@@ -85,6 +110,7 @@ class Dispersive(Objective):
         self.depth = len(blocks)
         self.taps = {"student": index}
         self.temperature = float(temperature)
+        self.recipe = recipe
         self._set_objective("identity", nn.Identity(), "infonce_l2", dispersive_loss, weight, check_finite)
         self._init_student(student)
 
@@ -137,4 +163,5 @@ class Dispersive(Objective):
         return {"layer": self.student_layer, "depth": self.depth, "temperature": self.temperature}
 
     def extra_repr(self) -> str:
-        return f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth}, temperature={self.temperature}"
+        return (f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth}, temperature={self.temperature}, "
+                f"recipe={self.recipe!r}")

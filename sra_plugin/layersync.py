@@ -1,11 +1,18 @@
 """LayerSync (Haghighi, van Delft, Hassan, Alahi, arXiv 2510.12581): an earlier block of the user's own
-forward aligned to a deeper block of the same forward, the deeper one detached. No extra pass, no teacher.
+forward aligned to a deeper block of the same forward. No extra pass, no teacher.
 
-Facts from the official code (github.com/vita-epfl/LayerSync, ``transport/transport.py`` and
-``train.py``): the two blocks' raw outputs, no projection head; per token
-``-(normalize(z_s) * normalize(z_t.detach())).sum(-1)``, averaged over tokens and the batch;
-``--reg-weight 0.2``; SiT-XL blocks 8 -> 16 of 28 in the paper. Here ``loss="cosine"`` is
-``1 - cos`` per token: the same gradient, shifted by the constant 1 so that it is 0 when aligned.
+Facts from the official code (github.com/vita-epfl/LayerSync): the two blocks' raw outputs, no
+projection head; per token ``-(normalize(z_s) * normalize(z_t)).sum(-1)``, averaged over tokens and the
+batch. Here ``loss="cosine"`` is ``1 - cos`` per token: the same gradient, shifted by the constant 1 so
+that it is 0 when aligned. The authors' two settings, as ``recipe=`` (``RECIPES``):
+
+- ``"pretraining"`` (the default): ``train.py`` with ``transport/transport.py``: ``--reg-weight 0.2``,
+  the deeper block detached (``z_t.detach()``); SiT-XL blocks 8 -> 16 of 28 in the paper.
+- ``"lora"``: ``Finetuning-LoRA/loss.py`` (a LoRA fine-tune of Wan in DiffSynth-Studio): weight 0.002,
+  the deeper block **not** detached, so the gradient reaches both blocks.
+
+A recipe fills in the weight and whether the target is detached; the blocks stay ``student_layer`` /
+``target_layer`` (0.3 and 0.57 of the depth unless given) in both.
 """
 
 from __future__ import annotations
@@ -18,7 +25,14 @@ from .losses import build_loss
 from .registry import Adapter
 from .student import Objective, Weight, head_on_model, resolve_objective
 
-__all__ = ["LayerSync"]
+__all__ = ["LayerSync", "RECIPES", "DEFAULT_RECIPE"]
+
+# recipe -> the weight and target detach it fills in where the caller gives none (module docstring).
+RECIPES: dict[str, dict[str, Any]] = {
+    "pretraining": {"weight": 0.2, "detach_target": True},  # LayerSync train.py / transport/transport.py
+    "lora": {"weight": 0.002, "detach_target": False},  # LayerSync Finetuning-LoRA/loss.py (Wan)
+}
+DEFAULT_RECIPE = "pretraining"
 
 
 class LayerSync(Objective):
@@ -31,11 +45,19 @@ class LayerSync(Objective):
         loss = diff_loss + ls(model, x_t, t, y)
 
     Defaults: ``student_layer=0.3`` and ``target_layer=0.57`` of the depth (28 blocks: 8 and 16),
-    ``loss="cosine"`` per token, ``weight=0.2``, ``head="identity"`` (the paper's; ``"mlp"``,
-    ``"linear"`` or a module put a trainable head on the student side). The target gets no gradient.
-    With ``head="identity"`` it has no parameters: under DDP wrap only the model (DDP refuses a module
-    with none, and there is nothing to synchronise); with a head, wrap it too, as SRA.
+    ``loss="cosine"`` per token, ``head="identity"`` (the paper's; ``"mlp"``, ``"linear"`` or a module
+    put a trainable head on the student side). ``weight`` and ``detach_target`` left as None come from
+    ``recipe`` (``RECIPES``): ``"pretraining"`` (the default; the official ``train.py``: weight 0.2,
+    target detached, so it gets no gradient) or ``"lora"`` (the official ``Finetuning-LoRA/loss.py``:
+    weight 0.002, target not detached, so the gradient reaches both blocks); a value given explicitly
+    wins over the recipe's. With ``head="identity"`` it has no parameters: under DDP wrap only the model
+    (DDP refuses a module with none, and there is nothing to synchronise); with a head, wrap it too, as SRA.
     """
+
+    # Objects and states saved by 0.3.0 had neither: theirs were the pretraining recipe's.
+    recipe = DEFAULT_RECIPE
+    detach_target = True
+    _identity_defaults = {"recipe": DEFAULT_RECIPE, "detach_target": True}
 
     def __init__(
         self,
@@ -43,12 +65,23 @@ class LayerSync(Objective):
         student_layer: int | float = 0.3,
         target_layer: int | float = 0.57,
         loss: str | Callable[[Tensor, Tensor], Tensor] = "cosine",
-        weight: Weight = 0.2,
+        weight: Weight | None = None,
         head: str | nn.Module = "identity",
         adapter: str | Adapter | None = None,
         check_finite: bool = False,
+        recipe: str = DEFAULT_RECIPE,
+        detach_target: bool | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise ValueError(f"recipe={recipe!r} is not accepted: use one of {sorted(RECIPES)}")
+        if detach_target is not None and not isinstance(detach_target, bool):
+            raise TypeError(
+                f"detach_target={detach_target!r} is not accepted: use True (no gradient through the deeper block), "
+                "False (gradient through both blocks) or None (the recipe's)"
+            )
+        weight = RECIPES[recipe]["weight"] if weight is None else weight
+        detach_target = RECIPES[recipe]["detach_target"] if detach_target is None else detach_target
         student, adapter, blocks, indices, weight = resolve_objective(
             model, adapter, weight, student_layer=student_layer, target_layer=target_layer)
         student_index, target_index = indices["student_layer"], indices["target_layer"]
@@ -66,11 +99,15 @@ class LayerSync(Objective):
         self.depth = len(blocks)
         self.taps = {"student": student_index, "target": target_index}
         self.target_layer = target_index
+        self.recipe = recipe
+        self.detach_target = detach_target
+        # A target that trains must carry gradient: a block that ran without (reentrant checkpointing) is refused.
+        self.grad_taps = ("student",) if detach_target else ("student", "target")
         self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         self._init_student(student)
 
     def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> Tensor:
-        return taps["target"].detach()
+        return taps["target"].detach() if self.detach_target else taps["target"]
 
     def forward(self, model: nn.Module, x_t: Tensor, t: Any, *args: Any,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -78,10 +115,12 @@ class LayerSync(Objective):
         return self._run(model, x_t, t, args, kwargs, sample_weight)
 
     def _identity(self) -> dict[str, Any]:
-        return {"student_layer": self.student_layer, "target_layer": self.target_layer, "depth": self.depth, "head": self.head_name}
+        return {"student_layer": self.student_layer, "target_layer": self.target_layer, "depth": self.depth,
+                "head": self.head_name, "recipe": self.recipe, "detach_target": self.detach_target}
 
     def extra_repr(self) -> str:
+        target = "target detached" if self.detach_target else "target not detached"
         return (
             f"adapter={self.adapter.name!r}, blocks {self.student_layer}->{self.target_layer} of {self.depth} "
-            f"(same forward, target detached), loss={self.loss_name!r}, head={self.head_name!r}"
+            f"(same forward, {target}), loss={self.loss_name!r}, head={self.head_name!r}, recipe={self.recipe!r}"
         )

@@ -27,10 +27,19 @@ __all__ = ["REPA", "REPAProjector"]
 
 
 class REPAProjector(NotAView, nn.Sequential):
-    """REPA's projector: ``Linear(D, h) -> SiLU -> Linear(h, h) -> SiLU -> Linear(h, D_enc)``, h = 2048."""
+    """REPA's projector: ``Linear(D, h) -> SiLU -> Linear(h, h) -> SiLU -> Linear(h, D_enc)``, h = 2048.
+
+    Initialised as the official code leaves it (github.com/sihyun-yu/REPA, ``models/sit.py``: its
+    ``initialize_weights`` runs over every ``nn.Linear`` of the model, projectors included): each
+    weight xavier-uniform, each bias zero. Drawn from torch's global generator, so ``torch.manual_seed``
+    fixes it."""
 
     def __init__(self, dim: int, target_dim: int, hidden: int = 2048) -> None:
         super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, target_dim))
+        for module in self:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
 
 
 class REPA(Objective):

@@ -125,6 +125,8 @@ class Objective(nn.Module):
     metric_names: tuple[str, ...] = ("align_loss", "cos_sim", "student_norm", "target_norm")
     target_name = "target"
     grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
+    # Identity keys added after a release -> the value a state saved without them had (so it still loads).
+    _identity_defaults: dict[str, Any] = {}
 
     @property
     def student_layer(self) -> int:
@@ -471,7 +473,7 @@ class Objective(nn.Module):
         if decoded is None or "step" not in decoded:
             raise ValueError(f"state dict has no extra state of a {type(self).__name__} (got {type(state).__name__})")
         mine = decode_state(encode_state(self._identity()))  # as JSON gives it back: tuples are lists
-        theirs = {k: decoded.get(k) for k in mine}
+        theirs = {k: decoded.get(k, self._identity_defaults.get(k)) for k in mine}
         if theirs != mine:
             diff = ", ".join(f"{k}: saved {theirs[k]!r}, here {mine[k]!r}" for k in mine if theirs[k] != mine[k])
             raise ValueError(f"cannot load this state dict into a differently configured {type(self).__name__} ({diff})")

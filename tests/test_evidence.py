@@ -168,7 +168,9 @@ def test_gpu_recipe_is_valid_bash() -> None:
     assert args.dataset == "mnist5k" and 256 <= hidden <= 384 and 8 <= depth <= 12 and patch == 2
     assert len(args.seeds) >= 3 and args.device == "cuda" and args.workers >= 12
     # Every arm of the CPU comparison, composition included (the preset used to stop at sra2).
-    assert quality.PRESETS["gpu"]["variants"] == ["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive"]
+    assert quality.PRESETS["gpu"]["variants"] == ["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive",
+                                                  "layersync-lora", "dispersive-paper"]  # and the authors' other recipes
+    assert quality.PRESETS["gpu"]["workers"] == len(quality.PRESETS["gpu"]["variants"]) * len(quality.PRESETS["gpu"]["seeds"])
     assert quality.parse_args(["--preset", "gpu", "--variants", "none", "--steps", "7"]).steps == 7  # flags win
 
 
@@ -183,7 +185,8 @@ def test_gpu_recipe_one_step_smoke_run_on_cpu(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "quality_mnist5k_gpu.json").read_text())
     assert saved["dataset"] == "mnist5k" and [r["variant"] for r in saved["runs"]] == list(D.VARIANTS)
     assert all(np.isfinite(r["frechet"]) and np.isfinite(r["heldout_diffusion_loss"]) for r in saved["runs"])
-    assert saved["variants"]["sra+dispersive"] == "SRA smooth_l1 x 0.2 + Dispersive x 0.5"
+    assert saved["variants"]["sra+dispersive"] == "SRA smooth_l1 x 0.2 + Dispersive x 0.25"
+    assert saved["variants"]["layersync-lora"] == "LayerSync cosine x 0.002, recipe=lora"
     assert saved["config"]["steps"] == 1 and saved["environment"]["device"] == "cpu"
     md = (tmp_path / "quality_mnist5k_gpu.md").read_text()
     assert "| frechet |" in md and "sra − none" in md and "sra+dispersive − none" in md

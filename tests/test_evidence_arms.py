@@ -1,5 +1,5 @@
-"""Evidence III: every compared arm (SRA, SRA 2, LayerSync, Dispersive, SRA + Dispersive), the mnist16
-data, LoRA fine-tuning from a base, and the fine-tuning benchmark end to end at tiny size."""
+"""Evidence III: every compared arm (SRA, SRA 2, LayerSync, Dispersive, SRA + Dispersive, the authors'
+recipes), the mnist16 data, LoRA fine-tuning from a base, and the fine-tuning benchmark end to end at tiny size."""
 
 from __future__ import annotations
 
@@ -21,10 +21,19 @@ EXPECTED = {  # arm -> (class, loss name, weight) of each term
     "sra-cosine": [("SelfRepresentationAlignment", "cosine_tokens", 0.5)],
     "sra2": [("LatentAlignment", None, None)],
     "layersync": [("LayerSync", None, None)],
-    "dispersive": [("Dispersive", None, None)],
+    "dispersive": [("Dispersive", "infonce_l2", 0.25)],  # the default: the authors' release recipe
     "dispersive-0.25": [("Dispersive", "infonce_l2", 0.25)],
     "dispersive-mid": [("Dispersive", "infonce_l2", 0.25)],
-    "sra+dispersive": [("SelfRepresentationAlignment", "smooth_l1", 0.2), ("Dispersive", None, None)],
+    "sra+dispersive": [("SelfRepresentationAlignment", "smooth_l1", 0.2), ("Dispersive", "infonce_l2", 0.25)],
+    "dispersive-release": [("Dispersive", "infonce_l2", 0.25)],
+    "dispersive-paper": [("Dispersive", "infonce_l2", 0.5)],
+    "layersync-lora": [("LayerSync", "cosine", 0.002)],
+}
+RECIPE_OF = {  # arm -> (recipe, attributes the recipe sets) of its one term
+    "dispersive-release": ("release", {"temperature": 1.0, "layer": 6}),  # the tiny SiT's 6 blocks: the last
+    "dispersive-paper": ("paper", {"temperature": 0.5, "layer": 2}),  # block floor(6 / 4 + 0.5)
+    "layersync-lora": ("lora", {"detach_target": False}),
+    "layersync": ("pretraining", {"detach_target": True}),
 }
 
 
@@ -62,10 +71,16 @@ def test_every_arm_trains_with_its_terms_on_one_forward(arm: str, data: D.Digits
 
         assert [obj.layer for _, obj in run.objectives] == [resolve_layer(0.5, run.objectives[0][1].depth, "layer")]
         assert run.objectives[0][1].layer < run.objectives[0][1].depth
+    if arm in RECIPE_OF:  # a recipe named by the arm reaches the class, with what it sets
+        recipe, attributes = RECIPE_OF[arm]
+        obj = run.objectives[0][1]
+        assert obj.recipe == recipe and {k: getattr(obj, k) for k in attributes} == attributes
     if not want:
         assert run.align_loss == [] and run.term_loss == []
         return
-    assert run.diff_loss[1] != plain.diff_loss[1]  # the term changed the first update
+    assert any(not torch.equal(a, b) for a, b in zip(run.model.parameters(), plain.model.parameters()))  # the term trained
+    if arm != "layersync-lora":  # its weight, 0.002, moves the second step's loss by less than float32 rounding here
+        assert run.diff_loss[1] != plain.diff_loss[1]  # the term changed the first update
     assert len(run.term_loss) == 2 and all(np.isfinite(run.term_loss))
     for _, obj in run.objectives:
         assert obj.metrics["student_reruns"] == 0  # every term read the training forward's features
@@ -74,6 +89,18 @@ def test_every_arm_trains_with_its_terms_on_one_forward(arm: str, data: D.Digits
     if len(want) == 2:  # the composition's total is the sum of its two weighted terms
         a, b = (float(obj.metrics["loss"]) for _, obj in run.objectives)
         assert run.term_loss[-1] == pytest.approx(a + b)
+
+
+def test_a_recipe_arm_on_an_sra_plugin_without_recipes_fails_clearly(monkeypatch) -> None:
+    class OldLayerSync(sra_plugin.LayerSync):  # 0.3.0's signature: no recipe=, no detach_target=
+        def __init__(self, model, student_layer=0.3, target_layer=0.57, loss="cosine", weight=0.2, head="identity",
+                     adapter=None, check_finite=False):
+            super().__init__(model, student_layer, target_layer, loss, weight, head, adapter, check_finite)
+
+    monkeypatch.setattr(sra_plugin, "LayerSync", OldLayerSync)
+    reason = D.variant_unavailable("layersync-lora")
+    assert "'layersync-lora' needs LayerSync(recipe=)" in reason and "update sra-plugin" in reason
+    assert D.variant_unavailable("layersync") is None
 
 
 def test_add_lora_trains_only_adapters_and_labels_and_starts_at_the_base(data: D.Digits) -> None:

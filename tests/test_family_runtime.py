@@ -138,7 +138,7 @@ def test_bf16_autocast_losses_are_float32_and_match_the_features():
     assert a.dtype == b.dtype == torch.float32
     cos = F.cosine_similarity(kept[2].float(), kept[5].float(), dim=-1)
     torch.testing.assert_close(a, 0.2 * (1 - cos).mean(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b, 0.5 * dispersive_loss(kept[2].float()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, 0.25 * dispersive_loss(kept[2].float()), rtol=1e-5, atol=1e-6)  # the release recipe's weight
 
 
 def fsdp_build(disp_weight: float = 0.0):
@@ -215,4 +215,6 @@ def test_fsdp2_layersync_dispersive_and_repa_match_across_ranks_and_one_process(
     fsdp_train(model, ls, disp, repa, [fsdp_batch(step, tuple(range(WORLD))) for step in range(STEPS)])
     for part, module in (("model", model), ("head", ls.head), ("repa_head", repa.head)):
         for name, value in module.state_dict().items():
-            torch.testing.assert_close(r0[part][name], value, rtol=1e-4, atol=1e-6, msg=f"{part}.{name}")
+            # atol: 1% of one AdamW step (lr 1e-3); an entry whose gradient is near 0 moves by summation-order noise
+            # (seen: 1.6e-6 on a few qkv biases with REPA's xavier-initialised projector).
+            torch.testing.assert_close(r0[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
