@@ -76,6 +76,27 @@ def _captures_paused(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def _refuse_distributed(model: nn.Module) -> None:
+    """The passes run the model's modules, not its wrapper's forward: DDP would not synchronise the
+    gradients (its reducer is armed in its forward) and FSDP would not gather the root's weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    kinds = [DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        kinds += [FSDPModule, FullyShardedDataParallel]
+    except ImportError:  # torch without FSDP
+        pass
+    found = [m for m in (model, getattr(model, "module", None)) if isinstance(m, tuple(kinds))]
+    if found:
+        raise ValueError(
+            f"model={type(found[0]).__name__} is not supported by SRADTS yet: its per-group passes run the model's "
+            "modules outside the wrapper's forward, so DDP would not synchronise gradients and FSDP would not gather "
+            "weights; train on one process, or with the bare model"
+        )
+
+
 class SRADTS(Objective):
     """SRA-DTS (the SRA authors' ``SiT-SRA_DTS_AS``): two token groups per sample at their own times,
     attention separated, the student's block aligned through a head to the EMA teacher's later block on
@@ -126,6 +147,8 @@ class SRADTS(Objective):
         ema_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        if isinstance(model, nn.Module):
+            _refuse_distributed(model)
         if separate is not True:
             raise ValueError(
                 f"separate={separate!r} is not supported: SRADTS runs each token group in a pass of its own "
@@ -266,6 +289,7 @@ class SRADTS(Objective):
         output layout (its diffusion loss is against ``noise - x0``); ``align``: the weighted alignment loss.
         ``args``/``kwargs``: the model's conditioning (a DiT/SiT's class labels ``y``)."""
         self._check_model(model)
+        _refuse_distributed(model)
         self._check_pair(x0, noise)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={type(generator).__name__} is not accepted: use a torch.Generator or None")

@@ -521,3 +521,41 @@ def test_copy_and_pickle():
     assert torch.equal(a, b)
     buffer = io.BytesIO()
     torch.save((model, dts), buffer)
+
+
+def test_ddp_is_refused(tmp_path):
+    """DDP would not synchronise the gradients of passes that bypass its forward: refused, not silent."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_sit()
+        dts = SRADTS(model, **LAYERS)
+        wrapped = DistributedDataParallel(model)
+        x0, noise, y, *_ = draw()
+        with pytest.raises(ValueError, match="DistributedDataParallel is not supported by SRADTS"):
+            dts(wrapped, x0, noise, y)
+        with pytest.raises(ValueError, match="DistributedDataParallel is not supported by SRADTS"):
+            SRADTS(wrapped, **LAYERS)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sample_weight_and_metrics():
+    official = official_model(0, 0.0).train()
+    official_teacher = official_model(1, 0.0).eval()
+    student = sit_like(official, 0.0).train()
+    dts = SRADTS(student, teacher=sit_like(official_teacher, 0.0), **LAYERS)
+    dts.head.load_state_dict(head_from(official))
+    x0, noise, y, groups, t, s = draw()
+    _, align = official_step(official, official_teacher, x0, noise, y, groups, t, s, 2, 4)
+    per_sample = align.mean(dim=1)
+    weights = torch.tensor([2.0, 0.0, 1.0, 0.0])
+    _, ours = dts(student, x0, noise, y, groups=groups, t=t, s=s, sample_weight=weights)
+    assert (ours - 0.5 * (weights * per_sample).mean()).abs() < 2e-6
+    m = dts.metrics
+    assert m["weight"] == 0.5 and abs(m["gap"] - (t - s).abs().mean().item()) < 1e-6
+    assert set(m) >= {"loss", "align_loss", "cos_sim", "student_norm", "teacher_norm", "gap"}
+    with pytest.raises(ValueError, match="sample_weight"):
+        dts(student, x0, noise, y, groups=groups, t=t, s=s, sample_weight=torch.ones(3))
