@@ -13,14 +13,25 @@ attribute names and ``forward(x, t=None, y=None)``, but its ``use_checkpoint=Tru
 block in a reentrant checkpoint (``checkpoint(block, x, c, feat_rope, use_reentrant=True)``), where
 the student block's tokens carry no gradient: SRA raises a ``RuntimeError`` then, so train
 LightningDiT with ``use_checkpoint=False`` or change those calls to ``use_reentrant=False``.
+
+SRA-DTS (``RunsTokenGroups``): one pass per token group is ``x_embedder`` -> ``+ pos_embed`` -> the group's
+tokens gathered -> ``blocks`` with ``c = t_embedder(t_g) + y_embedder(y)`` -> ``final_layer`` (per token), and
+``unpatchify`` after the groups' outputs are put back in token order. The labels are embedded (and dropped
+for CFG, in training mode) once for all groups, as the single forward of the official SRA-DTS code does.
+Blocks may take ``(x, c)`` (DiT, SiT, REPA/SRA) or ``(x, c, separation_mask)`` (the official SRA-DTS SiT,
+whose blocks and final layer want ``c`` per token, ``(B, n, D)``); a block taking anything else (rotary
+positions, as LightningDiT's ``feat_rope``) is refused, since its positions would have to be gathered too.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Sequence
 
 from torch import Tensor, nn
 
+from ..protocols import GroupPasses
 from ..registry import Adapter, ModelCall, register_adapter
 from ._patches import patch_size_of, patchify_image, predicted_channels
 
@@ -72,6 +83,87 @@ class DiTAdapter(Adapter):
         if "y" in kwargs:
             return args, {**kwargs, "y": watched["y"]}
         return args, kwargs
+
+    # ------------------------------------------------------------------ SRA-DTS: one pass per token group
+    GROUP_PARTS = ("x_embedder", "pos_embed", "t_embedder", "y_embedder", "final_layer", "unpatchify")
+    BLOCK_EXTRAS = {"separation_mask"}  # the official SRA-DTS SiT's mask argument, left at None per group
+
+    def _block_extras(self, model: nn.Module) -> list[str]:
+        """The arguments of the first block's forward beyond ``(x, c)``."""
+        try:
+            params = list(inspect.signature(model.blocks[0].forward).parameters.values())
+        except (TypeError, ValueError, IndexError):
+            return []
+        params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return [p.name for p in params[2:]]
+
+    def group_support(self, model: nn.Module) -> str | None:
+        missing = [part for part in self.GROUP_PARTS if getattr(model, part, None) is None]
+        if missing:
+            return f"it has no {', '.join(missing)} (a DiT/SiT has x_embedder, pos_embed, t_embedder, y_embedder, final_layer, unpatchify)"
+        other = [name for name in self._block_extras(model) if name not in self.BLOCK_EXTRAS]
+        if other:
+            return (f"its blocks ({type(model.blocks[0]).__name__}) take {other} besides (x, c), e.g. rotary positions, "
+                    "which a pass on a subset of the tokens would have to gather too")
+        return None
+
+    def num_tokens(self, model: nn.Module, x: Tensor) -> int:
+        p, q = patch_size_of(model.x_embedder, self.name)
+        if x.dim() != 4 or x.shape[-2] % p or x.shape[-1] % q:
+            raise ValueError(f"x0 of shape {tuple(x.shape)} is not accepted by {type(model).__name__}: use (B, C, H, W) with H, W multiples of the patch size {p}x{q}")
+        tokens = (x.shape[-2] // p) * (x.shape[-1] // q)
+        table = model.pos_embed.shape[-2]
+        if tokens != table:
+            raise ValueError(f"x0 of shape {tuple(x.shape)} makes {tokens} tokens but {type(model).__name__}.pos_embed holds {table}: use the model's input size")
+        return tokens
+
+    @staticmethod
+    def _labels(args: tuple, kwargs: dict) -> Tensor:
+        """The class labels ``y`` of ``forward(x, t, y)``, given positionally or as ``y=``."""
+        extra = [f"positional #{i}" for i in range(1, len(args))] + [k for k in kwargs if k != "y"]
+        if extra or (args and "y" in kwargs) or not (args or "y" in kwargs):
+            raise TypeError(
+                f"conditioning args={len(args)} kwargs={sorted(kwargs)} is not accepted for a DiT/SiT: give exactly the "
+                f"class labels, positionally or as y= (got extra: {extra or 'none'})"
+            )
+        return args[0] if args else kwargs["y"]
+
+    def group_forward(self, model: nn.Module, inputs: Sequence[Tensor], times: Sequence[Tensor],
+                      token_index: Sequence[Tensor], args: tuple, kwargs: dict, taps: Sequence[int],
+                      output: bool) -> GroupPasses:
+        y = self._labels(args, kwargs)
+        used: list[Tensor] = []
+        table = getattr(model.y_embedder, "embedding_table", None)
+        handle = table.register_forward_pre_hook(lambda module, a: used.append(a[0])) if isinstance(table, nn.Module) else None
+        try:
+            y_embedding = model.y_embedder(y, model.training)  # CFG dropout, once for every group
+        finally:
+            if handle is not None:
+                handle.remove()
+        if isinstance(y_embedding, tuple):  # the official SRA-DTS SiT returns (embeddings, labels)
+            y_embedding = y_embedding[0]
+        labels = used[0] if used else y
+        per_token = "separation_mask" in self._block_extras(model)
+        blocks = list(model.blocks)
+        last = len(blocks) if output else max(taps)
+        passes = GroupPasses([] if output else None, {k: [] for k in taps},
+                             (labels,) if args else (), {} if args else {"y": labels})
+        for x, t, index in zip(inputs, times, token_index):
+            h = model.x_embedder(x) + model.pos_embed
+            h = h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            c = model.t_embedder(t) + y_embedding
+            if per_token:
+                c = c.unsqueeze(1).expand(-1, h.shape[1], -1)
+            for number, block in enumerate(blocks[:last], 1):
+                h = block(h, c)
+                if number in passes.taps:
+                    passes.taps[number].append(h)
+            if output:
+                passes.outputs.append(model.final_layer(h, c))
+        return passes
+
+    def unpatchify(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        return model.unpatchify(tokens)
 
 
 register_adapter(DiTAdapter())

@@ -5,6 +5,7 @@ from .latent import LatentAlignment
 from .layersync import LayerSync
 from .dispersive import Dispersive
 from .repa import REPA
+from .sradts import SRADTS
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
 from .wrappers import ModelWithHeads
@@ -48,6 +49,7 @@ __all__ = [
     "LayerSync",
     "Dispersive",
     "REPA",
+    "SRADTS",
     "NoiseGap",
     "LinearPath",
     "CosinePath",

@@ -9,11 +9,12 @@ raises a clear error, ``teacher_inputs`` passes the conditioning through), so ad
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["Patchifies", "ProvidesTeacherInputs", "EncodesImages"]
+__all__ = ["Patchifies", "ProvidesTeacherInputs", "EncodesImages", "RunsTokenGroups", "GroupPasses"]
 
 
 @runtime_checkable
@@ -40,3 +41,44 @@ class EncodesImages(Protocol):
     def encoder_tokens(self, model: nn.Module, images: Tensor) -> Tensor: ...
 
     def encoder_dim(self, model: nn.Module) -> int: ...
+
+
+@dataclass
+class GroupPasses:
+    """What ``RunsTokenGroups.group_forward`` returns, one entry per group in the order given.
+
+    ``outputs``: each group's output tokens ``(B, n_g, P)`` (the final layer's, before unpatchify), or None
+    when the passes stopped after the deepest tap. ``taps``: block (1-based) -> each group's tokens of that
+    block ``(B, n_g, D)``. ``args``/``kwargs``: the conditioning as the passes used it (class labels after
+    the model's own dropout for classifier-free guidance), for a teacher that should see what the student saw.
+    """
+
+    outputs: list[Tensor] | None
+    taps: dict[int, list[Tensor]]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RunsTokenGroups(Protocol):
+    """SRA-DTS (``SRADTS``): the model run once per token group, each group on its own tokens only at its
+    own time, equal to one pass with attention separated between groups and per-token time.
+
+    ``group_forward``: ``inputs[g]`` is a full model input (the noisy sample at group g's time), ``times[g]``
+    that time per sample ``(B,)``, ``token_index[g]`` the positions ``(B, n_g)`` of group g's tokens; the
+    passes gather those tokens after the patch embedding and positions, run the blocks up to the deepest of
+    ``taps`` (or all of them and the per-token output layer when ``output``), and draw any per-step
+    randomness of the forward (label dropout) once for all groups. ``unpatchify``: output tokens in the
+    model's token order ``(B, T, P)`` -> the model's output layout. ``num_tokens``: tokens of an input.
+    ``group_support``: None if this model can run so, else the reason it cannot.
+    """
+
+    def num_tokens(self, model: nn.Module, x: Tensor) -> int: ...
+
+    def group_support(self, model: nn.Module) -> str | None: ...
+
+    def group_forward(self, model: nn.Module, inputs: Sequence[Tensor], times: Sequence[Tensor],
+                      token_index: Sequence[Tensor], args: tuple, kwargs: dict, taps: Sequence[int],
+                      output: bool) -> GroupPasses: ...
+
+    def unpatchify(self, model: nn.Module, tokens: Tensor) -> Tensor: ...
