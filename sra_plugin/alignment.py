@@ -135,7 +135,7 @@ class SelfRepresentationAlignment(Objective):
     def teacher_weights(self) -> AbstractContextManager[nn.Module]:
         """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
         weights come back exactly on exit. Not while a training graph through the model is alive."""
-        return self._teacher_pass.weights_on_student()
+        return self._uncounted(self._teacher_pass.weights_on_student())
 
     # ------------------------------------------------------------------ the step
     def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x_s: Any = None, s: Any = None) -> None:

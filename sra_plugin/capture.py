@@ -146,6 +146,9 @@ def _is_plain(value: Any) -> bool:
     return kind in _PLAIN or (kind is tuple and all(type(v) in _PLAIN for v in value))
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # training, _parameters, _buffers, _modules, the hook dicts
+
+
 class _Layout:
     """Which keys of one module's instance dict hold plain values, and which hold dicts of plain values
     (peft's LoRA ``scaling``), with a C-level reader of the plain ones. Built once per module and kept while
@@ -155,7 +158,7 @@ class _Layout:
 
     def __init__(self, attributes: dict) -> None:
         self.size = len(attributes)
-        keep = [k for k in attributes if k != "training" and not k.startswith("ds_")]
+        keep = [k for k in attributes if k not in _MODULE_INTERNALS and not k.startswith("ds_")]
         self.plain = tuple(k for k in keep if _is_plain(attributes[k]))
         self.dicts = tuple(k for k in keep if type(attributes[k]) is dict
                            and all(type(v) in _PLAIN for v in attributes[k].values()))
@@ -163,7 +166,7 @@ class _Layout:
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, _Layout]" = weakref.WeakKeyDictionary()
-_MODULE_LISTS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list[nn.Module]]]" = weakref.WeakKeyDictionary()
+_MODULE_LISTS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list[weakref.ref]]]" = weakref.WeakKeyDictionary()
 _registrations = 0  # submodules registered anywhere since import: a cached module list older than that is stale
 
 
@@ -179,9 +182,14 @@ def _modules_of(model: nn.Module) -> list[nn.Module]:
     """``list(model.modules())``, cached until any submodule is registered anywhere (peft injecting LoRA,
     a block replaced): walking the tree costs more than reading the attributes."""
     cached = _MODULE_LISTS.get(model)
-    if cached is None or cached[0] != _registrations:
-        cached = _MODULE_LISTS[model] = (_registrations, list(model.modules()))
-    return cached[1]
+    if cached is not None and cached[0] == _registrations:
+        modules = [ref() for ref in cached[1]]
+        if all(m is not None for m in modules):
+            return modules
+    modules = list(model.modules())
+    # Weak references: the list holds the model itself, and a strong one would keep it alive for good.
+    _MODULE_LISTS[model] = (_registrations, [weakref.ref(m) for m in modules])
+    return modules
 
 
 def _plain_state(model: nn.Module) -> list[tuple[dict, _Layout, Any, list[dict]]]:
@@ -201,10 +209,17 @@ def _plain_state(model: nn.Module) -> list[tuple[dict, _Layout, Any, list[dict]]
             layout = _LAYOUTS[module] = _Layout(attributes)
             values = layout.read(attributes) if layout.read is not None else None
         if layout.dicts:
-            saved.append((attributes, layout, values, [dict(attributes[k]) for k in layout.dicts]))
+            saved.append((attributes, layout, values, [_plain_copy(attributes.get(k)) for k in layout.dicts]))
         elif values is not None:
             saved.append((attributes, layout, values, ()))
     return saved
+
+
+def _plain_copy(value: Any) -> dict | None:
+    """A copy of a dict whose values are all plain, else None (not restored)."""
+    if type(value) is dict and all(type(v) in _PLAIN for v in value.values()):
+        return dict(value)
+    return None
 
 
 def _restore_plain_state(saved: list[tuple[dict, _Layout, Any, list[dict]]]) -> None:
@@ -225,7 +240,7 @@ def _restore_plain_state(saved: list[tuple[dict, _Layout, Any, list[dict]]]) -> 
                         attributes[name] = value
         for name, value in zip(layout.dicts, dicts):
             current = attributes.get(name)
-            if type(current) is dict and current != value:
+            if value is not None and _plain_copy(current) is not None and current != value:
                 current.clear()
                 current.update(value)
 
@@ -387,8 +402,9 @@ def _data_ptr(tensor: Tensor) -> int | None:
 
 def _checksum(tensor: Tensor) -> Tensor:
     """Four float64 sums of ``tensor``'s values: plain, squared, position-weighted and absolute."""
-    v = tensor.detach().flatten().double()
-    ramp = torch.arange(v.numel(), dtype=torch.float64, device=v.device) / max(v.numel(), 1)
+    wide = torch.float32 if tensor.device.type == "mps" else torch.float64  # MPS has no float64
+    v = tensor.detach().flatten().to(wide)
+    ramp = torch.arange(v.numel(), dtype=wide, device=v.device) / max(v.numel(), 1)
     return torch.stack([v.sum(), (v * v).sum(), (v * ramp).sum(), v.abs().sum()])
 
 
@@ -439,7 +455,7 @@ class Captured:
     call: ModelCall
     inputs: list[Snapshot | Fingerprint]  # every input tensor, as it was at the forward
     grad: bool = True  # grad mode when the forward began
-    adapters: tuple | None = None  # ``adapter_state`` at the forward (None: not read, inside a compiled graph)
+    adapters: tuple | None = None  # ``adapter_state`` as the forward returned (None: not read; compiled, or stopped)
     open: bool = True  # the forward is running: what watched modules see belongs to it
     taps: dict[int, Tensor] = field(default_factory=dict)
     tap_snapshots: dict[int, Snapshot | None] = field(default_factory=dict)  # None: not read (inside a compiled graph)
@@ -660,13 +676,17 @@ class StudentCapture:
             if torch.compiler.is_compiling():  # fingerprinted at the first tap, inside the forward's graph
                 self.record = Captured(call, [], torch.is_grad_enabled())
             else:
-                inputs = [Snapshot.of(v) for v in _tensors((args, kwargs))]
-                self.record = Captured(call, inputs, torch.is_grad_enabled(), adapter_state(self.model))
+                self.record = Captured(call, [Snapshot.of(v) for v in _tensors((args, kwargs))], torch.is_grad_enabled())
 
     def _end(self, args: tuple, output: Any) -> None:
-        """The model's forward returned (or raised): a module called on its own later is not part of it."""
-        if self.record is not None:
-            self.record.open = False
+        """The model's forward returned: a module called on its own later is not part of it. The adapter state
+        is read here, as the forward leaves it (a forward that scales LoRA layers and unscales them at its end,
+        diffusers with ``joint_attention_kwargs={"scale": s}``, can leave a scaling one rounding step off)."""
+        record = self.record
+        if record is not None and record.open:
+            record.open = False
+            if not torch.compiler.is_compiling():
+                record.adapters = adapter_state(self.model)
 
     def _keep(self, block: int, args: tuple, output: Any) -> None:
         if self._paused:

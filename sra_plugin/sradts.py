@@ -218,7 +218,7 @@ class SRADTS(Objective):
     def teacher_weights(self) -> AbstractContextManager[nn.Module]:
         """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
         weights come back exactly on exit."""
-        return self._teacher_pass.weights_on_student()
+        return self._uncounted(self._teacher_pass.weights_on_student())
 
     def update_teacher(self) -> None:
         """EMA step of an owned teacher and one ``step``, after an optimizer step; a call with none since the

@@ -9,7 +9,8 @@ import json
 import math
 import warnings
 import weakref
-from typing import Any, Callable, Union
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterator, Union
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,8 @@ def check_weight(weight: Any, where: str) -> float | Tensor:
     if isinstance(weight, Tensor):
         if weight.dim() != 0 or not weight.is_floating_point():
             raise ValueError(f"{where}={weight!r} is not accepted: use a number >= 0 or a 0-dim floating tensor")
-        if weight.device.type == "cpu" and not (bool(torch.isfinite(weight)) and float(weight) >= 0):
+        value = weight.detach()  # reading a learnable weight's value is no use of its graph
+        if value.device.type == "cpu" and not (bool(torch.isfinite(value)) and float(value) >= 0):
             raise ValueError(f"{where}={weight!r} is not accepted: use a finite number >= 0")
         return weight if weight.requires_grad else weight.detach()
     if not is_real(weight) or not math.isfinite(weight) or weight < 0:
@@ -121,7 +123,7 @@ class Objective(nn.Module):
     ``__init__``, and implements ``_check_inputs`` and ``_target``.
     """
 
-    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned")
+    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned", "_steps_seen")
     metric_names: tuple[str, ...] = ("align_loss", "cos_sim", "student_norm", "target_norm")
     target_name = "target"
     grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
@@ -182,7 +184,7 @@ class Objective(nn.Module):
     @property
     def metrics(self) -> dict[str, float]:
         """The last call's figures as plain floats (converted on access, so a step costs no device sync)."""
-        return {k: float(v) for k, v in self._metrics.items()}
+        return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in self._metrics.items()}
 
     def current_weight(self) -> float | Tensor:
         if callable(self.weight):
@@ -243,6 +245,17 @@ class Objective(nn.Module):
                 stacklevel=3,
             )
 
+    @contextmanager
+    def _uncounted(self, manager: AbstractContextManager) -> Iterator[Any]:
+        """``manager``'s context, whose writes into the trainable parameters (the teacher's weights swapped
+        in and back, for sampling) are not an optimizer step for ``update_teacher()``."""
+        steps = self._optimizer_steps()
+        stepped_before, _ = steps.look(self._student)
+        with manager as value:
+            yield value
+        if not stepped_before:
+            steps.keep(steps.look(self._student)[1])
+
     def _optimizer_steps(self) -> OptimizerSteps:
         found = self.__dict__.get("_steps_seen")
         if found is None:
@@ -254,7 +267,7 @@ class Objective(nn.Module):
         """A weight of 0 skips the step's work: a number, or a CPU tensor (a device tensor is not read,
         which would cost a sync; its step runs and contributes 0)."""
         if isinstance(weight, Tensor):
-            return weight.device.type == "cpu" and float(weight) == 0.0
+            return weight.device.type == "cpu" and float(weight.detach()) == 0.0
         return weight == 0.0
 
     def _skipped(self, device: torch.device) -> Tensor:

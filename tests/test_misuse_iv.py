@@ -4,8 +4,11 @@ passes now. Case 9 (FSDP2 and the head's view) is ``tests/test_fsdp.py``, which 
 
 from __future__ import annotations
 
+import gc
+import io
 import math
 import warnings
+import weakref
 
 import pytest
 import timm
@@ -264,3 +267,145 @@ def test_dispersive_distances_stay_exact_at_large_feature_sizes():
     exact = torch.logsumexp(-d.flatten(), 0) - math.log(9)
     got = dispersive_loss(z)
     assert abs(float(got) - float(exact)) < 1e-5 * max(1.0, abs(float(exact))), (float(got), float(exact))
+
+
+# ---------------------------------------------------------------- the red team's cases against the fixes above
+def _accumulate(model, sra, micro_batches: int, first_seed: int = 0, between=None) -> int:
+    """``micro_batches`` micro-batches, an SGD step every 4, ``update_teacher()`` after each; returns the
+    optimizer steps. ``between(i)`` runs after each micro-batch's backward."""
+    opt = torch.optim.SGD([*model.parameters(), *sra.head.parameters()], lr=0.1)
+    steps = 0
+    for i in range(first_seed, first_seed + micro_batches):
+        x_t, x_s, t, s, y, target = flow_batch(seed=i)
+        ((F.mse_loss(model(x_t, t, y), target) + sra(model, x_t, x_s, t, s, y)) / 4).backward()
+        if between is not None:
+            between(i)
+        if (i + 1) % 4 == 0:
+            opt.step()
+            opt.zero_grad()
+            steps += 1
+        sra.update_teacher()
+    return steps
+
+
+def test_update_teacher_ignores_another_models_optimizer_stepping_every_micro_batch():
+    model = pretrained_sit().train()
+    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, ema_decay=0.5)
+    critic = nn.Linear(4, 1)
+    critic_opt = torch.optim.SGD(critic.parameters(), lr=0.1)
+
+    def critic_step(i):
+        critic(torch.randn(2, 4)).sum().backward()
+        critic_opt.step()
+
+    with pytest.warns(RuntimeWarning, match="no optimizer step"):
+        steps = _accumulate(model, sra, 8, between=critic_step)
+    assert steps == 2 and sra.step == 2
+
+
+def test_teacher_weights_for_sampling_is_not_an_optimizer_step():
+    model = pretrained_sit().train()
+    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, ema_decay=0.5)
+    x_t, _, t, _, y, _ = flow_batch()
+
+    def sample(i):
+        if i % 4 == 1:
+            with torch.no_grad(), sra.teacher_weights():  # swaps the EMA weights in and back (copy_)
+                model(x_t, t, y)
+
+    with pytest.warns(RuntimeWarning, match="no optimizer step"):
+        steps = _accumulate(model, sra, 8, between=sample)
+    assert steps == 2 and sra.step == 2
+
+
+def test_a_pickled_and_loaded_objective_counts_no_step_for_the_first_micro_batch():
+    model = pretrained_sit().train()
+    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4, ema_decay=0.5)
+    with pytest.warns(RuntimeWarning, match="no optimizer step"):
+        _accumulate(model, sra, 4)
+    buffer = io.BytesIO()
+    torch.save({"model": model, "sra": sra}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    model, sra = loaded["model"], loaded["sra"]
+    before = [p.detach().clone() for p in sra.teacher.parameters()]
+    x_t, x_s, t, s, y, _ = flow_batch(seed=50)
+    model(x_t, t, y)
+    sra(model, x_t, x_s, t, s, y).backward()
+    with pytest.warns(RuntimeWarning, match="no optimizer step"):
+        sra.update_teacher()  # a micro-batch with no optimizer step since the save
+    assert sra.step == 1 and all(torch.equal(a, b) for a, b in zip(before, sra.teacher.parameters()))
+
+
+@pytest.mark.parametrize("method", ["sra", "layersync"])
+def test_a_model_trained_with_an_objective_is_freed_with_it(method):
+    def run():
+        model = pretrained_sit().train()
+        objective = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4) if method == "sra" \
+            else LayerSync(model, student_layer=2, target_layer=4)
+        x_t, x_s, t, s, y, _ = flow_batch()
+        model(x_t, t, y)
+        x_t2, x_s2, t2, s2, y2, _ = flow_batch(seed=1)  # no forward: a stopped re-run
+        with pytest.warns(RuntimeWarning):
+            loss = objective(model, x_t2, x_s2, t2, s2, y2) if method == "sra" else objective(model, x_t2, t2, y2)
+        loss.backward()
+        return weakref.ref(model), weakref.ref(objective)
+
+    model, objective = run()
+    gc.collect()
+    assert objective() is None and model() is None
+
+
+class LazyBufferSiT(SiT):
+    """A buffer registered as None and filled by every forward (a per-step statistic)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("last_mean", None, persistent=False)
+
+    def forward(self, x, t, y):
+        self.last_mean = x.mean(0)  # a tensor of many values
+        return super().forward(x, t, y)
+
+
+def test_a_buffer_filled_by_the_forward_survives_stopped_passes():
+    model = pretrained_sit(LazyBufferSiT).train()
+    ls = LayerSync(model, student_layer=2, target_layer=4)
+    x_v, _, t_v, _, y_v, _ = flow_batch(seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with torch.no_grad():
+            ls(model, x_v, t_v, y_v)  # a validation call first: a stopped re-run while the buffer is None
+        x_t, _, t, _, y, _ = flow_batch(seed=0)
+        model(x_t, t, y)
+        ls(model, x_t, t, y)
+        x2, _, t2, _, y2, _ = flow_batch(seed=1)
+        loss = ls(model, x2, t2, y2)  # a stopped re-run with the buffer holding a tensor
+    torch.testing.assert_close(loss, layersync_reference(model, x2, t2, y2))
+    assert torch.is_tensor(model.last_mean)
+
+
+def test_a_lora_scale_that_a_forward_leaves_a_rounding_step_off_is_no_other_adapter_state():
+    from tests.test_misuse_finetune import ScalingSiT
+
+    torch.manual_seed(0)
+    base = pretrained_sit(ScalingSiT)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=6, target_modules=r".*\.attn\.(qkv|proj)"))
+    sra = SelfRepresentationAlignment(model, student_layer=2, teacher_layer=4)
+    for seed in range(3):  # scaling 1.5 * 0.7 / 0.7 = 1.4999999999999998 after the first forward
+        x_t, x_s, t, s, y, _ = flow_batch(seed=seed)
+        model(x_t, t, y, lora_scale=0.7)
+        no_warning(sra, model, x_t, x_s, t, s, y, lora_scale=0.7)
+    assert sra.metrics["student_reruns"] == 0
+
+
+def test_a_learnable_weight_is_read_without_a_warning():
+    model = pretrained_sit().train()
+    w = nn.Parameter(torch.tensor(0.3))
+    ls = no_warning(LayerSync, model, student_layer=2, target_layer=4, weight=w)
+    x_t, _, t, _, y, _ = flow_batch()
+    model(x_t, t, y)
+    no_warning(ls, model, x_t, t, y)
+    assert no_warning(lambda: ls.metrics)["weight"] == pytest.approx(0.3)
