@@ -9,7 +9,7 @@ Flux's older single blocks, against the pre-0.35 ``transformer_flux.py``:
 Calls. Every model is called with the library's own keywords: ``model(hidden_states=x, timestep=t,
 **conditioning)``, except HiDream (``timesteps=``) and Z-Image (``x=``, ``t=``). ``sra(model, x_t, x_s,
 t, s, **conditioning)`` passes the conditioning by keyword, exactly as the training loop passes it to
-the model, and ``t``/``s`` in the model's own convention (see the README's table).
+the model, and ``t``/``s`` in the model's own convention (see the table of docs/backbones.md).
 
 Blocks, numbered consecutively in the order the forward runs them:
 

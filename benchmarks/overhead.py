@@ -383,7 +383,7 @@ class Bench:
             # graph traced on the plain one, which has no hooks (SRA would then re-run its student each step).
             torch._dynamo.config.skip_nnmodule_hook_guards = False
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            # After sra and its hooks exist, as the README says; sra then compiles its teacher's blocks too.
+            # After sra and its hooks exist, as docs/training-stacks.md says; sra then compiles its teacher's blocks too.
             # The reference loop stays eager: it reads its features by hooks from Python.
             for kind in ("plain", "sra", "latent", "layersync", "dispersive", "sra_layersync"):
                 self.models[kind].compile()

@@ -26,6 +26,7 @@ are identical on every rank.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -41,6 +42,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from examples.models import SiT
 from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
+
+
+class _NoDeepSpeedCpuNotice(logging.Filter):
+    """Drops one message: accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` looks for
+    its engine), and on a machine without a GPU DeepSpeed then warns "Setting accelerator to CPU" on its
+    ``DeepSpeed`` logger. This example does not use DeepSpeed; every other message of that logger stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Install ``_NoDeepSpeedCpuNotice`` on the ``DeepSpeed`` logger, once (before DeepSpeed is imported or after)."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NoDeepSpeedCpuNotice) for f in logger.filters):
+        logger.addFilter(_NoDeepSpeedCpuNotice())
 
 
 def load_shard(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +148,7 @@ def run_torch(args: argparse.Namespace) -> None:
 
 
 def run_accelerate(args: argparse.Namespace) -> None:
+    quiet_deepspeed_cpu_notice()
     try:
         from accelerate import Accelerator
     except ImportError:
@@ -161,10 +179,11 @@ def run_accelerate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="SRA with DDP (torch.distributed, gloo) or accelerate")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accelerate", action="store_true", help="use Hugging Face accelerate instead of plain DDP")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size per process (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model: rank r builds it from seed + r, and DDP keeps rank 0's weights "
+                   "(rank r's data always come from seed 1000 + r) (default: %(default)s)")
+    p.add_argument("--accelerate", action="store_true", help="use Hugging Face accelerate instead of plain DDP (default: off, plain DDP)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error(f"--steps {args.steps} and --batch-size {args.batch_size} must be >= 1")

@@ -135,10 +135,10 @@ def train(steps: int = 300, batch: int = 64, seed: int = 0, log_every: int = 50)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this model)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for this model (default: %(default)s)")
     args = parser.parse_args()
     for name in ("steps", "batch", "threads"):
         if getattr(args, name) < 1:

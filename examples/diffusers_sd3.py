@@ -27,9 +27,9 @@ from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="SRA on a tiny diffusers SD3Transformer2DModel (flow matching, CPU)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: %(default)s)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error(f"--steps {args.steps} and --batch-size {args.batch_size} must be >= 1")

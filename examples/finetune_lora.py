@@ -116,14 +116,14 @@ def mib(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="SRA in a LoRA fine-tune of a tiny random diffusers Flux (CPU)")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="the frozen base's dtype; auto: bfloat16 where the CPU has native bf16, else float32")
-    p.add_argument("--out", default=None, help="where to write lora.safetensors (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for a model this small)")
+                   help="the frozen base's dtype; auto: bfloat16 where the CPU has native bf16, else float32 (default: %(default)s)")
+    p.add_argument("--out", default=None, help="where to write lora.safetensors (default: a temporary folder, removed at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, the LoRA weights and the data (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for a model this small (default: %(default)s)")
     args = p.parse_args(argv)
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--rank", args.rank), ("--threads", args.threads)):
         if value < 1:

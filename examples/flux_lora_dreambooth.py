@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,22 @@ from sra_plugin import NoiseGap, SelfRepresentationAlignment
 
 LATENT_CHANNELS, LATENT_SIDE, TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 16, 8, 6, 32, 16
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers script's default --lora_layers
+
+
+class _NoDeepSpeedCpuNotice(logging.Filter):
+    """Drops one message: accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` looks for
+    its engine), and on a machine without a GPU DeepSpeed then warns "Setting accelerator to CPU" on its
+    ``DeepSpeed`` logger. This example does not use DeepSpeed; every other message of that logger stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Install ``_NoDeepSpeedCpuNotice`` on the ``DeepSpeed`` logger, once (before DeepSpeed is imported or after)."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NoDeepSpeedCpuNotice) for f in logger.filters):
+        logger.addFilter(_NoDeepSpeedCpuNotice())
 
 
 def tiny_flux(seed: int) -> FluxTransformer2DModel:
@@ -246,24 +263,23 @@ def check_resume(args: argparse.Namespace, workdir: Path, restore_sra: bool = Tr
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="SRA in diffusers' Flux DreamBooth-LoRA training step, on a tiny random Flux (CPU, no downloads)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=2, help="batch size")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (lora_alpha = rank, as the script's default)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--student-layer", type=int, default=2, help="SRA student block (1-based; double then single stream)")
-    p.add_argument("--teacher-layer", type=int, default=5, help="SRA teacher block")
-    p.add_argument("--sra-weight", type=float, default=0.2, help="SRA loss weight")
-    p.add_argument("--ema-decay", type=float, default=0.99, help="EMA decay of the LoRA weights (the SRA teacher)")
-    p.add_argument("--max-gap", type=float, default=0.2, help="largest sigma - sigma_s of the teacher")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="the guidance embed's value (the script's default)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16", help="base dtype and autocast")
-    p.add_argument("--device", choices=("cpu", "auto"), default="cpu", help="cpu, or auto: accelerate's choice")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for a model this small)")
-    p.add_argument("--no-resume-check", action="store_true", help="skip the save_state/load_state check")
-    p.add_argument("--quiet", action="store_true", help="no per-step lines")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch size (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank; lora_alpha = rank, as in the script (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--student-layer", type=int, default=2, help="SRA student block, 1-based, double- then single-stream blocks (default: %(default)s)")
+    p.add_argument("--teacher-layer", type=int, default=5, help="SRA teacher block (default: %(default)s)")
+    p.add_argument("--sra-weight", type=float, default=0.2, help="SRA loss weight (default: %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.99, help="EMA decay of the LoRA weights, the SRA teacher (default: %(default)s)")
+    p.add_argument("--max-gap", type=float, default=0.2, help="largest sigma - sigma_s of the teacher (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="the guidance embed's value, as the script's --guidance_scale (default: %(default)s)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: %(default)s)")
+    p.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16", help="base dtype and autocast (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "auto"), default="cpu", help="cpu, or auto: accelerate's choice (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for a model this small (default: %(default)s)")
+    p.add_argument("--no-resume-check", action="store_true", help="skip the save_state/load_state check (default: off)")
+    p.add_argument("--quiet", action="store_true", help="no per-step lines (default: off)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "rank", "threads"):
         if getattr(args, name) < 1:
@@ -276,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    quiet_deepspeed_cpu_notice()
     diffusers_logging.set_verbosity_error()  # a random model cast with .to(dtype) makes diffusers chatty
     result = train(args, args.steps)
     print(f"SelfRepresentationAlignment({result['sra_repr']}); head {result['head_dtype']}, "

@@ -19,8 +19,8 @@ from examples.models import SiT
 from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
 
 parser = argparse.ArgumentParser(description="The smallest SRA loop: a small SiT on sklearn's 8x8 digits (CPU)")
-parser.add_argument("steps", nargs="?", type=int, default=500, help="optimizer steps (default 500)")
-parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this model)")
+parser.add_argument("steps", nargs="?", type=int, default=500, help="optimizer steps (default: %(default)s)")
+parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for this model (default: %(default)s)")
 args = parser.parse_args()
 if args.steps < 1 or args.threads < 1:
     parser.error(f"steps={args.steps}, --threads={args.threads}: both must be integers >= 1")

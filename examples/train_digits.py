@@ -73,7 +73,7 @@ def default_classifier_cache() -> Path:
 
 
 class _DefaultOnceFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to a flag's help once, and not for flags without a default value."""
+    """Appends "(default: X)" to a flag's help once; flags without a default value (None, a switch) say theirs in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps per run (each of the two runs)")
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small", help=f"model preset: {sizes}")
-    p.add_argument("--student-layer", type=_positive_int, default=None, help="SRA student block L_s, 1-based (if not given: the preset's)")
-    p.add_argument("--teacher-layer", type=_positive_int, default=None, help="SRA teacher block L_t > L_s, 1-based (if not given: the preset's)")
+    p.add_argument("--student-layer", type=_positive_int, default=None, help="SRA student block L_s, 1-based (default: the preset's)")
+    p.add_argument("--teacher-layer", type=_positive_int, default=None, help="SRA teacher block L_t > L_s, 1-based (default: the preset's)")
     p.add_argument("--loss", choices=LOSSES, default="smooth_l1", help="SRA alignment loss (smooth_l1 is the paper's, beta 0.05)")
     p.add_argument("--weight", type=_nonneg_float, default=0.2, help="SRA loss weight (0.2 is the paper's SiT weight)")
     p.add_argument("--seed", type=int, default=0, help="seed of both runs: same init, batches, times, noise")
@@ -114,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads. The model is small: with two threads on two cores that other processes "
         "also use, a step took over 20x longer here than with one (3.7 s against 0.15-0.6 s)",
     )
-    p.add_argument("--no-classifier", action="store_true", help="skip the digit classifier's accuracy on the samples")
+    p.add_argument("--no-classifier", action="store_true", help="skip the digit classifier's accuracy on the samples (default: off)")
     p.add_argument(
         "--classifier-cache", type=Path, default=default_classifier_cache(),
         help="folder for digit_classifier.pt, a small CNN (about 0.98 accuracy on held-out digits) trained once on "
         "the training digits to score the samples: the fraction it reads as the digit asked for",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
     return p
 
 

@@ -42,6 +42,7 @@ def _import_adapters():
 adapters = _import_adapters()  # registers the built-in adapters
 
 __version__ = "0.3.0"
+"""The version of this package (the one in pyproject.toml)."""
 
 __all__ = [
     "SelfRepresentationAlignment",

@@ -16,7 +16,7 @@ The authors' settings, as ``recipe=`` (``RECIPES``; the default is ``"release"``
   block ``floor(depth / 4 + 0.5)``, 1-based; SiT-XL's 28 blocks -> block 7, 12 -> 3, 6 -> 2).
 
 0.3.0's default (weight 0.5, ``tau = 1``, last block) was no author's setting; at digit scale it made
-samples worse than no term (README, "Does it help at this scale?").
+samples worse than no term (docs/evidence.md, "Does it help at this scale?").
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class LatentAlignment(Objective):
         pred = model(x_t, t, y)                              # the block's tokens are kept by a hook
         loss = diff_loss + align(model, x_t, x0, t, y=y)     # x0: this batch's clean latent
 
-    Defaults (the README says why): ``layer=0.3`` of the depth (SiT-XL/2: block 8), the MLP head,
+    Defaults (docs/methods/sra2.md says why): ``layer=0.3`` of the depth (SiT-XL/2: block 8), the MLP head,
     smooth-L1 with beta 0.05, weight 0.2. ``weight`` may be a number, a 0-dim tensor or a
     schedule ``step -> weight`` (``sra_plugin.schedules``); ``step`` counts calls with gradients
     enabled, as SRA's does when ``update_teacher()`` is not called (set ``align.step`` yourself to count

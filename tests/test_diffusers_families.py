@@ -8,7 +8,7 @@ teacher runs blocks ``1..L_t`` once and nothing after; the SRA loss reaches the 
 finite optimizer step. Then ``patchify``: the model's own unpatchify, fed ``patchify(model, x0)`` in
 place of its final projection's image tokens, gives back ``x0``.
 
-Also: the unknown-model suggestion on a made-up two-stream model, and the README's backbone table
+Also: the unknown-model suggestion on a made-up two-stream model, and the backbone table of docs/backbones.md
 against the registry.
 """
 
@@ -399,9 +399,9 @@ def test_unknown_model_suggestion_on_diffusers_models_matches_the_adapter(name: 
     assert expected in message.split("register_adapter(")[1], message
 
 
-# ---------------------------------------------------------------- README
+# ---------------------------------------------------------------- docs/backbones.md
 def readme_rows() -> list[list[str]]:
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "backbones.md").read_text()
     section = text.split("## Supported backbones")[1].split("\n## ")[0]
     return [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
             if line.startswith("|") and not line.startswith("| ---") and not line.startswith("| backbone")]
@@ -410,7 +410,7 @@ def readme_rows() -> list[list[str]]:
 def test_readme_backbone_table_matches_the_registry() -> None:
     rows = readme_rows()
     in_table = [name for row in rows for name in re.findall(r"`([\w-]+)`", row[1]) if name != "register_adapter"]
-    assert sorted(set(in_table)) == sorted(a.name for a in registered_adapters()), "README table vs registry"
+    assert sorted(set(in_table)) == sorted(a.name for a in registered_adapters()), "docs/backbones.md table vs registry"
     by_name = {a.name: a for a in fam.FAMILIES}
     for row in rows:
         names = [n for n in re.findall(r"`([\w-]+)`", row[1]) if n in by_name]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -255,15 +257,96 @@ def test_finetune_lora_example(capsys, keep_threads) -> None:
 EXAMPLE_SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """argparse's ``--help`` output as ``{"--flag" or positional: its help text, unwrapped}``, without -h."""
+    entries: dict[str, str] = {}
+    section, current = None, None
+    for line in text.splitlines():
+        if line in ("options:", "optional arguments:", "positional arguments:"):
+            section, current = line, None
+        elif not line.strip() or not line.startswith(" "):
+            section = None if not line.startswith(" ") and line.strip() else section
+            current = None if not line.strip() else current
+        elif section and re.match(r"^  \S", line):
+            names, _, help_text = line.strip().partition("  ")
+            options = re.findall(r"(?:^|, )(-{1,2}[\w-]+)", names)  # "-s, --steps STEPS", "--mode {a,b}"
+            current = options[-1] if options else names.split()[0]
+            entries[current] = help_text.strip()
+        elif section and current:
+            entries[current] = f"{entries[current]} {line.strip()}".strip()
+    entries.pop("--help", None)
+    return entries
+
+
 @pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
 def test_every_example_takes_help(script: str, tmp_path: Path) -> None:
-    """``python examples/<script> --help`` from outside the checkout: usage on stdout, exit 0, nothing run."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    """``python examples/<script> --help`` from outside the checkout: usage on stdout, exit 0, nothing run,
+    and every flag's help says its default, once."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage:") and "--help" in proc.stdout
     assert not list(tmp_path.iterdir())  # --help wrote nothing
+    entries = help_entries(proc.stdout)
+    usage = proc.stdout.split("\n\n", 1)[0]
+    flags = set(re.findall(r"\[(--[\w-]+)", usage)) - {"--help"}
+    assert flags <= set(entries), f"{script}: flags in the usage without an entry: {flags - set(entries)}"
+    for name, help_text in entries.items():
+        assert help_text.count("(default: ") == 1, f"{script} {name}: {help_text!r} does not state its default once"
+        assert "(default: None)" not in help_text and "(default: False)" not in help_text, f"{script} {name}: {help_text!r}"
+
+
+def test_help_entries_reads_wrapped_and_positional_help() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="x", description="a description ending in a colon::")
+    parser.add_argument("steps", nargs="?", type=int, default=5, help="steps (default: %(default)s)")
+    parser.add_argument("--a-very-long-option-name-that-wraps", default="v", help="word " * 30 + "(default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no output (default: off)")
+    parser.add_argument("--bare", type=int, default=3)
+    parser.add_argument("-m", "--mode", choices=("a", "b"), default="a", help="mode (default: %(default)s)")
+    entries = help_entries(parser.format_help())
+    assert set(entries) == {"steps", "--a-very-long-option-name-that-wraps", "--quiet", "--bare", "--mode"}
+    assert entries["--mode"] == "mode (default: a)"
+    assert entries["steps"] == "steps (default: 5)" and entries["--quiet"] == "no output (default: off)"
+    assert entries["--a-very-long-option-name-that-wraps"].endswith("word (default: v)") and entries["--bare"] == ""
+
+
+def test_accelerate_zero_says_fsdp1_has_no_teacher() -> None:
+    """fsdp1 trains SRA 2 (no teacher): its closing line says so, instead of "teacher != student: False"."""
+    from examples.accelerate_zero import summary
+
+    without = summary("fsdp1", 2, 3, "LatentAlignment", [0.2, 0.1], True, False, False)
+    assert "teacher != student" not in without and "no teacher in this mode" in without
+    assert "student and head identical on every rank: True" in without
+    with_teacher = summary("zero3", 2, 3, "SelfRepresentationAlignment", [0.2, 0.1], True, True, True)
+    assert "identical on every rank: True" in with_teacher and "teacher != student: True" in with_teacher
+
+
+@pytest.mark.parametrize("script", ["accelerate_ddp", "flux_lora_dreambooth"])
+def test_examples_without_deepspeed_drop_only_its_cpu_notice(script: str) -> None:
+    """accelerate imports DeepSpeed when it is installed, and on a machine without a GPU DeepSpeed then warns
+    "Setting accelerator to CPU". The examples that do not use DeepSpeed drop that one message; another
+    warning of the same logger still shows. (A fresh process: DeepSpeed decides its accelerator once.)"""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed: there is no notice to drop")
+    code = (
+        "import logging, os\n"
+        f"from examples.{script} import quiet_deepspeed_cpu_notice\n"
+        "quiet_deepspeed_cpu_notice(); quiet_deepspeed_cpu_notice()\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "print('accelerator:', get_accelerator()._name)\n"
+        "logging.getLogger('DeepSpeed').warning('another DeepSpeed warning')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Setting accelerator to CPU" not in out and "another DeepSpeed warning" in out
+    if "accelerator: cpu" not in out:
+        pytest.skip("DeepSpeed found a device here, so it had no CPU notice to give")
 
 
 def test_quickstart_runs_on_one_thread_unless_told(monkeypatch, capsys, keep_threads) -> None:
@@ -308,11 +391,14 @@ def test_train_digits_help_prints_each_default_once() -> None:
 
     parser = build_parser()
     text = " ".join(parser.format_help().split())  # undo the line wrapping
-    with_default = [a for a in parser._actions if a.default is not None and a.default is not False and a.dest != "help"]
+    flags = [a for a in parser._actions if a.dest != "help"]
+    with_default = [a for a in flags if a.default is not None and a.default is not False]
     assert len(with_default) >= 10
     for action in with_default:
         assert f"(default: {action.default})" in text, action.dest
-    assert text.lower().count("default") == len(with_default)  # once each, and nowhere else
+    # Flags without a default value say theirs in words: the preset's layers, a switch that is off.
+    assert text.count("(default: the preset's)") == 2 and text.count("(default: off)") == 2
+    assert text.lower().count("default") == len(flags)  # once each, and nowhere else
     assert "(default: None)" not in text and "(default: False)" not in text
 
 

@@ -350,7 +350,7 @@ def _dit_data(tmp_path: Path, n: int = 40) -> Path:
 
 
 def readme_command(tmp_path: Path) -> list[str]:
-    """README "### Which layers?", on the reference DiT (class-conditional), untrained."""
+    """docs/layers.md, "From the command line", on the reference DiT (class-conditional), untrained."""
     return ["--model", "examples.models:DiT", "--model-kwargs", json.dumps(TINY), "--data", str(_dit_data(tmp_path)),
             "--labels-key", "y", "--t", "0.5", "--s", "0.4", "--png", str(tmp_path / "layers.png")]
 
