@@ -191,6 +191,7 @@ class SelfRepresentationAlignment(Objective):
         every micro-batch) moves the EMA and the step once per optimizer step, as it should. A step is a
         torch optimizer's ``step()`` or an in-place change of a trainable parameter (``sra_plugin.steps``).
         """
+        self._teacher_pass.check_update()
         self._count_update(self._teacher_pass.update)
 
     # ------------------------------------------------------------------ state

@@ -223,6 +223,7 @@ class SRADTS(Objective):
     def update_teacher(self) -> None:
         """EMA step of an owned teacher and one ``step``, after an optimizer step; a call with none since the
         last one (every micro-batch under gradient accumulation) does nothing (the step rule of ``Objective``)."""
+        self._teacher_pass.check_update()
         self._count_update(self._teacher_pass.update)
 
     # ------------------------------------------------------------------ inputs

@@ -7,9 +7,9 @@ last. An EMA update and a step of the schedules at each micro-batch would run k 
 
 - a torch optimizer that holds one of the model's trainable parameters stepped (a global post-step
   hook, registered once; accelerate skips the inner optimizer's step on micro-batches without a gradient
-  sync). If no optimizer holds one, an optimizer over tensors that are no ``nn.Parameter`` counts
-  (DeepSpeed's engine steps a torch optimizer over flat partitions of its own); another model's
-  optimizer (a discriminator's) never does;
+  sync). An optimizer over tensors that are no ``nn.Parameter`` counts too (DeepSpeed's engine steps a
+  torch optimizer over flat partitions of its own); another model's optimizer (a discriminator's,
+  stepping at every micro-batch) does not;
 - a trainable parameter of the model was changed in place (its version counter moved: a hand-written
   update under ``torch.no_grad()``, ``load_state_dict``).
 
@@ -25,47 +25,39 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["OptimizerSteps", "optimizer_steps"]
+__all__ = ["OptimizerSteps"]
 
-_steps: dict[int, int] = {}  # id(optimizer) -> its steps since the hook was registered
-_optimizers: "weakref.WeakValueDictionary[int, Optimizer]" = weakref.WeakValueDictionary()
-_param_ids: dict[int, tuple[int, frozenset[int], bool]] = {}  # id(optimizer) -> (count, their ids, any nn.Parameter)
+_watchers: "weakref.WeakSet[OptimizerSteps]" = weakref.WeakSet()
+_held: dict[int, tuple[weakref.ref, int, frozenset[int], bool]] = {}  # id(optimizer) -> (it, count, ids, any nn.Parameter)
 _hooked = False
 
 
-def _count(optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
-    key = id(optimizer)
-    if _optimizers.get(key) is not optimizer:  # a new optimizer (or an old id reused)
-        _optimizers[key] = optimizer
-        _steps[key] = 0
-        _param_ids.pop(key, None)
-    _steps[key] += 1
-
-
-def _parameters_of(key: int, optimizer: Optimizer) -> tuple[frozenset[int], bool]:
-    """The ids of the tensors ``optimizer`` updates, and whether any is an ``nn.Parameter``."""
+def _parameters_of(optimizer: Optimizer) -> tuple[frozenset[int], bool]:
+    """The ids of the tensors ``optimizer`` updates, and whether any is an ``nn.Parameter`` (cached)."""
     count = sum(len(group["params"]) for group in optimizer.param_groups)
-    cached = _param_ids.get(key)
-    if cached is None or cached[0] != count:
+    cached = _held.get(id(optimizer))
+    if cached is None or cached[0]() is not optimizer or cached[1] != count:
         tensors = [p for g in optimizer.param_groups for p in g["params"]]
-        cached = _param_ids[key] = (count, frozenset(map(id, tensors)), any(isinstance(p, nn.Parameter) for p in tensors))
-    return cached[1], cached[2]
+        cached = _held[id(optimizer)] = (weakref.ref(optimizer), count, frozenset(map(id, tensors)),
+                                         any(isinstance(p, nn.Parameter) for p in tensors))
+    return cached[2], cached[3]
 
 
-def optimizer_steps(trainable: set[int] | None = None) -> int:
-    """Torch optimizer steps in this process since the first call (the hook's registration), of the
-    optimizers that hold one of the ``trainable`` parameter ids if any does. If none does (yet: an optimizer
-    is known from its first step on), of the optimizers that hold no ``nn.Parameter``: DeepSpeed steps a
-    torch optimizer over flat partitions of its own, while a discriminator's optimizer, stepping at every
-    micro-batch, holds another model's parameters and is not this model's."""
+def _count(optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
+    """After any torch optimizer's step: a step for every watcher whose model it updates. An optimizer over
+    tensors that are no ``nn.Parameter`` (DeepSpeed's, over flat partitions of its own) counts for all; one
+    over another model's parameters (a discriminator's) for none."""
+    ids, module_parameters = _parameters_of(optimizer)
+    for watcher in list(_watchers):
+        if not module_parameters or not watcher.trainable.isdisjoint(ids):
+            watcher.steps += 1
+
+
+def _hook_optimizers() -> None:
     global _hooked
     if not _hooked:
         register_optimizer_step_post_hook(_count)
         _hooked = True
-    held = [(key, *_parameters_of(key, optimizer)) for key, optimizer in list(_optimizers.items())]
-    mine = [key for key, ids, _ in held if trainable and not trainable.isdisjoint(ids)]
-    counted = mine or [key for key, _, module_parameters in held if not module_parameters]
-    return sum(_steps.get(key, 0) for key in counted)
 
 
 def _version(p: Tensor) -> int:
@@ -74,15 +66,20 @@ def _version(p: Tensor) -> int:
 
 
 class OptimizerSteps:
-    """Remembers the optimizer-step count and the trainable parameters' versions at its last look."""
+    """Counts the optimizer steps of one model's trainable parameters, and remembers that count and the
+    parameters' versions at its last look."""
 
     def __init__(self) -> None:
+        _hook_optimizers()
+        self.steps = 0
+        self.trainable: frozenset[int] = frozenset()
         self._last: tuple[int, tuple[int, ...]] | None = None
+        _watchers.add(self)
 
-    @staticmethod
-    def _now(model: nn.Module) -> tuple[int, tuple[int, ...]]:
+    def _now(self, model: nn.Module) -> tuple[int, tuple[int, ...]]:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return optimizer_steps({id(p) for p in trainable}), tuple(_version(p) for p in trainable)
+        self.trainable = frozenset(map(id, trainable))
+        return self.steps, tuple(_version(p) for p in trainable)
 
     def start(self, model: nn.Module) -> None:
         """Take the first look (at the first training call), if none was taken yet."""

@@ -430,10 +430,16 @@ class TeacherPass:
             refuse_merged_lora(self.student, "the teacher pass of an owned EMA")
             self.ema.init_if_needed()
 
+    def check_update(self) -> None:
+        """Raise if an EMA step could not be right now (merged LoRA under an owned teacher), whether or not
+        an optimizer step makes one due."""
+        if self.ema is not None:
+            refuse_merged_lora(self.student, "update_teacher()")
+
     def update(self) -> None:
         """The EMA step of an owned teacher (a teacher the user keeps is theirs to update)."""
         if self.ema is not None:
-            refuse_merged_lora(self.student, "update_teacher()")
+            self.check_update()
             self.ema.update()
 
     @contextmanager

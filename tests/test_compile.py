@@ -58,6 +58,7 @@ def train(model, call, sra, opt, steps: int):
 INDUCTOR = pytest.mark.skipif(os.environ.get("SRA_TEST_INDUCTOR") != "1", reason="slow on CPU: set SRA_TEST_INDUCTOR=1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [BACKEND, pytest.param("inductor", marks=INDUCTOR)])
 def test_compiled_forward_feeds_the_capture_and_matches_eager(backend):
     model, sra, opt = build()
@@ -88,6 +89,7 @@ def test_compiled_forward_feeds_the_capture_and_matches_eager(backend):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
 def test_model_compiled_before_sra_gets_a_warning_with_the_fix(how):
     model = tiny_sit(class_dropout_prob=0.0, depth=4)

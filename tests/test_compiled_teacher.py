@@ -34,6 +34,7 @@ def frames() -> int:
     return sum(counters["frames"].values()) if "frames" in counters else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["switch", "model.compile()", "torch.compile(model)"])
 def test_teacher_blocks_run_compiled_with_the_eager_loss_and_compile_once(how, monkeypatch):
     torch._dynamo.reset()

@@ -120,6 +120,8 @@ def identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_model_and_ddp_sra_stay_identical_across_ranks(ranks):
     r0, r1 = (r["ddp_sra"] for r in ranks)
     assert r0["step"] == r1["step"] == STEPS

@@ -324,6 +324,8 @@ def case_id(case: tuple) -> str:
 SRA_CASES = [c for c in CASES if c[1] in SRA_VARIANTS]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_zero_loss_equals_single_process_reference_at_every_step(ranks, case):
@@ -435,6 +437,8 @@ def test_model_with_heads_is_the_model_to_callers_and_to_unwrap():
             ModelWithHeads(model, *bad)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="pip install sra-plugin[dev]")
 @pytest.mark.parametrize("mode", ["zero3", "fsdp2"])

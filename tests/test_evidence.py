@@ -26,6 +26,7 @@ def mnist() -> D.Digits:
     return D.load_mnist5k()
 
 
+@pytest.mark.slow
 def test_mnist5k_shape_range_and_labels(mnist: D.Digits) -> None:
     assert mnist.x_train.shape == (4000, 1, 32, 32) and mnist.x_test.shape == (1000, 1, 32, 32)
     assert mnist.x_train.dtype == torch.float32 and mnist.image_size == 32
@@ -54,6 +55,7 @@ def test_mnist5k_holds_mlxtends_digits_scaled(mnist: D.Digits) -> None:
     assert ours_pairs == raw_pairs
 
 
+@pytest.mark.slow
 def test_mnist5k_split_is_deterministic(mnist: D.Digits) -> None:
     again = D.load_mnist5k()
     assert torch.equal(again.x_train, mnist.x_train) and torch.equal(again.y_test, mnist.y_test)
@@ -174,6 +176,7 @@ def test_gpu_recipe_is_valid_bash() -> None:
     assert quality.parse_args(["--preset", "gpu", "--variants", "none", "--steps", "7"]).steps == 7  # flags win
 
 
+@pytest.mark.slow
 def test_gpu_recipe_one_step_smoke_run_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "GPU_EVIDENCE_OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     flags = ["--device", "cpu", "--steps", "1", "--seeds", "0", "--variants", *D.VARIANTS, "--model-size", "tiny",

@@ -43,6 +43,7 @@ def data() -> D.Digits:
     return D.Digits(full.x_train[:256], full.y_train[:256], full.x_test[:64], full.y_test[:64])
 
 
+@pytest.mark.slow
 def test_mnist16_is_mnist5k_pooled() -> None:
     small, big = D.load_images("mnist16"), D.load_mnist5k()
     assert small.x_train.shape == (4000, 1, 16, 16) and small.image_size == 16
@@ -54,6 +55,7 @@ def test_every_arm_is_listed() -> None:
     assert list(D.VARIANTS) == list(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", list(EXPECTED))
 def test_every_arm_trains_with_its_terms_on_one_forward(arm: str, data: D.Digits) -> None:
     cfg = D.TrainConfig(steps=2, model_size="tiny", batch_size=8, seed=3)
@@ -142,6 +144,7 @@ def test_subset_keeps_only_the_classes(data: D.Digits) -> None:
         D.subset(data, (10,))
 
 
+@pytest.mark.slow
 def test_finetune_benchmark_runs_caches_its_base_and_measures_both_splits(tmp_path: Path) -> None:
     from benchmarks import finetune_quality as F
 

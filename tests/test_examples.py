@@ -50,6 +50,7 @@ def test_digits_data(data: D.Digits) -> None:
     assert torch.equal(again.x_test, data.x_test)  # the split is fixed
 
 
+@pytest.mark.slow
 def test_train_digits_writes_pictures_and_metrics(tmp_path: Path, keep_threads) -> None:
     from examples import train_digits
 
@@ -152,6 +153,7 @@ def test_classifier_is_saved_and_reused(tmp_path: Path, data: D.Digits, monkeypa
         D.load_or_train_classifier(path, small, epochs=3)
 
 
+@pytest.mark.slow
 def test_quality_benchmark_short(tmp_path: Path, keep_threads, capsys) -> None:
     from benchmarks import quality
 
@@ -208,6 +210,8 @@ def test_ddp_example_one_process(monkeypatch, capsys) -> None:
     assert "1 rank(s), 2 steps: student, head and teacher agree across ranks" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_example_two_processes_with_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = "2 rank(s), 2 steps: student, head and teacher agree across ranks"
@@ -278,6 +282,7 @@ def help_entries(text: str) -> dict[str, str]:
     return entries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
 def test_every_example_takes_help(script: str, tmp_path: Path) -> None:
     """``python examples/<script> --help`` from outside the checkout: usage on stdout, exit 0, nothing run,
@@ -349,6 +354,7 @@ def test_examples_without_deepspeed_drop_only_its_cpu_notice(script: str) -> Non
         pytest.skip("DeepSpeed found a device here, so it had no CPU notice to give")
 
 
+@pytest.mark.slow
 def test_quickstart_runs_on_one_thread_unless_told(monkeypatch, capsys, keep_threads) -> None:
     torch.set_num_threads(2)
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "1"])
@@ -402,6 +408,7 @@ def test_train_digits_help_prints_each_default_once() -> None:
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+@pytest.mark.slow
 def test_train_digits_titles_plots_and_caches_the_classifier_outside_out(tmp_path: Path, monkeypatch, capsys, keep_threads) -> None:
     import matplotlib.figure
     from examples import train_digits
@@ -449,6 +456,8 @@ def test_ddp_example_modes_log_raw_alignment_and_check_ranks(monkeypatch, capsys
     assert raw[0] > 0.2 and raw[1] > 0.2  # the raw loss, not 0.2 times it (the weighted term is about 0.1 here)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -459,6 +468,7 @@ def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> No
     assert done in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prints_result", [True, False])
 def test_torchrun_helper_reruns_only_an_exit_abort_after_the_result(tmp_path: Path, prints_result: bool) -> None:
     """The multi-process example tests run again only when every check passed and printed, and a rank

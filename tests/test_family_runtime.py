@@ -71,6 +71,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_keeps_model_and_heads_identical_across_ranks():
     with tempfile.TemporaryDirectory() as out_dir:
@@ -109,6 +111,7 @@ def build():
                    REPA(model, encoder(), layer=2, projector_dim=8))
 
 
+@pytest.mark.slow
 def test_compiled_forward_feeds_every_objective_and_matches_eager():
     """LayerSync, Dispersive, SRA and REPA on one compiled model: no re-run, the same losses as eager."""
     torch._dynamo.reset()
@@ -197,6 +200,8 @@ def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_fsdp2_layersync_dispersive_and_repa_match_across_ranks_and_one_process():
     with tempfile.TemporaryDirectory() as out_dir:

@@ -89,6 +89,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_student_teacher_and_head_match_across_ranks_and_single_process():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)

@@ -330,6 +330,7 @@ def test_flux_edit_with_reference_ids_not_offset_is_refused() -> None:
         sra(model, x_t, x_s, t, s, **cond)
 
 
+@pytest.mark.slow
 def test_flux_edit_under_torch_compile_gives_the_eager_loss() -> None:
     """Reading img_ids' values inside the hooks is a graph break under torch.compile, not an error or a rerun."""
     case, _, x_t, x_s, t, s, cond = edit_inputs("flux")

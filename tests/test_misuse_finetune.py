@@ -468,6 +468,8 @@ def _identity_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_with_identity_head_wraps_the_model_only_and_stays_identical():
     import torch.distributed as dist
     import torch.multiprocessing as mp

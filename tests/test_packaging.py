@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_wheel_installs_adapters_as_a_subpackage(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
@@ -27,6 +30,7 @@ def test_wheel_installs_adapters_as_a_subpackage(tmp_path):
     assert out.stdout.strip().startswith(str(target))
 
 
+@pytest.mark.slow
 def test_source_checkout_imports_beside_an_installed_copy(tmp_path):
     """With a regular install, running a script from the repository root (``python benchmarks/overhead.py``)
     imports ``sra_plugin/`` from the checkout, which has no ``adapters`` subfolder: it must load ``adapters/``."""
@@ -46,6 +50,7 @@ def test_source_checkout_imports_beside_an_installed_copy(tmp_path):
     assert int(count) >= 5
 
 
+@pytest.mark.slow
 def test_built_wheel_installs_and_runs_the_lora_example(tmp_path):
     """The wheel that ``pip wheel`` / ``python -m build`` makes, installed into a fresh venv, runs
     examples/finetune_lora.py from a folder outside the checkout (so only the installed package can import)."""

@@ -250,6 +250,7 @@ def test_report_command_line(tiny, tmp_path: Path, capsys) -> None:
     assert len(saved["student_probe"]) == 5
 
 
+@pytest.mark.slow
 def test_report_imports_no_plotting_or_backbone_code() -> None:
     import subprocess
     import sys
@@ -362,6 +363,7 @@ def test_report_command_on_a_class_conditional_model_names_the_conditioning_flag
     assert "missing 1 required positional argument: 'y'" in err and "--cond-key" in err and "--cond-value" in err
 
 
+@pytest.mark.slow
 def test_report_command_on_a_class_conditional_model_with_its_labels(tmp_path: Path, capsys) -> None:
     with pytest.warns(RuntimeWarning, match="means nothing"):
         rep = main([*readme_command(tmp_path), "--cond-key", "y", "--time", "ddpm"])
