@@ -652,14 +652,6 @@ class StudentCapture:
         finally:
             self._forced = False
 
-    @property
-    def paused(self) -> bool:
-        return self._paused > 0
-
-    @property
-    def forced(self) -> bool:
-        return self._forced
-
     def _capturing(self) -> bool:
         return not self._paused and (self._forced or (self.model.training and torch.is_grad_enabled()))
 

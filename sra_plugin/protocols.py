@@ -14,23 +14,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["Patchifies", "ProvidesTeacherInputs", "EncodesImages", "RunsTokenGroups", "GroupPasses"]
-
-
-@runtime_checkable
-class Patchifies(Protocol):
-    """SRA 2 (``LatentAlignment``): the clean latent in the model's token layout, ``(B, N_img, C*p*p)``."""
-
-    def patchify(self, model: nn.Module, x0: Tensor) -> Tensor: ...
-
-
-@runtime_checkable
-class ProvidesTeacherInputs(Protocol):
-    """SRA: the teacher's conditioning, given what the student's forward used (labels dropped for CFG)."""
-
-    def watch(self, model: nn.Module) -> dict[str, Any]: ...
-
-    def teacher_inputs(self, model: nn.Module, args: tuple, kwargs: dict, watched: dict[str, Any]) -> tuple[tuple, dict]: ...
+__all__ = ["EncodesImages", "RunsTokenGroups", "GroupPasses"]
 
 
 @runtime_checkable

@@ -202,7 +202,6 @@ class SRADTS(Objective):
 
     # ------------------------------------------------------------------ no hooks: this objective runs its passes
     def _attach(self) -> None:
-        object.__setattr__(self, "_student_block", self.adapter.blocks(self._student)[self.student_layer - 1])
         object.__setattr__(self, "_capture", None)
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_finalizer", lambda: None)

@@ -123,7 +123,7 @@ class Objective(nn.Module):
     ``__init__``, and implements ``_check_inputs`` and ``_target``.
     """
 
-    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_student_block", "_warned", "_steps_seen")
+    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_warned", "_steps_seen")
     metric_names: tuple[str, ...] = ("align_loss", "cos_sim", "student_norm", "target_norm")
     target_name = "target"
     grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
@@ -162,8 +162,6 @@ class Objective(nn.Module):
     def _attach(self) -> None:
         """Subscribe to the student's shared capture (again, after a copy or unpickling) and tie the
         subscription's lifetime to this object."""
-        blocks = self.adapter.blocks(self._student)
-        object.__setattr__(self, "_student_block", blocks[self.student_layer - 1])
         capture = subscribe(self._student, self.adapter, dict(self.taps), frozenset(self.grad_taps))
         object.__setattr__(self, "_capture", capture)
         object.__setattr__(self, "_warned", set())
@@ -393,11 +391,6 @@ class Objective(nn.Module):
             self._warn(model, decision)
             record = capture.rerun(x_t, t, args, kwargs)
         return record.taps, record.watched
-
-    def _student_tokens(self, model: nn.Module, x_t: Tensor, t: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
-        """Block ``student_layer``'s tokens for ``model(x_t, t, ...)`` (see ``_student_taps``)."""
-        taps, watched = self._student_taps(model, x_t, t, args, kwargs)
-        return taps["student"], watched
 
     def _warn(self, model: nn.Module, decision: Decision) -> None:
         """One warning per cause, so that a validation call does not hide a later mis-wired training step."""

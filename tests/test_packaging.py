@@ -1,5 +1,5 @@
-"""`pip install .` ships `sra_plugin.adapters` (from the `adapters/` folder) and no top-level `adapters`;
-a source checkout imports as it is, also when it shadows an installed copy."""
+"""`pip install .` ships `sra_plugin.adapters` (the `sra_plugin/adapters/` folder) and no top-level
+`adapters`; a source checkout imports as it is, also when it shadows an installed copy."""
 
 import os
 import shutil
@@ -33,20 +33,19 @@ def test_wheel_installs_adapters_as_a_subpackage(tmp_path):
 @pytest.mark.slow
 def test_source_checkout_imports_beside_an_installed_copy(tmp_path):
     """With a regular install, running a script from the repository root (``python benchmarks/overhead.py``)
-    imports ``sra_plugin/`` from the checkout, which has no ``adapters`` subfolder: it must load ``adapters/``."""
+    imports ``sra_plugin/`` and its adapters from the checkout, not from the installed copy."""
     site, checkout = tmp_path / "site", tmp_path / "checkout"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site), str(ROOT)],
         check=True, cwd=tmp_path, capture_output=True,
     )
-    for folder in ("sra_plugin", "adapters"):
-        shutil.copytree(ROOT / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "sra_plugin", checkout / "sra_plugin", ignore=shutil.ignore_patterns("__pycache__"))
     probe = ("import sra_plugin, sra_plugin.adapters.dit as dit; from sra_plugin import registered_adapters; "
              "print(sra_plugin.__file__); print(dit.__file__); print(len(registered_adapters()))")
     out = subprocess.run([sys.executable, "-c", probe], check=True, cwd=checkout, capture_output=True, text=True,
                          env={"PYTHONPATH": f"{checkout}:{site}", "PATH": ""})
     init, dit_file, count = out.stdout.split()
-    assert init.startswith(str(checkout / "sra_plugin")) and dit_file.startswith(str(checkout / "adapters"))
+    assert init.startswith(str(checkout / "sra_plugin")) and dit_file.startswith(str(checkout / "sra_plugin" / "adapters"))
     assert int(count) >= 5
 
 
@@ -58,8 +57,7 @@ def test_built_wheel_installs_and_runs_the_lora_example(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for folder in ("sra_plugin", "adapters"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "sra_plugin", src / "sra_plugin", ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
                    check=True, cwd=tmp_path, capture_output=True)
