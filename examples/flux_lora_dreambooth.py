@@ -439,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="where checkpoint-<step> folders go (default: a temporary folder)")
     p.add_argument("--checkpointing-steps", type=int, default=500, help="save_state every this many optimizer steps (default: %(default)s)")
     p.add_argument("--resume-from-checkpoint", default=None, help="checkpoint-<step> in --output-dir to resume from (default: none)")
-    p.add_argument("--simulate-processes", type=int, default=1, help="one process trains on the micro-batches of this many (the reference of the multi-process test; default: %(default)s)")
+    p.add_argument("--simulate-processes", type=int, default=1, help="one process trains on the micro-batches of this many, the reference of the multi-process test (default: %(default)s)")
     p.add_argument("--report", default=None, help="torch.save this process's result to REPORT.rank<i>.pt (default: none)")
     p.add_argument("--device", choices=("cpu", "auto"), default="cpu", help="cpu, or auto: accelerate's choice (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for a model this small (default: %(default)s)")
@@ -452,6 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not accepted: use an integer >= 1")
     if not args.no_resume_check and args.max_train_steps < 2:
         p.error(f"--max-train-steps {args.max_train_steps} is too few for the resume check: use >= 2, or --no-resume-check")
+    if not args.no_resume_check and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("the resume check runs in one process: add --no-resume-check under torchrun (and resume with "
+                "--output-dir DIR --resume-from-checkpoint checkpoint-<step>)")
     if args.resume_from_checkpoint and not args.output_dir:
         p.error(f"--resume-from-checkpoint {args.resume_from_checkpoint} needs --output-dir (the folder that holds it)")
     return args

@@ -143,13 +143,18 @@ def test_checkpoint_with_refuses_what_is_no_accelerator() -> None:
         sra.checkpoint_with(object())
 
 
-def test_bad_flags_name_the_flag(capsys) -> None:
+def test_bad_flags_name_the_flag(capsys, monkeypatch) -> None:
     for argv, word in ((["--max-train-steps", "0"], "--max-train-steps 0"), (["--max-train-steps", "1"], "--no-resume-check"),
                        (["--rank", "0"], "--rank 0"), (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps 0"),
                        (["--resume-from-checkpoint", "checkpoint-2"], "--output-dir")):
         with pytest.raises(SystemExit):
             F.parse_args(argv)
         assert word in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        F.parse_args([])
+    assert "add --no-resume-check under torchrun" in capsys.readouterr().err
+    assert F.parse_args(["--no-resume-check"]).no_resume_check
 
 
 def _tiny_sit_pair():
