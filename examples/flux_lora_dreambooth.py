@@ -475,7 +475,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"LoRA {sorted(map(str, result['lora_dtypes']))}, base {sorted(map(str, result['base_dtypes']))}")
         if not args.no_resume_check:
             with tempfile.TemporaryDirectory() as work:
-                uninterrupted, resumed = resumed_losses(args, *check_resume(args, Path(work)))
+                runs = check_resume(args, Path(work))
+            uninterrupted, resumed = resumed_losses(args, *runs)
+            result["resume_runs"] = runs
             same = uninterrupted == resumed
             print(f"resume check: after step {args.max_train_steps // 2}, uninterrupted {uninterrupted}, "
                   f"resumed from accelerator.save_state {resumed}: {'bitwise equal' if same else 'DIFFERENT'}")

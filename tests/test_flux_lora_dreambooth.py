@@ -88,6 +88,9 @@ def test_dreambooth_with_accumulation_resumes_bitwise(capsys, keep_threads) -> N
     assert len(result["loss"]) == 8 and all(math.isfinite(v) for v in result["loss"])
     uninterrupted, resumed = result["resume"]
     assert len(uninterrupted) == 4 and uninterrupted == resumed and "bitwise equal" in out
+    full, resumed_run = result["resume_runs"]
+    assert_same_state(full, resumed_run)  # LoRA, head, EMA teacher, sra.step
+    assert any(name.startswith("ema.") for name in full["sra"]) and any(name.startswith("head.") for name in full["sra"])
 
 
 def test_text_encoder_branch_resumes_bitwise(tmp_path: Path, keep_threads) -> None:
