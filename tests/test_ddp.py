@@ -88,7 +88,7 @@ def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool
         sra.update_teacher()
         losses.append(align.detach())
     return {"model": model.state_dict(), "head": sra.head.state_dict(), "teacher": sra.teacher.state_dict(),
-            "step": sra.step, "losses": torch.stack(losses)}
+            "step": sra.step, "losses": torch.stack(losses), "head_sync": sra._head_sync.active}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -132,6 +132,7 @@ def test_ddp_model_and_ddp_sra_stay_identical_across_ranks(ranks):
     assert identical(r0["model"], r1["model"]), "student differs between ranks"
     assert identical(r0["head"], r1["head"]), "head differs between ranks"
     assert identical(r0["teacher"], r1["teacher"]), "teacher differs between ranks"
+    assert not r0["head_sync"]  # inside DDP(sra) the head's gradients are DDP's to average: not twice
     print(f"ddp: {WORLD} ranks x {STEPS} steps: student, head, teacher bit-identical; "
           f"SRA losses rank 0 {r0['losses'].tolist()}, rank 1 {r1['losses'].tolist()}")
 
@@ -144,6 +145,7 @@ def test_bare_sra_keeps_head_and_teacher_identical_itself(ranks):
     assert not torch.equal(r0["losses"], r1["losses"])  # the ranks did see different data
     assert identical(r0["model"], r1["model"]) and identical(r0["head"], r1["head"])
     assert identical(r0["teacher"], r1["teacher"])
+    assert r0["head_sync"] and r1["head_sync"]
 
 
 @pytest.mark.slow
