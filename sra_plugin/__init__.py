@@ -6,7 +6,7 @@ from .layersync import LayerSync
 from .dispersive import Dispersive
 from .repa import REPA
 from .sradts import SRADTS
-from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap
+from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap, flow_teacher_input
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
 from .wrappers import ModelWithHeads
 from . import schedules
@@ -26,6 +26,7 @@ __all__ = [
     "LinearPath",
     "CosinePath",
     "DDPMPath",
+    "flow_teacher_input",
     "Adapter",
     "register_adapter",
     "registered_adapters",

@@ -47,10 +47,11 @@ class SelfRepresentationAlignment(Objective):
     the end, or fractions of depth (see ``sra_plugin.layers``). ``sra(...)`` returns the weighted loss; ``metrics`` holds the last call's
     figures as floats.
 
-    Many processes: wrap the model in DDP, and ``sra`` too when it has parameters that train (any head
-    but ``"identity"``). With ``head="identity"`` it has none, DDP refuses it ("not needed"), and there
-    is nothing to synchronise: call the bare ``sra`` with the DDP model (``accelerator.prepare`` skips
-    it by itself).
+    Many processes: wrap the model in DDP, and either wrap ``sra`` too (``DDP(sra)``,
+    ``accelerator.prepare(model, sra, ...)``) or call the bare ``sra`` with the DDP model: then it copies
+    rank 0's head at its first training call and averages the head's gradients across the ranks itself
+    (``sra_plugin.headsync``; ``sra.checkpoint_with(accelerator)`` keeps its state in accelerate's
+    checkpoints). With ``head="identity"`` it has no parameters and DDP refuses it ("not needed"): call it bare.
 
     Every pass it stops early (teacher, student re-run) restores the LoRA ``scaling`` of the model's
     peft layers, which a forward that scales them at its start and unscales them only at its end

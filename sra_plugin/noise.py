@@ -8,14 +8,14 @@ same ``noise`` tensor build both ``x_t`` and ``x_s``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 from ._checks import is_real, plain_number
 
-__all__ = ["NoiseGap", "LinearPath", "CosinePath", "DDPMPath"]
+__all__ = ["NoiseGap", "LinearPath", "CosinePath", "DDPMPath", "flow_teacher_input"]
 
 _ORIENTATIONS = ("hi", "lo")
 
@@ -205,3 +205,36 @@ class DDPMPath:
     __call__ = _ContinuousPath.__call__
     pair = _ContinuousPath.pair
     snr = _ContinuousPath.snr
+
+
+def flow_teacher_input(x0: Tensor, noise: Tensor, sigma: Tensor, max_gap: float = 0.2,
+                       pack: Callable[[Tensor], Tensor] | None = None,
+                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The teacher's input of a flow-matching script, as the keyword arguments ``x_s=`` and ``s=`` of
+    ``sra(...)``: ``s = NoiseGap(max_gap).sample(sigma)`` (per sample, in ``sigma``'s dtype) and
+    ``x_s = (1 - s) * x0 + s * noise`` from the same ``x0`` and ``noise`` that built the student's input,
+    passed through ``pack`` if given (Flux: the script packs 2x2 latent patches into tokens). ``sigma`` holds
+    one value per sample, shaped ``(B,)`` or ``(B, 1, ..., 1)`` as the diffusers scripts' ``get_sigmas``.
+
+    One line in diffusers' Flux DreamBooth-LoRA script::
+
+        loss = loss + sra(transformer, packed_noisy_model_input, t=timesteps / 1000, **flow_teacher_input(
+            model_input, noise, sigmas, pack=lambda x: FluxPipeline._pack_latents(x, *x.shape)), **conditioning)
+    """
+    for name, value in (("x0", x0), ("noise", noise), ("sigma", sigma)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}={type(value).__name__} is not accepted: use a torch.Tensor")
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise of shape {tuple(noise.shape)} is not accepted: use the shape of x0, {tuple(x0.shape)}")
+    batch = x0.shape[0] if x0.dim() else None
+    if batch is None or sigma.numel() != batch or (sigma.dim() > 1 and sigma.shape[0] != batch):
+        raise ValueError(
+            f"sigma of shape {tuple(sigma.shape)} is not accepted: use one value per sample of x0 {tuple(x0.shape)}, "
+            f"shaped ({batch},) or ({batch}, 1, ..., 1)"
+        )
+    if pack is not None and not callable(pack):
+        raise TypeError(f"pack={pack!r} is not accepted: use a function of the latents, or None")
+    s = NoiseGap(max_gap=max_gap).sample(sigma.reshape(batch), generator=generator)
+    coef = s.reshape((batch,) + (1,) * (x0.dim() - 1)).to(x0.dtype)
+    x_s = (1.0 - coef) * x0 + coef * noise
+    return {"x_s": x_s if pack is None else pack(x_s), "s": s}

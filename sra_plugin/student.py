@@ -19,6 +19,7 @@ from . import losses as loss_module
 from ._checks import is_real
 from .capture import Decision, Subscription, probe_call, subscribe
 from .heads import build_head
+from .headsync import HeadSync
 from .layers import resolve_layer
 from .registry import Adapter, ModelCall, resolve_blocks
 from .steps import OptimizerSteps
@@ -123,7 +124,8 @@ class Objective(nn.Module):
     ``__init__``, and implements ``_check_inputs`` and ``_target``.
     """
 
-    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_warned", "_steps_seen")
+    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_warned", "_steps_seen", "_head_sync")
+    average_head_grads = True  # several processes, called bare (no DDP): average the head's gradients (headsync)
     metric_names: tuple[str, ...] = ("align_loss", "cos_sim", "student_norm", "target_norm")
     target_name = "target"
     grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
@@ -167,6 +169,8 @@ class Objective(nn.Module):
         object.__setattr__(self, "_warned", set())
         # Dropped without remove(): the hooks go with this object, holding no activations.
         object.__setattr__(self, "_finalizer", weakref.finalize(self, Subscription.close, capture))
+        # Several processes without DDP(self): rank 0's head, and head gradients averaged over the ranks.
+        object.__setattr__(self, "_head_sync", HeadSync(self))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
@@ -289,6 +293,7 @@ class Objective(nn.Module):
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
+            self._head_sync.begin_call(self, model)
         self._begin_step()
         if self._is_zero(weight):
             self._count_training_call()
@@ -502,8 +507,25 @@ class Objective(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def remove(self) -> None:
-        """Remove every hook this object added to the model."""
+        """Remove every hook this object added to the model (and its head's gradient hooks)."""
         self._finalizer()
+        self._head_sync.remove()
+
+    def checkpoint_with(self, accelerator: Any) -> "Objective":
+        """``accelerator.register_for_checkpointing(self)``, returning ``self``: ``accelerator.save_state`` and
+        ``load_state`` then save and restore this object's state (head, owned EMA teacher, ``step``) next to the
+        models, without passing it to ``accelerator.prepare`` or touching the script's save/load hooks::
+
+            sra = SelfRepresentationAlignment(transformer, ...).checkpoint_with(accelerator)
+        """
+        register = getattr(accelerator, "register_for_checkpointing", None)
+        if not callable(register):
+            raise TypeError(
+                f"accelerator={type(accelerator).__name__} is not accepted: pass an accelerate.Accelerator "
+                "(anything with register_for_checkpointing(obj))"
+            )
+        register(self)
+        return self
 
     def __enter__(self) -> "Objective":
         return self

@@ -1,6 +1,7 @@
 """DDP: two CPU processes with the gloo backend, ``DDP(model)`` and ``DDP(sra)``, different data per
-rank: after several steps student, head and teacher are identical on both ranks. The same run without
-``DDP(sra)`` lets the heads drift apart (so the check can fail)."""
+rank: after several steps student, head and teacher are identical on both ranks. Without ``DDP(sra)``
+the bare ``sra`` does the same itself (rank 0's head, gradients averaged: ``sra_plugin.headsync``);
+with that turned off (``average_head_grads = False``) the heads drift apart (so the check can fail)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def train_latent(rank: int) -> dict:
             "reruns": align.student_reruns}
 
 
-def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool = False) -> dict:
+def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool = False, head_sync: bool = True) -> dict:
     from tests._models import flow_batch, tiny_sit
 
     if latent:
@@ -69,6 +70,7 @@ def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool
     with torch.no_grad():
         for p in sra.head.parameters():
             p.add_(0.1 * rank)
+    sra.average_head_grads = head_sync
     sra_call = DDP(sra) if wrap_sra else sra  # what accelerator.prepare(model, sra, optimizer) does
     opt = torch.optim.AdamW([*ddp_model.parameters(), *sra.head.parameters()], lr=1e-3)
     losses = []
@@ -86,7 +88,7 @@ def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool
         sra.update_teacher()
         losses.append(align.detach())
     return {"model": model.state_dict(), "head": sra.head.state_dict(), "teacher": sra.teacher.state_dict(),
-            "step": sra.step, "losses": torch.stack(losses)}
+            "step": sra.step, "losses": torch.stack(losses), "head_sync": sra._head_sync.active}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -104,6 +106,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 RUNS = {
     "ddp_sra": dict(wrap_sra=True, sra_first=True),
     "plain_sra": dict(wrap_sra=False, sra_first=False),
+    "plain_sra_no_sync": dict(wrap_sra=False, sra_first=False, head_sync=False),
     "latent": dict(latent=True),
 }
 
@@ -129,12 +132,26 @@ def test_ddp_model_and_ddp_sra_stay_identical_across_ranks(ranks):
     assert identical(r0["model"], r1["model"]), "student differs between ranks"
     assert identical(r0["head"], r1["head"]), "head differs between ranks"
     assert identical(r0["teacher"], r1["teacher"]), "teacher differs between ranks"
+    assert not r0["head_sync"]  # inside DDP(sra) the head's gradients are DDP's to average: not twice
     print(f"ddp: {WORLD} ranks x {STEPS} steps: student, head, teacher bit-identical; "
           f"SRA losses rank 0 {r0['losses'].tolist()}, rank 1 {r1['losses'].tolist()}")
 
 
-def test_without_ddp_sra_the_heads_drift_apart(ranks):
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bare_sra_keeps_head_and_teacher_identical_itself(ranks):
+    """No DDP(sra): the head starts from rank 0's (each rank's differed) and its gradients are averaged."""
     r0, r1 = (r["plain_sra"] for r in ranks)
+    assert not torch.equal(r0["losses"], r1["losses"])  # the ranks did see different data
+    assert identical(r0["model"], r1["model"]) and identical(r0["head"], r1["head"])
+    assert identical(r0["teacher"], r1["teacher"])
+    assert r0["head_sync"] and r1["head_sync"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_without_head_sync_the_heads_drift_apart(ranks):
+    r0, r1 = (r["plain_sra_no_sync"] for r in ranks)
     assert identical(r0["model"], r1["model"])  # DDP(model) alone keeps the student in step
     assert not identical(r0["head"], r1["head"])
 
