@@ -267,6 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
             r["cos_sim_last10pct"] = float(np.mean(run.cos_sim[-tail:]))
         results[name] = r
 
+    # For the layer report (docs/layers.md): the SRA run's model and EMA, and the held-out digits.
+    trained = runs["with SRA"]
+    torch.save({"model": trained.model.state_dict(), "ema": trained.ema.state_dict()}, args.out / "run.pt")
+    torch.save({"x0": data.x_test, "y": data.y_test}, args.out / "images.pt")
+
     real = torch.cat([data.x_train[data.y_train == d][: args.per_class] for d in range(10)])
     save_samples(args.out / "samples.png", {f"{k} (EMA)": v for k, v in grids.items()}, real, args.per_class,
                  title=f"Class-conditional samples of the EMA models after {args.steps} training steps (same starting noise)\n"
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(one seed: differences this small can be seed-to-seed noise; benchmarks/quality.py compares several seeds)")
     if clf_acc is not None:
         print(f"(digit classifier: {clf_acc:.3f} accuracy on the held-out real digits)")
-    print(f"total {total:.0f} s; wrote {args.out}/samples.png, loss_curves.png, metrics.json")
+    print(f"total {total:.0f} s; wrote {args.out}/samples.png, loss_curves.png, metrics.json, run.pt, images.pt")
     return metrics
 
 

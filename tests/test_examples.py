@@ -427,7 +427,7 @@ def test_train_digits_titles_plots_and_caches_the_classifier_outside_out(tmp_pat
     train_digits.main(["--steps", "3", "--model-size", "tiny", "--sample-steps", "2", "--cfg-scale", "1.5", "--per-class", "2",
                        "--quiet", "--out", str(out), "--classifier-cache", str(cache)])
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["loss_curves.png", "metrics.json", "samples.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["images.pt", "loss_curves.png", "metrics.json", "run.pt", "samples.png"]
     assert (cache / "digit_classifier.pt").exists() and str(cache / "digit_classifier.pt") in printed
     samples_title = titles["samples.png"][0]
     assert "Euler, 2 steps" in samples_title and "guidance scale 1.5" in samples_title
@@ -489,3 +489,25 @@ def test_torchrun_helper_reruns_only_an_exit_abort_after_the_result(tmp_path: Pa
         assert proc.returncode == 0 and runs == 2
     else:
         assert proc.returncode != 0 and runs == 1
+
+
+@pytest.mark.slow
+def test_layer_report_command_of_the_docs_runs_as_written_after_the_demo(tmp_path: Path, keep_threads) -> None:
+    """docs/layers.md's command, with the demo's output folder moved to a temporary one."""
+    import re
+    import shlex
+
+    from examples import train_digits
+
+    out = tmp_path / "digits"
+    train_digits.main(["--steps", "3", "--sample-steps", "2", "--per-class", "1", "--no-classifier", "--quiet",
+                       "--out", str(out)])  # the demo's model size: the command's --model-kwargs must fit it
+    assert (out / "run.pt").exists() and (out / "images.pt").exists()
+    page = (ROOT / "docs" / "layers.md").read_text()
+    command = next(block for block in re.findall(r"```bash\n(.*?)```", page, re.S) if "sra_plugin.report" in block)
+    argv = shlex.split(command.replace("\\\n", " ").replace("outputs/digits", str(out)))
+    assert argv[:3] == ["python", "-m", "sra_plugin.report"]
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "layers.png").exists()
