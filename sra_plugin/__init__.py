@@ -5,6 +5,7 @@ from .latent import LatentAlignment
 from .layersync import LayerSync
 from .dispersive import Dispersive
 from .repa import REPA
+from .irepa import IREPA
 from .sradts import SRADTS
 from .noise import CosinePath, DDPMPath, LinearPath, NoiseGap, flow_teacher_input
 from .registry import Adapter, register_adapter, registered_adapters, resolve_adapter
@@ -21,6 +22,7 @@ __all__ = [
     "LayerSync",
     "Dispersive",
     "REPA",
+    "IREPA",
     "SRADTS",
     "NoiseGap",
     "LinearPath",

@@ -334,7 +334,7 @@ class Objective(nn.Module):
               sample_weight: Tensor | None) -> Tensor:
         """Head, loss reduced per sample, metrics."""
         tokens = taps["student"]
-        pred = self.head(self._as_head_input(tokens))
+        pred = self._project(tokens)
         if pred.shape != target.shape:
             raise ValueError(
                 f"head output {tuple(pred.shape)} and {self.target_name} tokens {tuple(target.shape)} differ: "
@@ -429,6 +429,10 @@ class Objective(nn.Module):
     def _float32(like: Tensor) -> Any:
         """A context in which autocast is off on ``like``'s device, so float32 stays float32."""
         return loss_module.no_autocast(like.device.type)
+
+    def _project(self, tokens: Tensor) -> Tensor:
+        """The head on the student's tokens (a method whose head needs more, e.g. the token grid, overrides it)."""
+        return self.head(self._as_head_input(tokens))
 
     def _as_head_input(self, tokens: Tensor) -> Tensor:
         """The student's tokens in the head's floating dtype: a model cast after this object was built

@@ -103,7 +103,7 @@ def test_readme_methods_table_states_the_codes_defaults() -> None:
         name = re.match(r"\| \[`(\w+)`\]", line)
         if name:
             rows[name.group(1)] = line
-    assert set(rows) == {"SelfRepresentationAlignment", "LatentAlignment", "LayerSync", "Dispersive", "REPA", "SRADTS"}
+    assert set(rows) == {"SelfRepresentationAlignment", "LatentAlignment", "LayerSync", "Dispersive", "REPA", "IREPA", "SRADTS"}
 
     def default(cls, name):
         return inspect.signature(cls).parameters[name].default
@@ -132,6 +132,9 @@ def test_readme_methods_table_states_the_codes_defaults() -> None:
     repa = sra_plugin.REPA
     expect["REPA"] = [f"block {_g(default(repa, 'layer'))}", f"projector {default(repa, 'projector_dim')}",
                       f"`{default(repa, 'loss')}` (1 − cos) × {_g(default(repa, 'weight'))}"]
+    irepa = sra_plugin.IREPA
+    expect["IREPA"] = [f"block {_g(default(irepa, 'layer'))}", f"`Conv2d` {default(irepa, 'kernel_size')}x{default(irepa, 'kernel_size')}",
+                       f"× {_g(default(irepa, 'weight'))}"]
     dts = sra_plugin.SRADTS
     assert default(dts, "teacher_layer") == pytest.approx(2 / 3)
     expect["SRADTS"] = [f"blocks {_g(default(dts, 'student_layer'))} → 2/3", f"groups {_g(default(dts, 'mask_ratio'))}",
