@@ -83,6 +83,7 @@ def test_irepa_bad_arguments_are_refused_naming_them(bad, error, words):
         IREPA(pretrained_sit(), vit(32, 8), **bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_irepa_on_every_family_right_or_refused(name: str) -> None:
     """Image families with a (B, C, H, W) input: the hand computation; packed-token and video inputs (no
