@@ -26,7 +26,6 @@ are identical on every rank.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -41,23 +40,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from examples.models import SiT
+from examples._logging import quiet_deepspeed_cpu_notice
 from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
-
-
-class _NoDeepSpeedCpuNotice(logging.Filter):
-    """Drops one message: accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` looks for
-    its engine), and on a machine without a GPU DeepSpeed then warns "Setting accelerator to CPU" on its
-    ``DeepSpeed`` logger. This example does not use DeepSpeed; every other message of that logger stays."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Setting accelerator to CPU")
-
-
-def quiet_deepspeed_cpu_notice() -> None:
-    """Install ``_NoDeepSpeedCpuNotice`` on the ``DeepSpeed`` logger, once (before DeepSpeed is imported or after)."""
-    logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _NoDeepSpeedCpuNotice) for f in logger.filters):
-        logger.addFilter(_NoDeepSpeedCpuNotice())
 
 
 def load_shard(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:

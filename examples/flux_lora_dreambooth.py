@@ -60,27 +60,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from examples._logging import quiet_deepspeed_cpu_notice
 from sra_plugin import SelfRepresentationAlignment, flow_teacher_input
 
 LATENT_CHANNELS, LATENT_SIDE, TEXT_TOKENS, TEXT_DIM, POOLED_DIM, VOCAB = 16, 8, 6, 32, 16, 64
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers script's default --lora_layers
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the script's text encoder LoRA targets
-
-
-class _NoDeepSpeedCpuNotice(logging.Filter):
-    """Drops one message: accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` looks for
-    its engine), and on a machine without a GPU DeepSpeed then warns "Setting accelerator to CPU" on its
-    ``DeepSpeed`` logger. This example does not use DeepSpeed; every other message of that logger stays."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Setting accelerator to CPU")
-
-
-def quiet_deepspeed_cpu_notice() -> None:
-    """Install ``_NoDeepSpeedCpuNotice`` on the ``DeepSpeed`` logger, once (before DeepSpeed is imported or after)."""
-    logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _NoDeepSpeedCpuNotice) for f in logger.filters):
-        logger.addFilter(_NoDeepSpeedCpuNotice())
 
 
 def tiny_flux(seed: int) -> FluxTransformer2DModel:

@@ -258,7 +258,7 @@ def test_finetune_lora_example(capsys, keep_threads) -> None:
     assert result["export_keys"] and all("lora_" in k for k in result["export_keys"])
 
 
-EXAMPLE_SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
+EXAMPLE_SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))  # _x.py: helpers, not examples
 
 
 def help_entries(text: str) -> dict[str, str]:
