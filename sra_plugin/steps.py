@@ -37,6 +37,8 @@ def _parameters_of(optimizer: Optimizer) -> tuple[frozenset[int], bool]:
     count = sum(len(group["params"]) for group in optimizer.param_groups)
     cached = _held.get(id(optimizer))
     if cached is None or cached[0]() is not optimizer or cached[1] != count:
+        for key in [k for k, entry in _held.items() if entry[0]() is None]:  # optimizers gone since
+            del _held[key]
         tensors = [p for g in optimizer.param_groups for p in g["params"]]
         cached = _held[id(optimizer)] = (weakref.ref(optimizer), count, frozenset(map(id, tensors)),
                                          any(isinstance(p, nn.Parameter) for p in tensors))

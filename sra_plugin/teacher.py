@@ -437,9 +437,8 @@ class TeacherPass:
             refuse_merged_lora(self.student, "update_teacher()")
 
     def update(self) -> None:
-        """The EMA step of an owned teacher (a teacher the user keeps is theirs to update)."""
+        """The EMA step of an owned teacher, after ``check_update`` (a teacher the user keeps is theirs to update)."""
         if self.ema is not None:
-            self.check_update()
             self.ema.update()
 
     @contextmanager
