@@ -124,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use only the first N training and N/4 held-out digits (smoke runs; default: all)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep each finished run's result here (one JSON per seed and variant) and reuse it: an "
+                        "interrupted comparison resumes, and seeds run by separate commands are summarised together")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/quality.json"))
     p.add_argument("--table", type=Path, default=None, help="also write the results as a markdown table here")
     p.add_argument("--plots", type=Path, default=None, help="also plot each metric against the step, per variant (PNG)")
@@ -236,6 +239,11 @@ def _layer_report(run, data: Digits, args: argparse.Namespace, layers: tuple[int
 def run_one(job: tuple[argparse.Namespace, int, str, int]) -> dict:
     """Train one (seed, variant) and measure its EMA model (also every --eval-every steps)."""
     args, seed, variant, threads = job
+    cached = _cache_path(args, seed, variant)
+    if cached is not None and cached.exists():
+        out = json.loads(cached.read_text())
+        print(f"  seed {seed} {variant:<11} from {cached}", flush=True)
+        return out
     torch.set_num_threads(threads)
     if args.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -280,7 +288,21 @@ def run_one(job: tuple[argparse.Namespace, int, str, int]) -> dict:
     if args.report is not None and seed == args.seeds[0]:
         out["layer_report"] = _layer_report(run, data, args, layers, variant)
     print(f"  seed {seed} {variant:<11} " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float)), flush=True)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(out, indent=1))
     return out
+
+
+def _cache_path(args: argparse.Namespace, seed: int, variant: str) -> Path | None:
+    """Where ``--cache`` keeps one run; the name carries what the run depends on, so a changed setting
+    is never answered from an old file."""
+    if args.cache is None:
+        return None
+    keys = ("dataset", "model_size", "steps", "batch_size", "lr", "ema_decay", "student_layer", "teacher_layer",
+            "probe_t", "per_class", "sample_steps", "cfg_scale", "eval_every", "data_limit", "device")
+    setting = "-".join(f"{getattr(args, k)}" for k in keys).replace("/", "_").replace(":", "_")
+    return args.cache / setting / f"seed{seed}_{variant}.json"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -48,6 +48,9 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     # The GPU recipe's SiT (benchmarks/gpu_evidence.sh): 256 tokens on 32x32 at patch 2, the paper's
     # SiT-B pair 3 -> 8 of 12 scaled to 8 blocks (3 -> 6).
     "gpu": (256, 8, 4, 2, 3, 6),
+    # Evidence IV's CPU SiT (benchmarks/evidence4.sh): 64 tokens on 32x32 at patch 4, 8 blocks, the pair
+    # at the same depth fractions as SRADTS's defaults (0.25 -> 2/3 of 8: 2 -> 5).
+    "evidence": (96, 8, 4, 4, 2, 5),
 }
 LOSSES = ("smooth_l1", "cosine", "cosine_tokens", "mse", "l1")
 
@@ -66,6 +69,7 @@ def term_parts(term: Term) -> tuple[str, "str | None", "float | None", dict]:
 
 METHOD_CLASSES = {
     "sra": "SelfRepresentationAlignment", "latent": "LatentAlignment", "layersync": "LayerSync", "dispersive": "Dispersive",
+    "sradts": "SRADTS",
 }
 # The compared variants: name -> its terms, all added to the diffusion loss of one forward. "sra" is the
 # paper's recipe (smooth-L1, beta 0.05, weight 0.2); "sra-cosine" the official code's current default
@@ -89,6 +93,9 @@ VARIANTS: dict[str, tuple[Term, ...]] = {
     "dispersive-release": (("dispersive", None, None, {"recipe": "release"}),),
     "dispersive-paper": (("dispersive", None, None, {"recipe": "paper"}),),
     "layersync-lora": (("layersync", None, None, {"recipe": "lora"}),),
+    # SRA-DTS (the SRA authors' SiT-SRA_DTS_AS recipe: cosine over tokens x 0.5, two token groups at their
+    # own times, attention separated): it runs the step's forward itself, so it composes with no other term.
+    "sradts": (("sradts", None, None),),
 }
 
 
@@ -303,6 +310,8 @@ def build_objective(term: Term, model: nn.Module, ema: nn.Module, layers: tuple[
         return SelfRepresentationAlignment(model, student_layer=layers[0], teacher_layer=layers[1], teacher=ema, **given)
     if method == "latent":
         return sra_plugin.LatentAlignment(model, layer=layers[0], head="mlp", **given)
+    if method == "sradts":
+        return sra_plugin.SRADTS(model, student_layer=layers[0], teacher_layer=layers[1], teacher=ema, **given)
     return getattr(sra_plugin, METHOD_CLASSES[method])(model, **given)
 
 
@@ -363,6 +372,8 @@ def train(
         if reason is not None:
             raise ValueError(reason)
         terms = VARIANTS[variant]
+    if any(term_parts(term)[0] == "sradts" for term in terms) and len(terms) > 1:
+        raise ValueError(f"variant={variant!r} is not accepted: SRADTS runs the step's forward itself and composes with no other term")
     device = check_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_sit(cfg.model_size, image_size=data.image_size)
@@ -417,18 +428,23 @@ def train(
         batch["x_t"] = path(batch["x0"], noise, batch["t"])
         if uses_gap:
             batch["x_s"] = path(batch["x0"], noise, batch["s"])
-        pred = model(batch["x_t"], batch["t"], batch["y"])
-        diff = F.mse_loss(pred, path.velocity(batch["x0"], noise))
-        loss = diff
-        for method, obj in objectives:
-            loss = loss + _call(obj, method, model, batch)
+        if "sradts" in first:  # two token groups at their own times (drawn from gap_gen), one pass each
+            pred, align = first["sradts"](model, batch["x0"], noise, batch["y"], generator=gap_gen)
+            diff = F.mse_loss(pred, path.velocity(batch["x0"], noise))
+            loss = diff + align
+        else:
+            pred = model(batch["x_t"], batch["t"], batch["y"])
+            diff = F.mse_loss(pred, path.velocity(batch["x0"], noise))
+            loss = diff
+            for method, obj in objectives:
+                loss = loss + _call(obj, method, model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         update_ema_(ema, model, cfg.ema_decay)
         for method, obj in objectives:
-            if method == "sra":
+            if method in ("sra", "sradts"):
                 obj.update_teacher()  # advances sra.step (the teacher is ``ema``, updated above)
         result.diff_loss.append(diff.item())
         if objectives:  # a term without metrics (a stand-in of the API) records nothing
