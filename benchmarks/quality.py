@@ -73,17 +73,17 @@ BASELINE = "none"
 
 # --preset NAME: defaults for a named recipe; flags given on the command line still win.
 PRESETS: dict[str, dict] = {
-    # Nine arms x 3 seeds on mnist5k with a 256-wide, 8-block SiT at patch 2 (256 tokens), 27 workers
+    # Ten arms x 3 seeds on mnist5k with a 256-wide, 8-block SiT at patch 2 (256 tokens), 30 workers
     # sharing one GPU (one wave): the seven of the CPU comparison plus the authors' other recipes,
     # layersync-lora and dispersive-paper ("dispersive" is the release recipe, so dispersive-release
-    # would repeat it). Sized, not timed (no GPU was lent to time it): the seven arms' 21 x 1,500 steps
-    # were sized to finish in under 8 minutes on one H100 (about the 12 x 2,000 of the 0.2.0 preset);
-    # 27 runs should take about 27/21 of that.
+    # would repeat it), and SRA-DTS. Sized, not timed (no GPU was lent to time it): the seven arms'
+    # 21 x 1,500 steps were sized to finish in under 8 minutes on one H100 (about the 12 x 2,000 of the
+    # 0.2.0 preset); 30 runs should take about 30/21 of that.
     "gpu": dict(
         dataset="mnist5k", model_size="gpu", device="cuda", steps=1500, batch_size=64, lr=5e-4,
         ema_decay=0.999, variants=["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive",
-                                   "layersync-lora", "dispersive-paper"],
-        seeds=[0, 1, 2], workers=27, eval_every=500,
+                                   "layersync-lora", "dispersive-paper", "sradts"],
+        seeds=[0, 1, 2], workers=30, eval_every=500,
         per_class=50, tf32=True, json=Path("benchmarks/results/gpu/quality_mnist5k_gpu.json"),
         table=Path("benchmarks/results/gpu/quality_mnist5k_gpu.md"),
         plots=Path("benchmarks/results/gpu/quality_mnist5k_gpu_curves.png"),

@@ -203,6 +203,32 @@ def test_gpu_recipe_one_step_smoke_run_on_cpu(tmp_path: Path) -> None:
     assert np.array(report["cka"]).shape == (6, 6) and report["default_pair"] == [2, 4]
 
 
+@pytest.mark.slow
+def test_evidence4_recipe_resumes_from_its_cache_and_a_changed_setting_reruns(tmp_path: Path) -> None:
+    env = {**os.environ, "EVIDENCE4_OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    flags = ["--steps", "1", "--seeds", "0", "--variants", "none", "sradts", "--model-size", "tiny", "--per-class", "2",
+             "--sample-steps", "1", "--workers", "1", "--classifier-epochs", "1", "--eval-every", "0", "--batch-size", "4",
+             "--data-limit", "64"]
+
+    def run(*more: str) -> str:
+        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "evidence4.sh"), *flags, *more], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    assert " from " not in run()
+    first = json.loads((tmp_path / "evidence4.json").read_text())
+    assert [r["variant"] for r in first["runs"]] == ["none", "sradts"]
+    assert first["variants"]["sradts"] == "SRADTS cosine_tokens x 0.5"
+    cached = sorted(p.name for p in (tmp_path / "runs").rglob("*.json"))
+    assert cached == ["seed0_none.json", "seed0_sradts.json"]
+    again = run()
+    assert again.count(" from ") == 2  # both runs answered from the cache, with the same numbers
+    assert json.loads((tmp_path / "evidence4.json").read_text())["runs"] == first["runs"]
+    assert " from " not in run("--lr", "5e-4")  # another setting is never answered from an old run
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 4
+
+
 def test_mlxtend_is_an_extra_not_a_core_dependency() -> None:
     import tomllib
 

@@ -28,6 +28,7 @@ EXPECTED = {  # arm -> (class, loss name, weight) of each term
     "dispersive-release": [("Dispersive", "infonce_l2", 0.25)],
     "dispersive-paper": [("Dispersive", "infonce_l2", 0.5)],
     "layersync-lora": [("LayerSync", "cosine", 0.002)],
+    "sradts": [("SRADTS", "cosine_tokens", 0.5)],
 }
 RECIPE_OF = {  # arm -> (recipe, attributes the recipe sets) of its one term
     "dispersive-release": ("release", {"temperature": 1.0, "layer": 6}),  # the tiny SiT's 6 blocks: the last
@@ -67,6 +68,9 @@ def test_every_arm_trains_with_its_terms_on_one_forward(arm: str, data: D.Digits
     for (_, loss, weight), (_, want_loss, want_weight) in zip(got, want):
         if want_loss is not None:
             assert (loss, weight) == (want_loss, want_weight)
+    if arm == "sradts":  # it owns the forward: per-group times, so its first diffusion loss is its own
+        _check_sradts_arm(run, cfg, data)
+        return
     assert run.diff_loss[0] == plain.diff_loss[0]  # same weights, batch, noise: only the term differs
     if arm == "dispersive-mid":  # its options reach the class: the middle block, not the default last one
         from sra_plugin.layers import resolve_layer
@@ -91,6 +95,24 @@ def test_every_arm_trains_with_its_terms_on_one_forward(arm: str, data: D.Digits
     if len(want) == 2:  # the composition's total is the sum of its two weighted terms
         a, b = (float(obj.metrics["loss"]) for _, obj in run.objectives)
         assert run.term_loss[-1] == pytest.approx(a + b)
+
+
+def _check_sradts_arm(run, cfg: D.TrainConfig, data: D.Digits) -> None:
+    dts = run.objectives[0][1]
+    assert dts.teacher is run.ema and dts.step == cfg.steps  # the sampling EMA is its teacher, one update per step
+    assert (dts.student_layer, dts.teacher_layer) == cfg.layers()
+    again = D.train(cfg, data, variant="sradts", progress=False)
+    assert again.diff_loss == run.diff_loss and again.term_loss == run.term_loss  # groups and times come from the seed
+    assert torch.equal(again.objectives[0][1].last_draw["groups"], dts.last_draw["groups"])
+    other = D.train(D.TrainConfig(steps=2, model_size="tiny", batch_size=8, seed=4), data, variant="sradts", progress=False)
+    assert not torch.equal(other.objectives[0][1].last_draw["t"], dts.last_draw["t"])
+    assert all(np.isfinite(run.term_loss)) and dts.metrics["align_loss"] > 0
+
+
+def test_sradts_composes_with_no_other_term(monkeypatch, data: D.Digits) -> None:
+    monkeypatch.setitem(D.VARIANTS, "sradts+dispersive", (("sradts", None, None), ("dispersive", None, None)))
+    with pytest.raises(ValueError, match="variant='sradts\\+dispersive' is not accepted: SRADTS runs the step's forward"):
+        D.train(D.TrainConfig(steps=1, model_size="tiny", batch_size=8), data, variant="sradts+dispersive", progress=False)
 
 
 def test_a_recipe_arm_on_an_sra_plugin_without_recipes_fails_clearly(monkeypatch) -> None:
