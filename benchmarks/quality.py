@@ -301,7 +301,8 @@ def _cache_path(args: argparse.Namespace, seed: int, variant: str) -> Path | Non
         return None
     keys = ("dataset", "model_size", "steps", "batch_size", "lr", "ema_decay", "student_layer", "teacher_layer",
             "probe_t", "per_class", "sample_steps", "cfg_scale", "eval_every", "data_limit", "device")
-    setting = "-".join(f"{getattr(args, k)}" for k in keys).replace("/", "_").replace(":", "_")
+    size = "x".join(map(str, MODEL_SIZES[args.model_size]))  # the preset's numbers, in case a preset changes
+    setting = "-".join([*(f"{getattr(args, k)}" for k in keys), size]).replace("/", "_").replace(":", "_")
     return args.cache / setting / f"seed{seed}_{variant}.json"
 
 

@@ -50,7 +50,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "gpu": (256, 8, 4, 2, 3, 6),
     # Evidence IV's CPU SiT (benchmarks/evidence4.sh): 64 tokens on 32x32 at patch 4, 8 blocks, the pair
     # at the same depth fractions as SRADTS's defaults (0.25 -> 2/3 of 8: 2 -> 5).
-    "evidence": (96, 8, 4, 4, 2, 5),
+    "evidence": (64, 8, 4, 4, 2, 5),
 }
 LOSSES = ("smooth_l1", "cosine", "cosine_tokens", "mse", "l1")
 
