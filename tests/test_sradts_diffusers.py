@@ -299,3 +299,54 @@ def test_calls_a_group_pass_cannot_take_are_refused():
     x, _, cond = noisy(FAMILIES["sd3"])
     with pytest.raises(TypeError, match=r"SD3Transformer2DModel takes its conditioning by keyword"):
         dts(model, x, torch.randn_like(x), cond["encoder_hidden_states"])
+
+
+# ------------------------------------------------------------------------------- teacher kinds, checkpointing
+def one_step(name: str, model: nn.Module, dts: SRADTS):
+    case = FAMILIES[name]
+    x0, _, _, _, _, cond = inputs(case)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+    pred, align = dts(model, x0, noise, generator=torch.Generator().manual_seed(0), **cond)
+    (F.mse_loss(pred, noise - x0) + align).backward()
+    return pred.detach(), align.detach()
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_user_and_lora_teachers(name):
+    """The user's EMA module, and LoRA on the diffusers model (the owned EMA of the LoRA weights on the
+    shared base): the step runs, the gradients reach the trainable weights only, the teacher takes none."""
+    peft = pytest.importorskip("peft")
+    case = FAMILIES[name]
+    model = case.build().train()
+    user = copy.deepcopy(model)
+    dts = SRADTS(model, student_layer=1, teacher_layer=2, teacher=user)
+    _, align = one_step(name, model, dts)
+    assert torch.isfinite(align) and all(p.grad is None for p in user.parameters())
+
+    model = case.build().train()
+    model.requires_grad_(False)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
+    dts = SRADTS(model, student_layer=1, teacher_layer=2, ema_decay=0.5)
+    assert dts.ema.shared
+    _, align = one_step(name, model, dts)
+    trained = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert trained and all("lora" in n for n in trained)
+    assert torch.isfinite(align) and align.item() > 0
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan", "flux"])
+def test_gradient_checkpointing_gives_the_same_step(name):
+    """diffusers' (non-reentrant) gradient checkpointing around the blocks: same prediction, alignment and
+    gradients as without (the gathered tokens and positions enter the checkpointed blocks as their inputs)."""
+    results = []
+    for checkpointing in (False, True):
+        model = FAMILIES[name].build().train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        dts = SRADTS(model, student_layer=1, teacher_layer=2)
+        pred, align = one_step(name, model, dts)
+        results.append((pred, align, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (p0, a0, g0), (p1, a1, g1) = results
+    assert gap(p0, p1) < 1e-6 and abs(a0.item() - a1.item()) < 1e-6
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    assert max(gap(g0[k], g1[k]) for k in g0) < 1e-5
