@@ -63,6 +63,18 @@ QwenImage, LTX: the pipeline packs them) predict exactly those tokens, so ``patc
 that same packed layout and returns it unchanged (a latent of another shape is refused). CogVideoX
 takes ``(B, F, C, H, W)``, as its ``hidden_states``; Z-Image ``(B, C, F, H, W)``.
 
+SRA-DTS (``SRADTS``, ``protocols.RunsTokenGroups``): one pass of the model's own forward per token group,
+the group's image tokens gathered after the patch embedding, the blocks run on them alone, the pass ended
+at ``proj_out`` (per token). Where each family's gather point and positions are (diffusers 0.42.1):
+Flux and QwenImage embed packed tokens one by one with a Linear (``x_embedder``, ``img_in``), so the group's
+tokens are gathered before the call; Flux's rotary positions come from ``img_ids`` (gathered rows), QwenImage's
+from ``img_shapes`` inside the forward (``pos_embed``'s first output, gathered there), both one set for the
+batch (the attention processors broadcast them over it). SD3 and PixArt add their positional table inside
+``pos_embed`` (a conv patch embedding): gathered at its output. Wan: ``patch_embedding``'s output (flattened by
+the forward into tokens) and ``rope``'s ``(1, N, 1, D)`` tables, which broadcast over the batch and so may be
+gathered per sample. In all five the output norm and ``proj_out`` act per token (adaLN modulation by the
+sample's time embedding), and the text tokens enter every pass whole (joint attention or cross-attention).
+
 What the teacher sees on diffusers DiT: its class labels are dropped for classifier-free guidance
 inside **every block**: each block's ``norm1.emb.class_embedder`` is a ``LabelEmbedding`` with
 ``dropout_prob = 0.1`` (fixed by ``AdaLayerNormZero``, not configurable) that, in training mode,
@@ -345,8 +357,9 @@ class DiffusersAdapter(Adapter):
         ``_group_hooks``), or, for packed families, the group's tokens themselves."""
         return {self.x_key: x}
 
-    def _group_hooks(self, model: nn.Module, index: Tensor) -> list:
-        """Hooks that gather the group's tokens ``index`` ``(B, n)`` after the embedding (and its positions)."""
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        """``(module, fn)``: ``module``'s output is replaced by ``fn(output)`` in a pass, to gather the group's
+        tokens ``index`` ``(B, n)`` after the embedding, and its positions."""
         return []
 
     def _stream(self, output: Any, n: int) -> Tensor:
@@ -414,8 +427,12 @@ class DiffusersAdapter(Adapter):
 
         scale = torch.as_tensor(self.group_time_scale, dtype=t.dtype, device=t.device)
         call = {**kwargs, **self._group_inputs(model, x, index, kwargs), self.t_key: t * scale}
-        with _eager(model), restoring_model_state(model):
-            handles = self._group_hooks(model, index)
+        gathers = self._group_hooks(model, index)
+        tapped = [blocks[k - 1] for k in sorted(set(taps))]
+        # modules compiled in place run eagerly here: their compiled call would ignore these hooks
+        with _eager(model, *[m for m, _ in gathers], *tapped, *([proj] if proj is not None else [])), \
+                restoring_model_state(model):
+            handles = [_on_output(module, fn) for module, fn in gathers]
             handles += [keep(k, blocks[k - 1], lambda out: self._stream(out, n), proj is None and k == last)
                         for k in sorted(set(taps))]
             if proj is not None:
@@ -495,8 +512,8 @@ class SD3Adapter(DiffusersAdapter):
     group_time_scale = 1000.0
     group_refused_keys = {"block_controlnet_hidden_states": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens"}
 
-    def _group_hooks(self, model: nn.Module, index: Tensor) -> list:
-        return [_on_output(model.pos_embed, lambda out: _gather(out, index))]
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        return [(model.pos_embed, lambda out: _gather(out, index))]
 
 
 class FluxAdapter(DiffusersAdapter):
@@ -627,9 +644,9 @@ class QwenImageAdapter(DiffusersAdapter):
                 )
         return {self.x_key: _gather(x, index)}
 
-    def _group_hooks(self, model: nn.Module, index: Tensor) -> list:
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
         rows = index[0]  # one set of positions per pass (``shared_positions``)
-        return [_on_output(model.pos_embed, lambda out: (out[0][rows], *out[1:]))]
+        return [(model.pos_embed, lambda out: (out[0][rows], *out[1:]))]
 
     def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
         shapes = call.get("img_shapes") if call is not None else None
@@ -780,8 +797,8 @@ class PixArtAdapter(DiffusersAdapter):
     group_time_scale = 1000.0
     group_refused_keys = {"attention_mask": "it masks the image tokens of the whole image; a group pass holds only its group's tokens"}
 
-    def _group_hooks(self, model: nn.Module, index: Tensor) -> list:
-        return [_on_output(model.pos_embed, lambda out: _gather(out, index))]
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        return [(model.pos_embed, lambda out: _gather(out, index))]
 
 
 class DiTTransformerAdapter(DiffusersAdapter):
@@ -818,7 +835,7 @@ class WanAdapter(DiffusersAdapter):
                     "input channel from x0 and noise")
         return reason
 
-    def _group_hooks(self, model: nn.Module, index: Tensor) -> list:
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
         def tokens(out: Tensor) -> Tensor:
             flat = out.flatten(2)  # (B, C, N)
             return flat.gather(2, index[:, None, :].expand(-1, flat.shape[1], -1))[..., None, None]
@@ -826,7 +843,7 @@ class WanAdapter(DiffusersAdapter):
         def rotary(out: tuple) -> tuple:
             return tuple(_gather(f, index) for f in out)  # (1, N, 1, D) -> (B, n, 1, D)
 
-        return [_on_output(model.patch_embedding, tokens), _on_output(model.rope, rotary)]
+        return [(model.patch_embedding, tokens), (model.rope, rotary)]
 
 
 class SkyReelsV2Adapter(WanAdapter):
