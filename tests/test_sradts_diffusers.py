@@ -350,3 +350,45 @@ def test_gradient_checkpointing_gives_the_same_step(name):
     assert gap(p0, p1) < 1e-6 and abs(a0.item() - a1.item()) < 1e-6
     assert g0.keys() == g1.keys() and len(g0) > 0
     assert max(gap(g0[k], g1[k]) for k in g0) < 1e-5
+
+
+def test_flux_step_equals_the_step_by_hand():
+    """The whole SRADTS step on Flux, recomputed with nothing of the adapter: for every sample and group, the
+    model's ordinary forward on that group's tokens only (with their ``img_ids`` rows) at the group's time, the
+    prediction put back in token order; the teacher (the user's EMA, other weights) likewise at ``s``; the
+    alignment ``0.5 * mean(1 - cos)`` over the token axis of the head's output and the teacher's tokens."""
+    case = FAMILIES["flux"]
+    model = case.build().train()
+    teacher = case.build()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    dts = SRADTS(model, student_layer=2, teacher_layer=3, teacher=teacher)
+    x0, _, _, _, _, cond = inputs(case)
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(x0.shape, generator=g)
+    groups = torch.ones(B, 16, dtype=torch.long).scatter(1, torch.rand(B, 16, generator=g).argsort(1)[:, :4], 0)
+    t = torch.rand(B, 2, generator=g)
+    s = (t - 0.2 * torch.rand(B, 2, generator=g)).clamp(0, 1)
+    pred, align = dts(model, x0, noise, groups=groups, t=t, s=s, **cond)
+
+    def by_hand(module, times, layer):
+        out = torch.zeros(B, 16, 4)
+        tokens = torch.zeros(B, 16, 32)
+        for b in range(B):
+            for group in range(2):
+                rows = (groups[b] == group).nonzero().squeeze(1)
+                time = times[b, group:group + 1]
+                x = ((1 - time) * x0[b:b + 1] + time * noise[b:b + 1])[:, rows]
+                alone = {**cond, "encoder_hidden_states": cond["encoder_hidden_states"][b:b + 1],
+                         "pooled_projections": cond["pooled_projections"][b:b + 1], "img_ids": cond["img_ids"][rows]}
+                o, k = forward(case, module, x, time, alone, (layer,))
+                out[b, rows], tokens[b, rows] = o[0], k[layer][0]
+        return out, tokens
+
+    expected_pred, student = by_hand(model, t, 2)
+    _, target = by_hand(teacher.eval(), s, 3)
+    with torch.no_grad():
+        expected_align = 0.5 * (1 - F.cosine_similarity(dts.head(student), target, dim=1)).mean()
+    assert gap(pred.detach(), expected_pred) < ATOL
+    assert abs(align.item() - expected_align.item()) < 1e-6 and align.item() > 1e-3
