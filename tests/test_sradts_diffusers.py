@@ -177,11 +177,16 @@ def sample_of(cond: dict, b: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+GUIDED_FLUX = replace(CASES["flux"], config={**CASES["flux"].config, "guidance_embeds": True},
+                      cond=lambda g: {**CASES["flux"].cond(g), "guidance": torch.tensor([3.5, 5.0])})
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "flux-guidance"])
 def test_samples_keep_groups_of_their_own(name):
     """Two groups, each sample of the batch with its own tokens in them: the batch's passes equal each
-    sample's passes run alone (per-sample gather of tokens and rotary positions)."""
-    case = FAMILIES[name]
+    sample's passes run alone (per-sample gather of tokens and rotary positions; for Flux and QwenImage,
+    whose positions are one set for the batch, the per-sample conditioning sliced, guidance too)."""
+    case = GUIDED_FLUX if name == "flux-guidance" else FAMILIES[name]
     model = case.build().eval()
     adapter = resolve_adapter(model)
     x, t, cond = noisy(case)
@@ -288,6 +293,8 @@ def test_calls_a_group_pass_cannot_take_are_refused():
         step("qwenimage", img_shapes=[[(1, 4, 4), (1, 4, 4)]] * B)
     with pytest.raises(ValueError, match=r"attention_mask= is not accepted by SRADTS on PixArtTransformer2DModel"):
         step("pixart", attention_mask=torch.ones(B, 16))
+    with pytest.raises(ValueError, match=r"skip_layers= is not accepted by SRADTS on SD3Transformer2DModel"):
+        step("sd3", skip_layers=[0])
     with pytest.raises(TypeError, match=r"hidden_states= was passed"):
         step("sd3", hidden_states=torch.zeros(1))
     with pytest.raises(ValueError, match=r"x0 of shape \(2, 4, 7, 8\) is not accepted by SD3Transformer2DModel"):

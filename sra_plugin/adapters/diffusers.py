@@ -510,7 +510,10 @@ class SD3Adapter(DiffusersAdapter):
     image_index = 1
     layout = "last"
     group_time_scale = 1000.0
-    group_refused_keys = {"block_controlnet_hidden_states": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens"}
+    group_refused_keys = {
+        "block_controlnet_hidden_states": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens",
+        "skip_layers": "it leaves blocks out (skip-layer guidance, for sampling); SRADTS trains on every block",
+    }
 
     def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
         return [(model.pos_embed, lambda out: _gather(out, index))]
