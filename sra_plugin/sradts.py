@@ -1,6 +1,6 @@
 """SRA-DTS: Self-Representation Alignment with two token groups at their own times, attention separated
 (the SRA authors' ``SiT-SRA_DTS_AS`` code, ``scripts/train.sh``), for an unmodified DiT/SiT or diffusers
-transformer (Flux, SD3/SD3.5, QwenImage, Wan, PixArt).
+transformer (Flux, SD3/SD3.5, QwenImage, Wan, PixArt, DiT).
 
 The official step, restated (``loss.py`` ``SRALoss`` with ``--mask-ratio 0.25 --dual-time-scheduling
 --attention-separation --teacher-mask --teacher-t sra --loss-type cos --align-weight 0.5``, ``model.py``,
@@ -120,7 +120,7 @@ class SRADTS(Objective):
     ``"student"``. The teacher: ``"ema"`` (an owned EMA: a full copy, or shared weights with an EMA of the
     trainable ones for LoRA) or the EMA module the user keeps.
 
-    Families: the DiT/SiT family and the diffusers Flux, SD3/SD3.5, QwenImage, Wan and PixArt transformers
+    Families: the DiT/SiT family and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, PixArt and DiT transformers
     (``sra_plugin.adapters.diffusers``; conditioning by keyword, ``x0``/``noise`` in the model's input layout).
     Not supported in this version: other families (refused by name), per-token time
     without separation (``separate=False``), DDP/FSDP wrapping (the passes run the model's modules, not
@@ -163,8 +163,8 @@ class SRADTS(Objective):
         if not isinstance(adapter, RunsTokenGroups):
             raise TypeError(
                 f"{family} cannot run SRADTS: its adapter has no per-group pass (sra_plugin.protocols.RunsTokenGroups). "
-                "SRADTS supports the DiT/SiT family (adapter 'dit') and the diffusers Flux, SD3/SD3.5, QwenImage, Wan and "
-                "PixArt transformers; other families (U-ViT, MMDiT, timm ViTs, ...) are not supported"
+                "SRADTS supports the DiT/SiT family (adapter 'dit') and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, "
+                "PixArt and DiT transformers; other families (U-ViT, MMDiT, timm ViTs, ...) are not supported"
             )
         reason = adapter.group_support(student)
         if reason is not None:

@@ -1,12 +1,12 @@
 """SRADTS on the diffusers families (``sra_plugin.adapters.diffusers``, ``RunsTokenGroups``): Flux, SD3, SD3.5,
-QwenImage, Wan, PixArt, on the tiny random models of ``tests/test_diffusers_families.py``.
+QwenImage, Wan, PixArt, DiT, on the tiny random models of ``tests/test_diffusers_families.py``.
 
 What a group pass must be: the family's ordinary forward run on an input that holds only the group's
 tokens. Checked where such an input can be built: one group of every token (in a shuffled order) gives the
 model's own output and block tokens; a group that is a crop the model's positions agree on (Flux: any
 tokens with their ``img_ids`` rows; SD3 and QwenImage: the central crop, whose positions are centred;
-Wan: a top-left crop of every frame) gives the forward on that crop. PixArt's sin-cos table is rescaled to
-the grid, so no crop keeps its positions: it has the whole-image check only. Then: samples of one batch
+Wan: a top-left crop of every frame) gives the forward on that crop. PixArt's and DiT's sin-cos tables are
+rescaled to the grid, so no crop keeps its positions: they have the whole-image check only. Then: samples of one batch
 keep groups of their own, a full SRADTS step trains what it should, and the other families are refused by
 name.
 """
@@ -14,7 +14,7 @@ name.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import pytest
@@ -28,6 +28,20 @@ from tests.test_diffusers_families import CASES, B, Case, inputs
 
 FAMILIES: dict[str, Case] = {name: CASES[name] for name in ("flux", "sd3", "qwenimage", "wan", "pixart")}
 FAMILIES["sd35"] = replace(CASES["sd3"], config={**CASES["sd3"].config, "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"})
+
+
+@dataclass
+class UndroppedDiT(Case):
+    """diffusers DiT with its in-block label dropout off (SRADTS refuses it on: each block draws its own)."""
+
+    def build(self) -> nn.Module:
+        model = super().build()
+        for block in model.transformer_blocks:
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        return model
+
+
+FAMILIES["dit"] = UndroppedDiT(**{f.name: getattr(CASES["dit"], f.name) for f in fields(Case)})
 ATOL = 2e-5  # float32, values of order 1
 
 
@@ -269,6 +283,8 @@ def test_models_whose_passes_are_not_defined_are_refused():
     edit = replace(qwen, config={**qwen.config, "zero_cond_t": True}).build()
     with pytest.raises(ValueError, match=r"QwenImageTransformer2DModel .*zero_cond_t=True"):
         SRADTS(edit, student_layer=1, teacher_layer=2)
+    with pytest.raises(ValueError, match=r"DiTTransformer2DModel .*blocks \[0, 1\] drop class labels.*dropout_prob = 0.0"):
+        SRADTS(CASES["dit"].build(), student_layer=1, teacher_layer=2)
 
 
 def test_calls_a_group_pass_cannot_take_are_refused():

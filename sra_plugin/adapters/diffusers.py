@@ -69,10 +69,10 @@ at ``proj_out`` (per token). Where each family's gather point and positions are 
 Flux and QwenImage embed packed tokens one by one with a Linear (``x_embedder``, ``img_in``), so the group's
 tokens are gathered before the call; Flux's rotary positions come from ``img_ids`` (gathered rows), QwenImage's
 from ``img_shapes`` inside the forward (``pos_embed``'s first output, gathered there), both one set for the
-batch (the attention processors broadcast them over it). SD3 and PixArt add their positional table inside
-``pos_embed`` (a conv patch embedding): gathered at its output. Wan: ``patch_embedding``'s output (flattened by
+batch (the attention processors broadcast them over it). SD3, PixArt and DiT add their positional table
+inside ``pos_embed`` (a conv patch embedding): gathered at its output. Wan: ``patch_embedding``'s output (flattened by
 the forward into tokens) and ``rope``'s ``(1, N, 1, D)`` tables, which broadcast over the batch and so may be
-gathered per sample. In all five the output norm and ``proj_out`` act per token (adaLN modulation by the
+gathered per sample. In all six the output norm and ``proj_out`` (DiT: ``proj_out_2``) act per token (adaLN modulation by the
 sample's time embedding), and the text tokens enter every pass whole (joint attention or cross-attention).
 
 What the teacher sees on diffusers DiT: its class labels are dropped for classifier-free guidance
@@ -293,7 +293,7 @@ class DiffusersAdapter(Adapter):
     1 where it takes sigma; None: this family has no per-group pass."""
     group_refusal = (
         "its separated token-group passes are not written: SRADTS runs on the diffusers Flux, SD3/SD3.5, QwenImage, "
-        "Wan and PixArt transformers (each needs its own gather point after the patch embedding and its own "
+        "Wan, PixArt and DiT transformers (each needs its own gather point after the patch embedding and its own "
         "positional inputs gathered per group)"
     )
     shared_positions = False
@@ -303,6 +303,8 @@ class DiffusersAdapter(Adapter):
     """Conditioning keywords with one entry per sample, sliced when samples run apart (``shared_positions``)."""
     group_refused_keys: dict[str, str] = {}
     """Conditioning keywords a pass on a subset of the tokens cannot take, and why."""
+    group_output = "proj_out"
+    """The per-token output projection, whose output a pass returns (the last module before unpatchify)."""
 
     def group_support(self, model: nn.Module) -> str | None:
         return self.group_refusal if self.group_time_scale is None else None
@@ -394,9 +396,9 @@ class DiffusersAdapter(Adapter):
         self._check_group_call(model, args, kwargs)
         blocks = self.blocks(model)
         last = len(blocks) if output else max(taps)
-        proj = getattr(model, "proj_out", None)
+        proj = getattr(model, self.group_output, None)
         if output and not isinstance(proj, nn.Module):
-            raise RuntimeError(f"{type(model).__name__} has no proj_out: adapter {self.name!r} does not fit this model")
+            raise RuntimeError(f"{type(model).__name__} has no {self.group_output}: adapter {self.name!r} does not fit this model")
         passes = GroupPasses([] if output else None, {k: [] for k in taps}, (), dict(kwargs))
         for x, t, index in zip(inputs, times, token_index):
             found: dict[Any, list[Tensor]] = {k: [] for k in (*taps, "out")}
@@ -805,12 +807,31 @@ class PixArtAdapter(DiffusersAdapter):
 
 
 class DiTTransformerAdapter(DiffusersAdapter):
-    """The teacher sees the labels as passed; the student's blocks drop them each on their own (module docstring)."""
+    """The teacher sees the labels as passed; the student's blocks drop them each on their own (module docstring).
+
+    SRA-DTS: gathered at ``pos_embed``'s output, as PixArt; the pass ends at ``proj_out_2`` (per token). Refused
+    while any block drops labels itself (``norm1.emb.class_embedder.dropout_prob > 0``, the default): each
+    block draws its own dropout on every call, so the groups' passes would not see the same labels."""
 
     name = "diffusers-dit"
     class_name = "DiTTransformer2DModel"
     layout = "last"
     learned_sigma = True
+    group_time_scale = 1000.0
+    group_output = "proj_out_2"
+
+    def group_support(self, model: nn.Module) -> str | None:
+        dropping = [i for i, block in enumerate(getattr(model, "transformer_blocks", ()))
+                    if getattr(getattr(getattr(block.norm1, "emb", None), "class_embedder", None), "dropout_prob", 0) > 0]
+        if dropping:
+            return (f"its blocks {dropping} drop class labels for classifier-free guidance themselves "
+                    "(norm1.emb.class_embedder.dropout_prob > 0), each block with its own draw on every call, so the two "
+                    "groups' passes would see different labels; drop labels in the data pipeline (set them to num_classes) "
+                    "and set block.norm1.emb.class_embedder.dropout_prob = 0.0 on every block")
+        return super().group_support(model)
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        return [(model.pos_embed, lambda out: _gather(out, index))]
 
 
 # ---------------------------------------------------------------------- video models
