@@ -49,11 +49,13 @@ class RunsTokenGroups(Protocol):
     own time, equal to one pass with attention separated between groups and per-token time.
 
     ``group_forward``: ``inputs[g]`` is a full model input (the noisy sample at group g's time), ``times[g]``
-    that time per sample ``(B,)``, ``token_index[g]`` the positions ``(B, n_g)`` of group g's tokens; the
+    that time per sample ``(B,)`` (the linear path's t in [0, 1], 1 = noise; the adapter converts it to the
+    model's own convention), ``args``/``kwargs`` the model's conditioning, ``token_index[g]`` the positions ``(B, n_g)`` of group g's tokens; the
     passes gather those tokens after the patch embedding and positions, run the blocks up to the deepest of
     ``taps`` (or all of them and the per-token output layer when ``output``), and draw any per-step
     randomness of the forward (label dropout) once for all groups. ``unpatchify``: output tokens in the
-    model's token order ``(B, T, P)`` -> the model's output layout. ``num_tokens``: tokens of an input.
+    model's token order ``(B, T, P)`` -> the model's output layout (``x``: the model input they came from,
+    whose grid a family may need). ``num_tokens``: tokens of an input.
     ``group_support``: None if this model can run so, else the reason it cannot.
     """
 
@@ -65,4 +67,4 @@ class RunsTokenGroups(Protocol):
                       token_index: Sequence[Tensor], args: tuple, kwargs: dict, taps: Sequence[int],
                       output: bool) -> GroupPasses: ...
 
-    def unpatchify(self, model: nn.Module, tokens: Tensor) -> Tensor: ...
+    def unpatchify(self, model: nn.Module, tokens: Tensor, x: Tensor | None = None) -> Tensor: ...

@@ -1,5 +1,6 @@
 """SRA-DTS: Self-Representation Alignment with two token groups at their own times, attention separated
-(the SRA authors' ``SiT-SRA_DTS_AS`` code, ``scripts/train.sh``), for an unmodified DiT/SiT.
+(the SRA authors' ``SiT-SRA_DTS_AS`` code, ``scripts/train.sh``), for an unmodified DiT/SiT or diffusers
+transformer (Flux, SD3/SD3.5, QwenImage, Wan, PixArt, DiT).
 
 The official step, restated (``loss.py`` ``SRALoss`` with ``--mask-ratio 0.25 --dual-time-scheduling
 --attention-separation --teacher-mask --teacher-t sra --loss-type cos --align-weight 0.5``, ``model.py``,
@@ -119,7 +120,9 @@ class SRADTS(Objective):
     ``"student"``. The teacher: ``"ema"`` (an owned EMA: a full copy, or shared weights with an EMA of the
     trainable ones for LoRA) or the EMA module the user keeps.
 
-    Not supported in this version: models outside the DiT/SiT family (refused by name), per-token time
+    Families: the DiT/SiT family and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, PixArt and DiT transformers
+    (``sra_plugin.adapters.diffusers``; conditioning by keyword, ``x0``/``noise`` in the model's input layout).
+    Not supported in this version: other families (refused by name), per-token time
     without separation (``separate=False``), DDP/FSDP wrapping (the passes run the model's modules, not
     its wrapper's forward).
     """
@@ -160,7 +163,8 @@ class SRADTS(Objective):
         if not isinstance(adapter, RunsTokenGroups):
             raise TypeError(
                 f"{family} cannot run SRADTS: its adapter has no per-group pass (sra_plugin.protocols.RunsTokenGroups). "
-                "SRADTS supports the DiT/SiT family (adapter 'dit'); other families (Flux, SD3, Wan, U-ViT, ...) are not supported"
+                "SRADTS supports the DiT/SiT family (adapter 'dit') and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, "
+                "PixArt and DiT transformers; other families (U-ViT, MMDiT, timm ViTs, ...) are not supported"
             )
         reason = adapter.group_support(student)
         if reason is not None:
@@ -316,7 +320,7 @@ class SRADTS(Objective):
         order = ranked.argsort(dim=1)
 
         passes = self._passes(student, x0, noise, t, index, args, kwargs, self.student_layer, output=True)
-        pred = adapter.unpatchify(student, self._in_order(passes.outputs, order))
+        pred = adapter.unpatchify(student, self._in_order(passes.outputs, order), x0)
         student_tokens = self._in_order(passes.taps[self.student_layer], order)
         self.last_draw = {"groups": groups, "t": t.detach(), "s": s.detach()}
 

@@ -63,6 +63,18 @@ QwenImage, LTX: the pipeline packs them) predict exactly those tokens, so ``patc
 that same packed layout and returns it unchanged (a latent of another shape is refused). CogVideoX
 takes ``(B, F, C, H, W)``, as its ``hidden_states``; Z-Image ``(B, C, F, H, W)``.
 
+SRA-DTS (``SRADTS``, ``protocols.RunsTokenGroups``): one pass of the model's own forward per token group,
+the group's image tokens gathered after the patch embedding, the blocks run on them alone, the pass ended
+at ``proj_out`` (per token). Where each family's gather point and positions are (diffusers 0.42.1):
+Flux and QwenImage embed packed tokens one by one with a Linear (``x_embedder``, ``img_in``), so the group's
+tokens are gathered before the call; Flux's rotary positions come from ``img_ids`` (gathered rows), QwenImage's
+from ``img_shapes`` inside the forward (``pos_embed``'s first output, gathered there), both one set for the
+batch (the attention processors broadcast them over it). SD3, PixArt and DiT add their positional table
+inside ``pos_embed`` (a conv patch embedding): gathered at its output. Wan: ``patch_embedding``'s output (flattened by
+the forward into tokens) and ``rope``'s ``(1, N, 1, D)`` tables, which broadcast over the batch and so may be
+gathered per sample. In all six the output norm and ``proj_out`` (DiT: ``proj_out_2``) act per token (adaLN modulation by the
+sample's time embedding), and the text tokens enter every pass whole (joint attention or cross-attention).
+
 What the teacher sees on diffusers DiT: its class labels are dropped for classifier-free guidance
 inside **every block**: each block's ``norm1.emb.class_embedder`` is a ``LabelEmbedding`` with
 ``dropout_prob = 0.1`` (fixed by ``AdaLayerNormZero``, not configurable) that, in training mode,
@@ -87,6 +99,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..capture import StopForward, _eager, _end_stopped_fsdp_forward, _in_backward, restoring_model_state
+from ..protocols import GroupPasses
 from ..registry import Adapter, ModelCall, patchify_latent, register_adapter
 
 
@@ -266,6 +280,215 @@ class DiffusersAdapter(Adapter):
             )
         return patchify_latent(latent, self.patch_size(model), channels_last=self.layout == "last")
 
+    # ------------------------------------------------------------------ SRA-DTS: separated group passes
+    # ``RunsTokenGroups`` (``sra_plugin.protocols``). One pass of the model's own forward per token group: the
+    # group's image tokens are gathered right after the family's patch (and position) embedding, any rotary
+    # positions are gathered the same way, the blocks run on those tokens only at the group's scalar time,
+    # and the pass ends at ``proj_out``, whose per-token output is what the passes return (the model's
+    # unpatchify, which needs every token, is done by ``unpatchify`` after the groups are put back in order).
+    # Text tokens are the call's own, whole, in every pass. A family opts in by setting
+    # ``group_time_scale``; the others refuse in ``group_support`` with ``group_refusal``.
+    group_time_scale: float | None = None
+    """The model's time for the linear path's t in [0, 1] (1 = noise): 1000 where the model takes sigma * 1000,
+    1 where it takes sigma; None: this family has no per-group pass."""
+    group_refusal = (
+        "its separated token-group passes are not written: SRADTS runs on the diffusers Flux, SD3/SD3.5, QwenImage, "
+        "Wan, PixArt and DiT transformers (each needs its own gather point after the patch embedding and its own "
+        "positional inputs gathered per group)"
+    )
+    shared_positions = False
+    """True where the forward builds one set of rotary positions for the whole batch (Flux, QwenImage): samples
+    whose groups differ then run in passes of their own."""
+    group_batch_keys: tuple[str, ...] = ()
+    """Conditioning keywords with one entry per sample, sliced when samples run apart (``shared_positions``)."""
+    group_refused_keys: dict[str, str] = {}
+    """Conditioning keywords a pass on a subset of the tokens cannot take, and why."""
+    group_output = "proj_out"
+    """The per-token output projection, whose output a pass returns (the last module before unpatchify)."""
+
+    def group_support(self, model: nn.Module) -> str | None:
+        return self.group_refusal if self.group_time_scale is None else None
+
+    def num_tokens(self, model: nn.Module, x: Tensor) -> int:
+        channels = int(_config(model, "in_channels"))
+        if self.layout == "packed":
+            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != channels:
+                raise ValueError(
+                    f"x0 of shape {tuple(getattr(x, 'shape', ()))} is not accepted by {type(model).__name__}: use packed "
+                    f"tokens (B, N, {channels}), laid out as its {self.x_key}"
+                )
+            return int(x.shape[1])
+        patch = self.patch_size(model)
+        patch = (int(patch),) * 2 if isinstance(patch, numbers.Integral) else tuple(int(p) for p in patch)
+        if not isinstance(x, Tensor) or x.dim() != 2 + len(patch) or x.shape[1] != channels or any(
+                n % p for n, p in zip(x.shape[2:], patch)):
+            grid = "(B, C, H, W)" if len(patch) == 2 else "(B, C, F, H, W)"
+            raise ValueError(
+                f"x0 of shape {tuple(getattr(x, 'shape', ()))} is not accepted by {type(model).__name__}: use {grid} with "
+                f"C = {channels} and sizes multiples of the patch {patch}"
+            )
+        return _grid_tokens(x, patch)
+
+    def unpatchify(self, model: nn.Module, tokens: Tensor, x: Tensor | None = None) -> Tensor:
+        """Output tokens ``(B, N, P)`` in token order -> the model's output: unchanged for packed families,
+        the latent grid of ``x`` (the model input) for the others, values ``(p..., C)`` per token."""
+        if self.layout == "packed":
+            return tokens
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x={type(x).__name__} is not accepted: {type(model).__name__}'s output grid comes from its input, give it")
+        patch = self.patch_size(model)
+        patch = (int(patch),) * (x.dim() - 2) if isinstance(patch, numbers.Integral) else tuple(int(p) for p in patch)
+        return _grid_from_tokens(tokens, tuple(x.shape[2:]), patch)
+
+    def _check_group_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = type(model).__name__
+        if args:
+            raise TypeError(
+                f"{name} takes its conditioning by keyword: got {len(args)} positional argument(s) after x0, noise; "
+                "pass them as e.g. encoder_hidden_states=..."
+            )
+        for key in (self.x_key, self.t_key):
+            if key in kwargs:
+                raise TypeError(f"{key}= was passed, but SRADTS gives {name} {self.x_key}= and {self.t_key}= itself: remove it")
+        for key, why in self.group_refused_keys.items():
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key}= is not accepted by SRADTS on {name}: {why}")
+
+    def _group_inputs(self, model: nn.Module, x: Tensor, index: Tensor, kwargs: dict) -> dict:
+        """The call's input keywords for one pass: the latent as given (gathered after the embedding by
+        ``_group_hooks``), or, for packed families, the group's tokens themselves."""
+        return {self.x_key: x}
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        """``(module, fn)``: ``module``'s output is replaced by ``fn(output)`` in a pass, to gather the group's
+        tokens ``index`` ``(B, n)`` after the embedding, and its positions."""
+        return []
+
+    def _stream(self, output: Any, n: int) -> Tensor:
+        """The image tokens (n of them) of a block's output in a group pass."""
+        stream = output[self.image_index] if isinstance(output, (tuple, list)) else output
+        if self.merged is not None and stream.shape[1] > n:
+            stream = stream[:, -n:] if self.merged == "last" else stream[:, :n]
+        return stream
+
+    def _chunks(self, index: Tensor) -> list[tuple[slice, Tensor]]:
+        """Samples that can share a pass: all of them, unless the family's positions are one set for the
+        batch and the samples' groups differ (then each sample alone)."""
+        if not self.shared_positions or bool((index == index[:1]).all()):
+            return [(slice(None), index)]
+        return [(slice(b, b + 1), index[b:b + 1]) for b in range(index.shape[0])]
+
+    def _rows(self, kwargs: dict, rows: slice, batch: int) -> dict:
+        if rows == slice(None):
+            return dict(kwargs)
+        out = dict(kwargs)
+        for key in self.group_batch_keys:
+            value = out.get(key)
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                out[key] = value[rows]
+            elif isinstance(value, (list, tuple)) and len(value) == batch:
+                out[key] = value[rows]
+        return out
+
+    def group_forward(self, model: nn.Module, inputs: Sequence[Tensor], times: Sequence[Tensor],
+                      token_index: Sequence[Tensor], args: tuple, kwargs: dict, taps: Sequence[int],
+                      output: bool) -> GroupPasses:
+        self._check_group_call(model, args, kwargs)
+        blocks = self.blocks(model)
+        last = len(blocks) if output else max(taps)
+        proj = getattr(model, self.group_output, None)
+        if output and not isinstance(proj, nn.Module):
+            raise RuntimeError(f"{type(model).__name__} has no {self.group_output}: adapter {self.name!r} does not fit this model")
+        passes = GroupPasses([] if output else None, {k: [] for k in taps}, (), dict(kwargs))
+        for x, t, index in zip(inputs, times, token_index):
+            found: dict[Any, list[Tensor]] = {k: [] for k in (*taps, "out")}
+            for rows, part in self._chunks(index):
+                self._one_pass(model, x[rows], t[rows], part, self._rows(kwargs, rows, x.shape[0]), blocks, taps,
+                               last, proj if output else None, found)
+            for k in taps:
+                passes.taps[k].append(torch.cat(found[k]) if len(found[k]) > 1 else found[k][0])
+            if output:
+                passes.outputs.append(torch.cat(found["out"]) if len(found["out"]) > 1 else found["out"][0])
+        return passes
+
+    def _one_pass(self, model: nn.Module, x: Tensor, t: Tensor, index: Tensor, kwargs: dict, blocks: list,
+                  taps: Sequence[int], last: int, proj: nn.Module | None, found: dict) -> None:
+        """One forward of the model on the group's tokens; block taps and ``proj``'s output go into ``found``."""
+        n = index.shape[1]
+        seen: dict[Any, Tensor] = {}
+
+        def keep(key: Any, module: nn.Module, read: Any, stop: bool) -> Any:
+            def hook(fired_on: nn.Module, hook_args: tuple, out: Any) -> None:
+                if fired_on is not module or _in_backward() or key in seen:
+                    return None
+                seen[key] = read(out)
+                if stop:
+                    raise StopForward
+                return None
+            return module.register_forward_hook(hook)
+
+        scale = torch.as_tensor(self.group_time_scale, dtype=t.dtype, device=t.device)
+        call = {**kwargs, **self._group_inputs(model, x, index, kwargs), self.t_key: t * scale}
+        gathers = self._group_hooks(model, index)
+        tapped = [blocks[k - 1] for k in sorted(set(taps))]
+        # modules compiled in place run eagerly here: their compiled call would ignore these hooks
+        with _eager(model, *[m for m, _ in gathers], *tapped, *([proj] if proj is not None else [])), \
+                restoring_model_state(model):
+            handles = [_on_output(module, fn) for module, fn in gathers]
+            handles += [keep(k, blocks[k - 1], lambda out: self._stream(out, n), proj is None and k == last)
+                        for k in sorted(set(taps))]
+            if proj is not None:
+                handles.append(keep("out", proj, lambda out: out, True))
+            try:
+                model(**call)
+            except StopForward:
+                _end_stopped_fsdp_forward(model)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        missing = [k for k in (*taps, *(["out"] if proj is not None else [])) if k not in seen]
+        if missing:
+            raise RuntimeError(
+                f"{type(model).__name__}'s forward did not run {missing} in a group pass (skip_layers=, or a forward "
+                f"that is not {self.class_name}'s): adapter {self.name!r} cannot take those tokens"
+            )
+        for key, value in seen.items():
+            if value.shape[1] != n:
+                raise RuntimeError(
+                    f"{type(model).__name__} gave {value.shape[1]} tokens at {key!r} in a pass on {n} tokens: adapter "
+                    f"{self.name!r} does not gather this model's tokens"
+                )
+            found[key].append(value)
+
+
+def _on_output(module: nn.Module, fn: Any) -> Any:
+    """A forward hook replacing ``module``'s output by ``fn(output)``, on this module only, never in backward."""
+    def hook(fired_on: nn.Module, args: tuple, output: Any) -> Any:
+        if fired_on is module and not _in_backward():
+            return fn(output)
+        return None
+    return module.register_forward_hook(hook)
+
+
+def _gather(tokens: Tensor, index: Tensor) -> Tensor:
+    """``tokens`` ``(B, N, ...)`` -> ``(B, n, ...)``: each sample's rows ``index`` ``(B, n)``; a batch of one
+    in ``tokens`` (positions shared by the batch) is gathered for every sample."""
+    if tokens.shape[0] != index.shape[0]:
+        tokens = tokens.expand(index.shape[0], *tokens.shape[1:])
+    shaped = index.reshape(*index.shape, *([1] * (tokens.dim() - 2))).expand(-1, -1, *tokens.shape[2:])
+    return tokens.gather(1, shaped)
+
+
+def _grid_from_tokens(tokens: Tensor, extent: tuple[int, ...], patch: tuple[int, ...]) -> Tensor:
+    """The inverse of ``patchify_latent(..., channels_last=True)``: ``(B, N, prod(patch) * C)`` with values
+    ``(p..., C)`` per token, tokens row-major over the grid -> ``(B, C, *extent)``."""
+    grid = [n // p for n, p in zip(extent, patch)]
+    b, c = tokens.shape[0], tokens.shape[-1] // math.prod(patch)
+    x = tokens.reshape(b, *grid, *patch, c)
+    k = len(grid)
+    order = [0, 2 * k + 1] + [a for i in range(k) for a in (1 + i, 1 + k + i)]  # (B, C, g1, p1, g2, p2, ...)
+    return x.permute(order).reshape(b, c, *extent)
+
 
 def _packed_tokens(adapter: DiffusersAdapter, model: nn.Module, call: ModelCall | None) -> int:
     x = adapter.model_input(model, call)
@@ -281,14 +504,32 @@ def _grid_tokens(x: Tensor, patch: Sequence[int]) -> int:
 
 # ---------------------------------------------------------------------- image models
 class SD3Adapter(DiffusersAdapter):
+    """SRA-DTS: ``pos_embed`` (the conv patch embedding with the positional table, cropped to the grid, added)
+    is where the group's tokens are gathered; the text tokens join every pass whole (joint attention)."""
+
     name = "diffusers-sd3"
     class_name = "SD3Transformer2DModel"
     image_index = 1
     layout = "last"
+    group_time_scale = 1000.0
+    group_refused_keys = {
+        "block_controlnet_hidden_states": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens",
+        "skip_layers": "it leaves blocks out (skip-layer guidance, for sampling); SRADTS trains on every block",
+    }
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        return [(model.pos_embed, lambda out: _gather(out, index))]
 
 
 class FluxAdapter(DiffusersAdapter):
-    """Blocks return ``(text, image)``; before diffusers 0.35 single blocks returned one ``[text; image]`` tensor."""
+    """Blocks return ``(text, image)``; before diffusers 0.35 single blocks returned one ``[text; image]`` tensor.
+
+    SRA-DTS: the tokens are packed and embedded one by one (``x_embedder`` is a Linear), and the rotary
+    positions come from ``img_ids``, so a group pass is the model's own forward on the group's tokens with
+    their ``img_ids`` rows, the text tokens (``txt_ids``) whole. ``img_ids`` is one set for the whole batch,
+    so samples whose groups differ run in passes of their own (``shared_positions``). Edit calls (reference
+    image tokens, ``img_ids[:, 0] != 0``) are refused.
+    """
 
     name = "diffusers-flux"
     class_name = "FluxTransformer2DModel"
@@ -296,6 +537,25 @@ class FluxAdapter(DiffusersAdapter):
     image_index = 1
     merged = "last"
     layout = "packed"
+    group_time_scale = 1.0  # Flux's forward multiplies the time by 1000 itself
+    shared_positions = True
+    group_batch_keys = ("encoder_hidden_states", "pooled_projections", "guidance")
+    group_refused_keys = {"controlnet_block_samples": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens",
+                          "controlnet_single_block_samples": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens"}
+
+    def _group_inputs(self, model: nn.Module, x: Tensor, index: Tensor, kwargs: dict) -> dict:
+        name = type(model).__name__
+        ids = kwargs.get("img_ids")
+        for key in ("img_ids", "txt_ids"):
+            if not isinstance(kwargs.get(key), Tensor):
+                raise TypeError(f"{key}={type(kwargs.get(key)).__name__} is not accepted: {name} with SRADTS needs {key}= as a tensor, as its forward")
+        ids = ids[0] if ids.dim() == 3 else ids
+        if _generated_prefix(ids, x.shape[1], name) is not None:
+            raise ValueError(
+                f"img_ids marks some of the {x.shape[1]} tokens of {name} as a reference image's (img_ids[:, 0] != 0): "
+                "SRADTS does not split edit calls into groups; give only the generated image's tokens"
+            )
+        return {self.x_key: _gather(x, index), "img_ids": ids[index[0]]}
 
     def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
         return _packed_tokens(self, model, call)
@@ -339,19 +599,59 @@ def _generated_prefix(ids: Tensor, n_image: int, model: str) -> int | None:
 class Flux2Adapter(FluxAdapter):
     name = "diffusers-flux2"
     class_name = "Flux2Transformer2DModel"
+    group_time_scale = None  # Flux's group passes, not checked on Flux2's forward
+    group_refusal = DiffusersAdapter.group_refusal + "; Flux2 is not Flux: its ids, modulation and time are its own"
 
 
 class ChromaAdapter(FluxAdapter):
     name = "diffusers-chroma"
     class_name = "ChromaTransformer2DModel"
+    group_time_scale = None
+    group_refusal = DiffusersAdapter.group_refusal + "; Chroma is not Flux: its modulation and masks are its own"
 
 
 class QwenImageAdapter(DiffusersAdapter):
+    """SRA-DTS: packed tokens embedded one by one (``img_in``, a Linear), so the group's tokens are gathered
+    before the call; the rotary positions come from ``img_shapes`` inside the forward (``pos_embed``'s image
+    part, one set for the batch), gathered per group at ``pos_embed``'s output. Samples whose groups differ
+    run in passes of their own. Edit calls (reference images in ``img_shapes``) and the edit models'
+    ``zero_cond_t`` (modulation chosen per token by its position among the images) are refused."""
+
     name = "diffusers-qwenimage"
     class_name = "QwenImageTransformer2DModel"
     image_index = 1
     merged = "first"
     layout = "packed"
+    group_time_scale = 1.0  # the forward takes sigma (its time projection scales by 1000)
+    shared_positions = True
+    group_batch_keys = ("encoder_hidden_states", "encoder_hidden_states_mask", "guidance", "additional_t_cond", "img_shapes")
+    group_refused_keys = {"controlnet_block_samples": "ControlNet residuals hold one entry per image token of the whole image; a group pass holds only its group's tokens"}
+
+    def group_support(self, model: nn.Module) -> str | None:
+        if _config(model, "zero_cond_t", False):
+            return ("zero_cond_t=True (the edit models) modulates each token by where it sits among the target and "
+                    "reference images, counted over the whole sequence; a group pass holds only some of the target's tokens")
+        if type(getattr(model, "pos_embed", None)).__name__ != "QwenEmbedRope":
+            return f"its pos_embed is {type(getattr(model, 'pos_embed', None)).__name__}, not the QwenEmbedRope whose image positions the group passes gather"
+        return super().group_support(model)
+
+    def _group_inputs(self, model: nn.Module, x: Tensor, index: Tensor, kwargs: dict) -> dict:
+        shapes = kwargs.get("img_shapes")
+        accepted = f"one image per sample, [[(1, h, w)]] * B with h * w = {x.shape[1]} (the tokens of x0)"
+        if not isinstance(shapes, (list, tuple)) or len(shapes) != x.shape[0]:
+            raise ValueError(f"img_shapes={shapes!r} is not accepted by SRADTS on {type(model).__name__}: use {accepted}")
+        for entry in shapes:
+            images = list(entry) if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], (list, tuple)) else [entry]
+            if len(images) != 1 or math.prod(int(n) for n in images[0]) != x.shape[1]:
+                raise ValueError(
+                    f"img_shapes entry {entry!r} is not accepted by SRADTS on {type(model).__name__}: use {accepted} "
+                    "(edit calls with reference images are not split into groups)"
+                )
+        return {self.x_key: _gather(x, index)}
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        rows = index[0]  # one set of positions per pass (``shared_positions``)
+        return [(model.pos_embed, lambda out: (out[0][rows], *out[1:]))]
 
     def num_image_tokens(self, model: nn.Module, call: ModelCall | None) -> int:
         shapes = call.get("img_shapes") if call is not None else None
@@ -491,35 +791,90 @@ class ZImageAdapter(DiffusersAdapter):
 
 
 class PixArtAdapter(DiffusersAdapter):
+    """SRA-DTS: gathered at ``pos_embed``'s output (conv patch embedding plus its sin-cos table); the text
+    comes in by cross-attention, whole in every pass. ``attention_mask`` (over the image tokens) is refused.
+    PixArt is a DDPM model: SRADTS trains it on the linear path, t * 1000 as its timestep."""
+
     name = "diffusers-pixart"
     class_name = "PixArtTransformer2DModel"
     layout = "last"
     learned_sigma = True
+    group_time_scale = 1000.0
+    group_refused_keys = {"attention_mask": "it masks the image tokens of the whole image; a group pass holds only its group's tokens"}
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        return [(model.pos_embed, lambda out: _gather(out, index))]
 
 
 class DiTTransformerAdapter(DiffusersAdapter):
-    """The teacher sees the labels as passed; the student's blocks drop them each on their own (module docstring)."""
+    """The teacher sees the labels as passed; the student's blocks drop them each on their own (module docstring).
+
+    SRA-DTS: gathered at ``pos_embed``'s output, as PixArt; the pass ends at ``proj_out_2`` (per token). Refused
+    while any block drops labels itself (``norm1.emb.class_embedder.dropout_prob > 0``, the default): each
+    block draws its own dropout on every call, so the groups' passes would not see the same labels."""
 
     name = "diffusers-dit"
     class_name = "DiTTransformer2DModel"
     layout = "last"
     learned_sigma = True
+    group_time_scale = 1000.0
+    group_output = "proj_out_2"
+
+    def group_support(self, model: nn.Module) -> str | None:
+        dropping = [i for i, block in enumerate(getattr(model, "transformer_blocks", ()))
+                    if getattr(getattr(getattr(block.norm1, "emb", None), "class_embedder", None), "dropout_prob", 0) > 0]
+        if dropping:
+            return (f"its blocks {dropping} drop class labels for classifier-free guidance themselves "
+                    "(norm1.emb.class_embedder.dropout_prob > 0), each block with its own draw on every call, so the two "
+                    "groups' passes would see different labels; drop labels in the data pipeline (set them to num_classes) "
+                    "and set block.norm1.emb.class_embedder.dropout_prob = 0.0 on every block")
+        return super().group_support(model)
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        return [(model.pos_embed, lambda out: _gather(out, index))]
 
 
 # ---------------------------------------------------------------------- video models
 class WanAdapter(DiffusersAdapter):
+    """SRA-DTS: the group's video tokens are gathered at ``patch_embedding``'s output (a Conv3d: handed on as
+    ``(B, C, n, 1, 1)``, which the forward flattens into the ``(B, n, C)`` tokens), and the rotary table
+    (``rope``'s output, computed from the latent's shape, ``(1, N, 1, D)``) per sample at the same rows, so the
+    samples of a batch keep groups of their own in one pass. Image-to-video models (more input channels than
+    output: conditioning stacked onto the noisy latent) are refused."""
+
     name = "diffusers-wan"
     class_name = "WanTransformer3DModel"
     block_lists = ("blocks",)
     layout = "last"
+    group_time_scale = 1000.0
 
     def patch_size(self, model: nn.Module) -> tuple[int, ...]:
         return tuple(int(p) for p in _config(model, "patch_size"))
+
+    def group_support(self, model: nn.Module) -> str | None:
+        reason = super().group_support(model)
+        if reason is None and int(_config(model, "in_channels")) != self.predicted_channels(model):
+            return (f"in_channels={_config(model, 'in_channels')} but out_channels={self.predicted_channels(model)}: "
+                    "conditioning channels are stacked onto the noisy latent (image-to-video), and SRADTS builds every "
+                    "input channel from x0 and noise")
+        return reason
+
+    def _group_hooks(self, model: nn.Module, index: Tensor) -> list[tuple[nn.Module, Any]]:
+        def tokens(out: Tensor) -> Tensor:
+            flat = out.flatten(2)  # (B, C, N)
+            return flat.gather(2, index[:, None, :].expand(-1, flat.shape[1], -1))[..., None, None]
+
+        def rotary(out: tuple) -> tuple:
+            return tuple(_gather(f, index) for f in out)  # (1, N, 1, D) -> (B, n, 1, D)
+
+        return [(model.patch_embedding, tokens), (model.rope, rotary)]
 
 
 class SkyReelsV2Adapter(WanAdapter):
     name = "diffusers-skyreels-v2"
     class_name = "SkyReelsV2Transformer3DModel"
+    group_time_scale = None
+    group_refusal = DiffusersAdapter.group_refusal + "; SkyReelsV2 is not Wan: its forward (diffusion forcing) is its own"
 
 
 class HunyuanVideoAdapter(DiffusersAdapter):

@@ -162,8 +162,8 @@ class DiTAdapter(Adapter):
                 passes.outputs.append(model.final_layer(h, c))
         return passes
 
-    def unpatchify(self, model: nn.Module, tokens: Tensor) -> Tensor:
-        return model.unpatchify(tokens)
+    def unpatchify(self, model: nn.Module, tokens: Tensor, x: Tensor | None = None) -> Tensor:
+        return model.unpatchify(tokens)  # a square grid, read from the token count by the model itself
 
 
 register_adapter(DiTAdapter())
