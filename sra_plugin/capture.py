@@ -8,15 +8,14 @@ per step. A call whose inputs do not match the captured forward re-runs the mode
 deepest tap any subscriber needs; the other objectives of that step reuse that re-run.
 
 The other jobs live apart: hook primitives and stopped passes in ``hooks`` (hook hygiene is described
-there), what a stopped pass puts back in ``module_state``, and the comparison that decides reuse or
-re-run in ``matching``. Their public names are importable from here too.
+there), what a stopped pass puts back in ``module_state``, the record of a forward in ``record``, and the
+comparison that decides reuse or re-run in ``matching``. Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,8 +23,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .hooks import StopForward, _Hook, _PostHook, attach, probe_call, reading_blocks, run_until
-from .matching import CallSignature, Decision, Fingerprint, Snapshot, _tensors, mismatch
+from .matching import CallSignature, Decision, mismatch
 from .module_state import adapter_state, restoring_model_state
+from .record import Captured, Fingerprint, Snapshot, TapRecord, _tensors
 from .registry import Adapter, ModelCall, token_reader
 
 __all__ = ["StopForward", "attach", "reading_blocks", "run_until", "probe_call", "restoring_model_state", "adapter_state",
@@ -41,50 +41,6 @@ NO_GRAD_BLOCK = (
     "Use non-reentrant checkpointing (use_reentrant=False, the default of diffusers and timm), or keep "
     "the student block out of the checkpointed region."
 )
-
-
-
-@dataclass
-class Captured:
-    """What one training forward of the student left: its inputs, the tokens of every tapped block (by
-    1-based block number), what the adapter watches. Shared by every objective on the model."""
-
-    call: ModelCall
-    inputs: list[Snapshot | Fingerprint]  # every input tensor, as it was at the forward
-    grad: bool = True  # grad mode when the forward began
-    adapters: tuple | None = None  # ``adapter_state`` as the forward returned (None: not read; compiled, or stopped)
-    open: bool = True  # the forward is running: what watched modules see belongs to it
-    taps: dict[int, Tensor] = field(default_factory=dict)
-    tap_snapshots: dict[int, Snapshot | None] = field(default_factory=dict)  # None: not read (inside a compiled graph)
-    watched: dict[str, Any] = field(default_factory=dict)
-    no_grad_blocks: set[int] = field(default_factory=set)
-    taken: set[int] = field(default_factory=set)  # ids of the subscriptions that took it
-
-
-@dataclass
-class TapRecord:
-    """A ``Captured`` forward as one objective sees it: its own taps, by name."""
-
-    forward: Captured
-    names: dict[str, int]
-
-    @property
-    def call(self) -> ModelCall:
-        return self.forward.call
-
-    @property
-    def watched(self) -> dict[str, Any]:
-        return self.forward.watched
-
-    @property
-    def taps(self) -> dict[str, Tensor | None]:
-        return {name: self.forward.taps.get(block) for name, block in self.names.items()}
-
-    @property
-    def tokens(self) -> Tensor | None:
-        """The first tap's tokens (the student block's, for a one-tap objective)."""
-        return next(iter(self.taps.values()))
-
 
 
 class Subscription:

@@ -16,7 +16,10 @@ import torch
 from torch import Tensor
 
 __all__ = ["linear_cka", "debiased_cka", "cka_matrix", "ridge_probe", "MIN_SAMPLES", "FEW_IMAGES", "FLAT_SPREAD",
-           "ESTIMATORS", "noise_level"]
+           "ESTIMATORS", "POOLS", "noise_level"]
+
+POOLS = ("mean", "tokens")
+"""Rows of the CKA: one per image (its tokens averaged), or one per token at fixed positions."""
 
 
 def _as_matrix(x: Tensor | np.ndarray, name: str) -> Tensor:

@@ -1,36 +1,23 @@
 """Call matching: may the features captured from a forward stand for this call, or must the student run
 again? A comparison of the captured call with this one (by argument name, the same objects or equal
-values), of the adapter state and grad mode then and now, and of version counters (or checksums, for a
-compiled forward) that tell whether an input or a tapped output was changed in place since.
+values), of the adapter state and grad mode then and now, and of the record's snapshots, which tell
+whether an input or a tapped output was changed in place since.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .module_state import adapter_state
+from .record import Captured, TapRecord
 from .registry import ModelCall
 
-if TYPE_CHECKING:
-    from .capture import Captured, TapRecord
-
-__all__ = ["Snapshot", "Fingerprint", "Decision", "CallSignature", "mismatch"]
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+__all__ = ["Decision", "CallSignature", "mismatch"]
 
 
 def _describe(value: Any) -> str:
@@ -58,66 +45,6 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # objects without a usable == are the same only if identical
         return False
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What can tell that a tensor changed after the forward without reading its values: its version
-    counter (bumped by every in-place op) and where its data lives (``x.data = other`` rebinds it and
-    bumps nothing). In-place edits through ``x.data`` (``x.data.add_(1)``) change neither: they are the
-    one unsupported pattern, since catching them would need a copy or a checksum of every input per
-    step. Inference tensors (made under ``torch.inference_mode()``, e.g. cached text embeddings) have no
-    version counter, and only code under inference mode can change them in place: for them only the
-    data pointer is compared."""
-
-    tensor: Tensor
-    version: int  # -1: an inference tensor
-    data_ptr: int | None  # None: a tensor without plain storage (a tensor subclass)
-
-    @staticmethod
-    def of(tensor: Tensor) -> "Snapshot":
-        return Snapshot(tensor, -1 if tensor.is_inference() else tensor._version, _data_ptr(tensor))
-
-    def changed(self) -> bool:
-        t = self.tensor
-        moved = self.data_ptr is not None and _data_ptr(t) != self.data_ptr
-        return moved or (self.version >= 0 and t._version != self.version)
-
-
-def _data_ptr(tensor: Tensor) -> int | None:
-    try:
-        return tensor.data_ptr()
-    except RuntimeError:
-        return None
-
-
-def _checksum(tensor: Tensor) -> Tensor:
-    """Four float64 sums of ``tensor``'s values: plain, squared, position-weighted and absolute."""
-    wide = torch.float32 if tensor.device.type == "mps" else torch.float64  # MPS has no float64
-    v = tensor.detach().flatten().to(wide)
-    ramp = torch.arange(v.numel(), dtype=wide, device=v.device) / max(v.numel(), 1)
-    return torch.stack([v.sum(), (v * v).sum(), (v * ramp).sum(), v.abs().sum()])
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What tells that a tensor changed after a compiled forward: inside a graph torch.compile traces,
-    version counters and data pointers cannot be read, so the forward computes a checksum of the values
-    (``_checksum``, part of the graph) and the check recomputes it. Differences below 1e-9 of the
-    magnitude are taken as a compiled kernel's summation order, not an edit."""
-
-    tensor: Tensor
-    value: Tensor
-
-    @staticmethod
-    def of(tensor: Tensor) -> "Fingerprint":
-        return Fingerprint(tensor, _checksum(tensor))
-
-    def changed(self) -> bool:
-        then, now = self.value, _checksum(self.tensor)
-        scale = torch.stack([then[3], then[1], then[3], then[3]])
-        return bool(((now - then).abs() > 1e-9 * scale).any() | (now.isnan() != then.isnan()).any())
-
 
 
 @dataclass

@@ -43,8 +43,8 @@ and ``--shared-kwarg NAME=KEY`` (the same for every batch: ``img_ids``). ``--t``
 in [0, 1]; ``--time`` says what the model is given: ``unit`` (as is), ``sigma1000`` (x 1000), ``ddpm``
 (integer steps, x_t from DDPM's linear betas).
 
-The maths (CKA, probe) is in ``sra_plugin.cka``, the command line in ``sra_plugin.report_cli``; their
-public names are importable from here too.
+The maths (CKA, probe) is in ``sra_plugin.cka`` (its public names are importable from here too), the
+command line's arguments and inputs in ``sra_plugin.report_cli``.
 
 A high CKA says the two blocks' features already agree (up to a linear map that CKA ignores); it does
 not say that aligning them helps training. Use it to see where a pair sits, not as a verdict.
@@ -53,6 +53,7 @@ matplotlib is needed only for ``heatmap`` (it is imported there).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -64,15 +65,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cka import (ESTIMATORS, FEW_IMAGES, FLAT_SPREAD, MIN_SAMPLES, cka_matrix, debiased_cka, linear_cka, noise_level,
-                  ridge_probe)
+from . import report_cli
+from .cka import (ESTIMATORS, FEW_IMAGES, FLAT_SPREAD, MIN_SAMPLES, POOLS, cka_matrix, debiased_cka, linear_cka,
+                  noise_level, ridge_probe)
 from .hooks import reading_blocks
 from .registry import Adapter, resolve_adapter, resolve_blocks
 from .wrappers import unwrap
 
 __all__ = ["linear_cka", "debiased_cka", "cka_matrix", "block_features", "ridge_probe", "LayerReport", "layer_report", "main"]
-
-POOLS = ("mean", "tokens")
 
 
 def _token_positions(n_tokens: int, k: int) -> Tensor:
@@ -363,10 +363,25 @@ def layer_report(
 
 
 def main(argv: list[str] | None = None) -> LayerReport:
-    """The command line, ``python -m sra_plugin.report`` (``sra_plugin.report_cli.main``)."""
-    from .report_cli import main as run
-
-    return run(argv)
+    """``python -m sra_plugin.report``: prints the table, writes the heatmap (and JSON); the arguments and the
+    inputs they name are ``sra_plugin.report_cli``'s."""
+    p = report_cli.parser(__doc__.split("\n\n")[0])
+    args = p.parse_args(argv)
+    model, teacher, batches, labels = report_cli.inputs(args, p)
+    try:
+        report = layer_report(model, batches, teacher=teacher, labels=labels, pool=args.pool, estimator=args.estimator,
+                              student_layer=args.student_layer, teacher_layer=args.teacher_layer)
+    except TypeError as error:  # a forward that misses (or does not take) the conditioning given
+        p.error(f"{type(model).__name__}'s forward failed: {error}\nIts conditioning is probably missing or misplaced: "
+                f"{report_cli.CONDITIONING_HELP}")
+    print(report.table())
+    report.heatmap(args.png)
+    print(f"wrote {args.png}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The layer report's command line, ``python -m sra_plugin.report`` (see ``sra_plugin.report``): a model built
-by an importable factory, weights from a checkpoint, clean latents and conditioning from a ``torch.save``d
-dict; prints the table, writes the heatmap (and JSON)."""
+"""The layer report's command line, ``python -m sra_plugin.report`` (``sra_plugin.report.main`` runs it): its
+arguments, and the inputs they name: a model built by an importable factory, weights from a checkpoint,
+clean latents and conditioning from a ``torch.save``d dict, made into the report's batches."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import report as _report
-from .cka import ESTIMATORS, FEW_IMAGES, MIN_SAMPLES
-from .report import POOLS, LayerReport, layer_report
+from torch import nn
 
-__all__ = ["main"]
+from .cka import ESTIMATORS, FEW_IMAGES, MIN_SAMPLES, POOLS
+
+__all__ = ["parser", "inputs"]
 
 
 def _load_factory(spec: str):
@@ -93,8 +93,9 @@ def _to(value: Any, device: str) -> Any:
     return value.to(device) if isinstance(value, Tensor) else value
 
 
-def main(argv: list[str] | None = None) -> LayerReport:
-    p = argparse.ArgumentParser(prog="python -m sra_plugin.report", description=_report.__doc__.split("\n\n")[0],
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of ``python -m sra_plugin.report``."""
+    p = argparse.ArgumentParser(prog="python -m sra_plugin.report", description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="factory of the model, 'package.module:callable' "
                    "(an attribute path works too: 'package:Class.from_pretrained')")
@@ -132,7 +133,12 @@ def main(argv: list[str] | None = None) -> LayerReport:
     p.add_argument("--device", default="cpu")
     p.add_argument("--png", type=Path, default=Path("layer_report.png"))
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def inputs(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[nn.Module, nn.Module | None, list[dict], Any]:
+    """``(model, teacher, batches, labels)`` for ``layer_report`` from the parsed ``args``; what does not fit is
+    refused through ``p.error`` naming the flag."""
     if args.images < MIN_SAMPLES or args.batch_size < 1:
         p.error(f"--images must be >= {MIN_SAMPLES} and --batch-size >= 1")
     if args.cond_key is not None and args.cond_value is not None:
@@ -197,16 +203,4 @@ def main(argv: list[str] | None = None) -> LayerReport:
         batches.append({"x_t": x_t.to(dev), "x_s": x_s.to(dev), "t": model_time(args.t).to(dev), "s": model_time(args.s).to(dev),
                         "args": cond, "kwargs": batch_kwargs})
     labels = _data_entry(data, args.labels_key, "--labels-key", p)[:n] if args.labels_key else None
-    try:
-        report = layer_report(model, batches, teacher=teacher, labels=labels, pool=args.pool, estimator=args.estimator,
-                              student_layer=args.student_layer, teacher_layer=args.teacher_layer)
-    except TypeError as error:  # a forward that misses (or does not take) the conditioning given
-        p.error(f"{type(model).__name__}'s forward failed: {error}\nIts conditioning is probably missing or misplaced: {CONDITIONING_HELP}")
-    print(report.table())
-    report.heatmap(args.png)
-    print(f"wrote {args.png}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.to_dict(), indent=2))
-        print(f"wrote {args.json}")
-    return report
+    return model, teacher, batches, labels
