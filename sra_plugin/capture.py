@@ -1,5 +1,5 @@
-"""The shared record: keep the tokens of the tapped blocks from the user's own forward, for every objective
-on the model.
+"""The capture every objective on a model shares: its hooks keep the tokens of the tapped blocks from the
+user's own forward (one record per step), and it hands that record to each objective, or re-runs the student.
 
 One ``StudentCapture`` per model (and adapter) is shared by every objective on it (``subscribe``): each
 objective holds a ``Subscription`` naming its taps (1-based blocks), so SRA, LayerSync, Dispersive, ...
