@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from benchmarks._bench import command_line, device_label, run_jobs, save_gray_png, threads_per_worker
 from benchmarks.quality import _variant_recipe, format_table, markdown_table, plot_curves, summarize
 from examples.digits import (
     DATASETS,
@@ -184,15 +184,8 @@ def run_one(job: tuple) -> dict:
     final, grids = evaluate(run.ema, data, clf, args, seed, layers)
     curve.append({"step": args.steps, **final})
     if args.samples_dir is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        args.samples_dir.mkdir(parents=True, exist_ok=True)
         both = torch.cat([grids["old"], grids["new"]])  # rows: old digits, then the new ones
-        plt.imsave(args.samples_dir / f"finetune_seed{seed}_{variant}.png", tile_grid(both, args.per_class),
-                   cmap="gray_r", vmin=0, vmax=1)
+        save_gray_png(args.samples_dir / f"finetune_seed{seed}_{variant}.png", tile_grid(both, args.per_class))
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     out = {"seed": seed, "variant": variant, **final, "seconds_per_step": run.seconds / args.steps,
            "train_cpu_seconds": run.cpu_seconds, "eval_seconds": time.perf_counter() - t0,
@@ -204,7 +197,7 @@ def run_one(job: tuple) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     wall = time.perf_counter()
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = threads_per_worker(args.threads, args.workers)
     torch.set_num_threads(threads)
     data = first_digits(load_images(args.dataset), args.data_limit)
     clf, clf_acc = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
@@ -221,19 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
           + "".join(f"  {v}: {r}\n" for v, r in recipes.items())
           + "base: " + ", ".join(f"{k} {v:.4f}" for k, v in base_metrics.items()), flush=True)
     jobs = [(args, seed, variant, threads, base_state) for seed in args.seeds for variant in args.variants]
-    if args.workers == 1:
-        runs = [run_one(job) for job in jobs]
-    else:
-        with mp.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
-            runs = pool.map(run_one, jobs, chunksize=1)
+    runs = run_jobs(run_one, jobs, args.workers)
     for r in runs:  # every curve starts at the base
         r["curve"].insert(0, {"step": 0, **base_metrics})
     summary = summarize(runs, args.seeds, args.variants)
     total = time.perf_counter() - wall
     print("\n" + format_table(summary, len(args.seeds), args.variants))
     print(f"total {total:.0f} s ({total / 60:.1f} min)")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(map(str, argv))
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or platform.machine()
+    command = command_line(argv)
+    device_name = device_label(args.device)
     floor = {split: frechet_distance(classifier_features(clf, subset(data, c).x_test), classifier_features(clf, subset(data, c).x_train))
              for split, c in (("new", args.new_classes), ("old", args.base_classes))}
     result = {
@@ -255,14 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
     if args.samples_dir is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        args.samples_dir.mkdir(parents=True, exist_ok=True)
-        plt.imsave(args.samples_dir / "finetune_base.png", tile_grid(torch.cat([base_grids["old"], base_grids["new"]]), args.per_class),
-                   cmap="gray_r", vmin=0, vmax=1)
+        save_gray_png(args.samples_dir / "finetune_base.png", tile_grid(torch.cat([base_grids["old"], base_grids["new"]]), args.per_class))
     if args.table is not None:
         md = markdown_table(summary, len(args.seeds), args.variants)
         args.table.parent.mkdir(parents=True, exist_ok=True)

@@ -46,17 +46,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import gc
-import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,265 +60,26 @@ if str(ROOT) not in sys.path:  # run as a script from a fresh clone: `examples` 
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import sra_plugin  # noqa: E402
-from sra_plugin import (  # noqa: E402
-    DDPMPath, Dispersive, LatentAlignment, LayerSync, LinearPath, NoiseGap, SelfRepresentationAlignment, resolve_adapter,
-)
+from sra_plugin import Dispersive, LatentAlignment, LayerSync, SelfRepresentationAlignment, resolve_adapter  # noqa: E402
 from sra_plugin.heads import MLPHead  # noqa: E402
 from sra_plugin.losses import alignment_loss, smooth_l1  # noqa: E402
 from sra_plugin.teacher import ema_copy, update_ema_  # noqa: E402
+
+from benchmarks._bench import MiB, Memory, adamw, choose_clock, machine, markdown_table, round_ratios, sync, write_json  # noqa: E402
+from benchmarks._lora import lora_note, lora_table, run_lora  # noqa: E402
+from benchmarks._workloads import DEFAULTS, Batch, Config, Workload, WORKLOADS, configs  # noqa: E402
 
 KINDS = ("plain", "sra", "reference", "latent", "layersync", "dispersive", "sra_layersync")
 RATIO_KINDS = KINDS[1:]
 LATENT_TARGET = 1.05  # LatentAlignment (SRA 2) step / plain step
 FAMILY_TARGET = 1.03  # LayerSync or Dispersive step / plain step (issue 21)
 COMPOSED_MARGIN = 0.03  # SRA + LayerSync may cost this much over SRA's ratio (issue 21)
-MiB = 2**20
-
-
-# ---------------------------------------------------------------------------------------- workloads
-@dataclass
-class Batch:
-    x0: Tensor
-    noise: Tensor
-    t: Tensor  # the time the model is called with
-    x_t: Tensor
-    target: Tensor
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-
-
-class Workload:
-    """How one backbone family is trained: its batch, its call, its diffusion loss, its teacher time."""
-
-    family = "?"
-
-    def __init__(self, model: nn.Module, batch: int, latent: int, channels: int) -> None:
-        self.batch, self.latent, self.channels = batch, latent, channels
-
-    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
-        raise NotImplementedError
-
-    def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
-        raise NotImplementedError
-
-    def diffusion_loss(self, pred: Tensor, b: Batch) -> Tensor:
-        return F.mse_loss(pred.float(), b.target)
-
-    def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
-        """``(x_s, s)``: the teacher's input and time, from the same x0 and noise."""
-        raise NotImplementedError
-
-    def _noise(self, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
-        shape = (self.batch, self.channels, self.latent, self.latent)
-        return torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device)
-
-
-class SiTWorkload(Workload):
-    """SiT in the REPA/SRA convention: linear path, t = 0 data, velocity target, class labels."""
-
-    family = "sit"
-    path = LinearPath()
-    gap = NoiseGap(max_gap=0.2)
-
-    def __init__(self, model: nn.Module, batch: int, latent: int, channels: int) -> None:
-        super().__init__(model, batch, latent, channels)
-        self.num_classes = model.y_embedder.num_classes
-
-    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
-        x0, noise = self._noise(gen, device)
-        t = torch.rand(self.batch, generator=gen).to(device)
-        y = torch.randint(0, self.num_classes, (self.batch,), generator=gen).to(device)
-        return Batch(x0, noise, t, self.path(x0, noise, t), self.path.velocity(x0, noise), args=(y,))
-
-    def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
-        return model(x, t, *b.args)
-
-    def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
-        s = self.gap.sample(b.t)
-        return self.path(b.x0, b.noise, s), s
-
-
-class DiTWorkload(SiTWorkload):
-    """DiT: DDPM integer steps, epsilon target on the first half of the (learn_sigma) output."""
-
-    family = "dit"
-    path = DDPMPath.linear()
-    gap = NoiseGap(max_gap=200, lo=1, hi=999, discrete=True)
-
-    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
-        x0, noise = self._noise(gen, device)
-        t = torch.randint(0, 1000, (self.batch,), generator=gen).to(device)
-        y = torch.randint(0, self.num_classes, (self.batch,), generator=gen).to(device)
-        return Batch(x0, noise, t, self.path(x0, noise, t), noise, args=(y,))
-
-    def diffusion_loss(self, pred: Tensor, b: Batch) -> Tensor:
-        return F.mse_loss(pred[:, : self.channels].float(), b.target)
-
-
-class SD3Workload(Workload):
-    """diffusers SD3 MMDiT: rectified flow in sigma, ``timestep = sigma * 1000``, text tokens and pooled vector."""
-
-    family = "sd3"
-    path = LinearPath()
-    gap = NoiseGap(max_gap=0.2)
-    text_tokens = 16
-
-    def __init__(self, model: nn.Module, batch: int, latent: int, channels: int) -> None:
-        super().__init__(model, batch, latent, channels)
-        self.joint_dim = model.config.joint_attention_dim
-        self.pooled_dim = model.config.pooled_projection_dim
-
-    def make_batch(self, gen: torch.Generator, device: torch.device) -> Batch:
-        x0, noise = self._noise(gen, device)
-        sigma = torch.rand(self.batch, generator=gen).to(device)
-        ehs = torch.randn(self.batch, self.text_tokens, self.joint_dim, generator=gen).to(device)
-        pooled = torch.randn(self.batch, self.pooled_dim, generator=gen).to(device)
-        return Batch(x0, noise, sigma * 1000, self.path(x0, noise, sigma), self.path.velocity(x0, noise),
-                     kwargs={"encoder_hidden_states": ehs, "pooled_projections": pooled})
-
-    def predict(self, model: nn.Module, x: Tensor, t: Tensor, b: Batch) -> Tensor:
-        return model(hidden_states=x, timestep=t, **b.kwargs).sample
-
-    def teacher_pair(self, b: Batch) -> tuple[Tensor, Tensor]:
-        s = self.gap.sample(b.t / 1000)
-        return self.path(b.x0, b.noise, s), s * 1000
-
-
-# ---------------------------------------------------------------------------------------- configurations
-@dataclass
-class Config:
-    name: str
-    family: str
-    build: Callable[[], nn.Module]
-    student_layer: int
-    teacher_layer: int
-    batch: int
-    latent: int
-    channels: int = 4
-    amp: torch.dtype | None = None
-    target: float | None = None  # None: floor + 0.03
-    note: str = ""
-
-
-def _sit(size: str, latent: int, **kw: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from examples.models import SiT_models
-
-        return SiT_models[f"SiT-{size}/2"](input_size=latent, num_classes=1000, **kw)
-    return build
-
-
-def _dit(size: str, latent: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from examples.models import DiT_models
-
-        return DiT_models[f"DiT-{size}/2"](input_size=latent, num_classes=1000)
-    return build
-
-
-def _sd3(latent: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from diffusers import SD3Transformer2DModel
-
-        # A small random MMDiT: 12 joint blocks of width 384 (6 heads of 64), 16 text tokens.
-        return SD3Transformer2DModel(
-            sample_size=latent, patch_size=2, in_channels=4, out_channels=4, num_layers=12,
-            attention_head_dim=64, num_attention_heads=6, joint_attention_dim=256,
-            caption_projection_dim=384, pooled_projection_dim=128, pos_embed_max_size=max(latent // 2, 16),
-        )
-    return build
-
-
-def configs() -> dict[str, Config]:
-    cpu = {
-        # SiT-B/2: the paper's pair for SiT-B, 3 -> 8 of 12. SiT-S uses the same pair (not given in the paper).
-        "SiT-S/2": Config("SiT-S/2", "sit", _sit("S", 8), 3, 8, batch=16, latent=8),
-        "SiT-B/2": Config("SiT-B/2", "sit", _sit("B", 8), 3, 8, batch=8, latent=8),
-        # DiT-XL's 8 -> 16 of 28 scaled to 12 blocks: 3 -> 7.
-        "DiT-S/2": Config("DiT-S/2", "dit", _dit("S", 8), 3, 7, batch=16, latent=8),
-        "SD3-MMDiT": Config("SD3-MMDiT", "sd3", _sd3(8), 3, 8, batch=16, latent=8),
-    }
-    gpu = {
-        "SiT-XL/2": Config("SiT-XL/2", "sit", _sit("XL", 32), 8, 20, batch=32, latent=32, amp=torch.bfloat16, target=1.26),
-    }
-    return {**cpu, **gpu}
-
-
-DEFAULTS = {"cpu": ["SiT-S/2", "SiT-B/2", "DiT-S/2", "SD3-MMDiT"], "cuda": ["SiT-XL/2"]}
-WORKLOADS = {"sit": SiTWorkload, "dit": DiTWorkload, "sd3": SD3Workload}
-
-
-# ---------------------------------------------------------------------------------------- memory
-class Memory:
-    """Peak and resident memory: CUDA allocator statistics, or the process RSS on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._libc = None
-        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "ru_maxrss"
-        if not self.cuda and sys.platform.startswith("linux"):
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.method = "RSS high-water mark (VmHWM)"
-                self._libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                pass
-
-    def _status(self, key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(key)
-
-    def settle(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        elif self._libc is not None:
-            self._libc.malloc_trim(0)  # hand freed heap back, so the next step's peak is its own
-
-    def resident(self) -> int:
-        self.settle()
-        if self.cuda:
-            return torch.cuda.memory_allocated(self.device)
-        if self.method.startswith("RSS"):
-            return self._status("VmRSS:")
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def start(self) -> int:
-        before = self.resident()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.method.startswith("RSS"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        return before
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
-        if self.method.startswith("RSS"):
-            return self._status("VmHWM:")
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------------------- the three steps
-def _adamw(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW as DiT/SiT train (lr 1e-4, no weight decay), fused where torch has it: the same in every kind."""
-    try:
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-
-
 class Bench:
     def __init__(self, cfg: Config, device: torch.device, seed: int = 0, compile: bool = False) -> None:
         self.cfg, self.device = cfg, device
@@ -369,7 +125,7 @@ class Bench:
             "dispersive": list(self.models["dispersive"].parameters()),
             "sra_layersync": [*self.models["sra_layersync"].parameters(), *self.composed_sra.head.parameters()],
         }
-        self.opt = {k: _adamw(p, device) for k, p in params.items()}
+        self.opt = {k: adamw(p, device) for k, p in params.items()}
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.params = sum(p.numel() for p in base.parameters())
         self.watch: weakref.ref | None = None
@@ -426,8 +182,7 @@ class Bench:
         return self.work.make_batch(self.gen, self.device)
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     # Each step returns the time its optimizer + EMA part started (the rest is forward + backward).
     def step(self, kind: str, b: Batch) -> float:
@@ -535,163 +290,6 @@ class Bench:
         }
 
 
-# ---------------------------------------------------------------------------------------- LoRA
-LORA_RANK = 16
-LORA_TARGETS: dict[str, Any] = {  # peft target_modules: the attention's linears in every block
-    "sit": r".*\.attn\.(qkv|proj)",
-    "dit": r".*\.attn\.(qkv|proj)",
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
-}
-
-
-def _nbytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def sra_held_bytes(sra: SelfRepresentationAlignment, model: nn.Module) -> dict[str, int]:
-    """Bytes of the tensors in ``sra``'s state (its teacher, the head) that are not the model's own."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    head = {t.untyped_storage().data_ptr() for t in [*sra.head.parameters(), *sra.head.buffers()]}
-    teacher, head_bytes, seen = 0, 0, set()
-    for value in sra.state_dict(keep_vars=True).values():
-        if not isinstance(value, Tensor):
-            continue
-        ptr = value.untyped_storage().data_ptr()
-        if ptr in own or ptr in seen:
-            continue
-        seen.add(ptr)
-        if ptr in head:
-            head_bytes += value.untyped_storage().nbytes()
-        else:
-            teacher += value.untyped_storage().nbytes()
-    return {"teacher": teacher, "head": head_bytes}
-
-
-def with_lora(model: nn.Module, family: str, rank: int = LORA_RANK) -> nn.Module:
-    """``model`` with peft LoRA of rank ``rank`` on the attention, the base frozen (a ``PeftModel``)."""
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS[family]))
-
-
-def run_lora(cfg: Config, device: torch.device, repeats: int, warmup: int,
-             clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
-    """Memory SRA holds in full training vs a LoRA fine-tune of the same model, and the LoRA step's cost:
-    ``plain`` (forward, diffusion loss, backward, AdamW on the LoRA parameters) against ``sra`` (the
-    same plus ``sra(...)`` and ``sra.update_teacher()``), interleaved, order alternating each round."""
-    t0 = time.perf_counter()
-    layers = dict(student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer)
-    torch.manual_seed(0)
-    base = cfg.build().to(device).train()
-    model_bytes = _nbytes([*base.parameters(), *base.buffers()])
-    full_sra = SelfRepresentationAlignment(base, **layers)
-    full = sra_held_bytes(full_sra, base)
-    full_sra.remove()
-    del full_sra
-
-    models = {"plain": with_lora(copy.deepcopy(base), cfg.family), "sra": with_lora(copy.deepcopy(base), cfg.family)}
-    del base
-    sra = SelfRepresentationAlignment(models["sra"], **layers)
-    lora = sra_held_bytes(sra, models["sra"])
-    trainable = {k: [p for p in m.parameters() if p.requires_grad] for k, m in models.items()}
-    opt = {"plain": _adamw(trainable["plain"], device), "sra": _adamw([*trainable["sra"], *sra.head.parameters()], device)}
-    work = WORKLOADS[cfg.family](models["plain"].get_base_model(), cfg.batch, cfg.latent, cfg.channels)
-    gen = torch.Generator().manual_seed(1)
-    autocast = (lambda: torch.autocast(device.type, dtype=cfg.amp)) if cfg.amp else contextlib.nullcontext
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def step(kind: str, b: Batch) -> float:
-        model = models[kind]
-        sync()
-        start = clock()
-        with autocast():
-            loss = work.diffusion_loss(work.predict(model, b.x_t, b.t, b), b)
-            if kind == "sra":
-                x_s, s = work.teacher_pair(b)
-                loss = loss + sra(model, b.x_t, x_s, b.t, s, *b.args, **b.kwargs)
-        loss.backward()
-        opt[kind].step()
-        opt[kind].zero_grad(set_to_none=True)
-        if kind == "sra":
-            sra.update_teacher()
-        sync()
-        return clock() - start
-
-    for _ in range(warmup):
-        b = work.make_batch(gen, device)
-        for kind in ("plain", "sra"):
-            step(kind, b)
-    times: dict[str, list[float]] = {"plain": [], "sra": []}
-    for r in range(repeats):
-        b = work.make_batch(gen, device)
-        gc.collect()
-        for kind in (("plain", "sra") if r % 2 == 0 else ("sra", "plain")):
-            times[kind].append(step(kind, b))
-    per_round = [a / p for a, p in zip(times["sra"], times["plain"])]
-    q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
-    lora_params = sum(p.numel() for p in trainable["sra"])
-    result = {
-        "config": cfg.name,
-        "params_M": round(sum(p.numel() for p in models["sra"].parameters() if not p.requires_grad) / 1e6, 2),
-        "model_bytes": model_bytes,
-        "full_teacher_bytes": full["teacher"],
-        "full_head_bytes": full["head"],
-        "lora_rank": LORA_RANK,
-        "lora_params": lora_params,
-        "lora_float32_bytes": lora_params * 4,
-        "lora_teacher_bytes": lora["teacher"],
-        "lora_head_bytes": lora["head"],
-        "shared_teacher": bool(sra.ema.shared),
-        "student_reruns": sra.metrics.get("student_reruns", float("nan")),
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "ratio": statistics.median(per_round),
-        # A LoRA step's backward computes no weight gradients of the base: about one forward, so the
-        # teacher pass (L_t/depth of a forward) weighs against two forwards.
-        "floor": 1 + cfg.teacher_layer / (2 * sra.depth),
-        "ratio_q1": q1,
-        "ratio_q3": q3,
-        "times_s": times,
-        "wall_s": time.perf_counter() - t0,
-    }
-    sra.remove()
-    return result
-
-
-def lora_table(results: list[dict[str, Any]]) -> str:
-    head = ("config", "model MiB", "full training: SRA holds MiB (teacher + head)", f"LoRA r={LORA_RANK} params",
-            "LoRA: SRA holds MiB (teacher + head)", "LoRA teacher / model", "LoRA step SRA/plain", "floor")
-    rows = []
-    for r in results:
-        rows.append((
-            r["config"], f"{r['model_bytes'] / MiB:.1f}",
-            f"{(r['full_teacher_bytes'] + r['full_head_bytes']) / MiB:.1f} ({r['full_teacher_bytes'] / MiB:.1f} + {r['full_head_bytes'] / MiB:.1f})",
-            f"{r['lora_params'] / 1e6:.2f}M",
-            f"{(r['lora_teacher_bytes'] + r['lora_head_bytes']) / MiB:.2f} ({r['lora_teacher_bytes'] / MiB:.2f} + {r['lora_head_bytes'] / MiB:.2f})",
-            f"{r['lora_teacher_bytes'] / r['model_bytes']:.1%}",
-            f"{r['ratio']:.3f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})",
-            f"{r['floor']:.3f}",
-        ))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def lora_note(results: list[dict[str, Any]], repeats: int, timer_text: str) -> str:
-    checks = "; ".join(
-        f"{r['config']}: teacher {r['lora_teacher_bytes']} B for {r['lora_float32_bytes']} B of LoRA in float32, "
-        f"student re-runs {r['student_reruns']:.0f}" for r in results)
-    return (f"Bytes of the tensors in sra.state_dict() that are not the model's (the owned EMA teacher; the head "
-            f"apart). LoRA: peft rank {LORA_RANK} on every block's attention linears, base frozen; the teacher holds "
-            f"the EMA of the LoRA parameters in float32 and shares the frozen weights. Step ratio: median over "
-            f"{repeats} rounds of the SRA step's {timer_text} over the plain LoRA step's in the same round (order "
-            f"alternating; quartiles in brackets); the plain step has no EMA. Floor: 1 + L_t/(2 depth) (the backward of "
-            f"a LoRA step computes no weight gradients of the base, about one forward). {checks}")
-
-
-
 # ---------------------------------------------------------------------------------------- running
 def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, growth_steps: int,
                clock: Callable[[], float] = time.perf_counter, compile: bool = False) -> dict[str, Any]:
@@ -742,9 +340,7 @@ def run_config(cfg: Config, device: torch.device, repeats: int, warmup: int, gro
         med = {k: statistics.median(v) for k, v in times.items()}
         out = {}
         for k in RATIO_KINDS:
-            per_round = [a / p for a, p in zip(times[k], times["plain"])]
-            out[k] = statistics.median(per_round)
-            out[f"{k}_q1"], _, out[f"{k}_q3"] = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [out[k]] * 3
+            out[k], out[f"{k}_q1"], out[f"{k}_q3"] = round_ratios(times[k], times["plain"])
             out[f"{k}_of_medians"] = med[k] / med["plain"]
         return out
 
@@ -829,21 +425,7 @@ def table(results: list[dict[str, Any]]) -> str:
               f"(<= {(ratio['sra'] + COMPOSED_MARGIN) if k == 'sra_layersync' else r['family_target']:.3f})"
               for k in ("layersync", "dispersive", "sra_layersync")),
         ))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -890,20 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         if threads < 1:
             parser.error(f"--threads={threads} is not accepted: use an integer >= 1")
         torch.set_num_threads(threads)
-    timer = args.timer
-    if timer == "auto":
-        timer = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
-    if timer == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        parser.error(f"--timer=cpu is not accepted with --device={args.device} and {torch.get_num_threads()} threads: "
-                     "use it on CPU with --threads 1, or --timer wall")
-    clock = time.process_time if timer == "cpu" else time.perf_counter
+    clock, timer_text = choose_clock(args.timer, device, parser, args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     command = "python " + " ".join([os.path.relpath(__file__, Path.cwd()) if Path(__file__).is_relative_to(Path.cwd()) else __file__, *(argv if argv is not None else sys.argv[1:])])
     where = machine(device)
-    timer_text = "process CPU time" if timer == "cpu" else "wall-clock time"
     print(f"# {command}\n# {where}; sra-plugin {sra_plugin.__version__}; repeats {args.repeats}, warmup {args.warmup}; "
           f"timer: {timer_text}", flush=True)
     if args.compile:
@@ -930,9 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora_only:
         total = time.perf_counter() - start
         out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}-lora.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats,
-                                   "warmup": args.warmup, "total_s": total, "lora": lora_results}, indent=1) + "\n")
+        write_json(out, {"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats,
+                         "warmup": args.warmup, "total_s": total, "lora": lora_results})
         print(f"total {total:.0f} s\nwrote {out}")
         return 0 if lora_ok else 1
     results = []
@@ -962,9 +536,8 @@ def main(argv: list[str] | None = None) -> int:
 
     suffix = "-compiled" if args.compile else ""
     out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"overhead-{device.type}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats, "warmup": args.warmup,
-                               "total_s": total, "results": results, "lora": lora_results}, indent=1) + "\n")
+    write_json(out, {"command": command, "machine": where, "timer": timer_text, "repeats": args.repeats, "warmup": args.warmup,
+                     "total_s": total, "results": results, "lora": lora_results})
     print(f"wrote {out}")
     return 0 if lora_ok and all(r["target_met"] and r["latent_target_met"] and all(r["family_targets_met"].values())
                                 and r["hot_path"]["ok"] and r["student_tokens_released"] is not False for r in results) else 1

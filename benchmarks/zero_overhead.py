@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from benchmarks._bench import nbytes
+
 WORLD = 2
 
 
@@ -99,10 +101,6 @@ def timed(engine, sra, args, gen) -> float:
     return (time.perf_counter() - start) / args.steps
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
@@ -137,7 +135,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             "sra_step_s": statistics.median(sra_s),
             "ratio_median": statistics.median(ratios),
             "ratios": ratios,
-            "ema_bytes_this_rank": tensor_bytes(ema_state),
+            "ema_bytes_this_rank": nbytes(ema_state),
             "owned_copy_bytes": full_numel * 4,
             "ema_sharded": bool(sra.ema.sharded),
             "head_params": sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in sra.head.parameters()),

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny reference backbones (the examples' DiT and SiT at test size, with adaLN
 gates randomised so that every block does something from the first step), the one batch recipe
-(``flow_batch``), ``free_port`` and ``torchrun`` for the multi-process tests."""
+(``flow_batch``), ``no_warning`` and ``has_grad``, ``free_port`` and ``torchrun`` for the multi-process
+tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,9 +29,11 @@ def randomise_gates(model: nn.Module, std: float = 0.05) -> nn.Module:
     return model
 
 
-def tiny_sit(seed: int = 0, **overrides) -> SiT:
+def tiny_sit(seed: int = 0, init: Callable[[nn.Module], nn.Module] = randomise_gates, **overrides) -> SiT:
+    """A ``TINY`` SiT (``overrides`` change its arguments) built after ``torch.manual_seed(seed)``, then
+    ``init(model)``: by default its adaLN gates randomised."""
     torch.manual_seed(seed)
-    return randomise_gates(SiT(**{**TINY, **overrides}))
+    return init(SiT(**{**TINY, **overrides}))
 
 
 def tiny_dit(seed: int = 0, **overrides) -> DiT:
@@ -59,6 +64,18 @@ def flow_batch(n: int = 4, seed: int = 0):
     s = NoiseGap().sample(t, generator=g)
     x_t, x_s = LinearPath().pair(x0, noise, t, s)
     return x_t, x_s, t, s, y, noise - x0
+
+
+def no_warning(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every warning raised as an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*args, **kwargs)
+
+
+def has_grad(module: nn.Module) -> bool:
+    """Whether a backward gave any parameter of ``module`` a non-zero gradient."""
+    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
 
 
 def optimizer_step(*modules: nn.Module) -> None:

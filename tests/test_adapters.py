@@ -29,7 +29,7 @@ from examples.models import MMDiT, SiT, UViT, UViTT2I
 from examples.models.dit import DiT
 from sra_plugin import SelfRepresentationAlignment, resolve_adapter
 from sra_plugin.capture import run_until
-from tests._models import TINY, randomise_gates
+from tests._models import TINY, has_grad, randomise_gates
 
 B, N, D = 3, 16, 32  # batch, image tokens (8x8 input, patch 2), width
 
@@ -250,10 +250,6 @@ def count_calls(blocks: list[nn.Module]) -> tuple[list[int], list]:
             counts[i] += 1
         handles.append(block.register_forward_hook(hook))
     return counts, handles
-
-
-def has_grad(module: nn.Module) -> bool:
-    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from examples.models import SiT
 from sra_plugin import LinearPath, NoiseGap, SelfRepresentationAlignment
 from sra_plugin.layers import resolve_layer
+from tests._models import tiny_sit
 
 DEPTH = 5
 LOSSES = ["smooth_l1", "cosine", "mse", "l1"]
@@ -25,11 +26,8 @@ HEADS = ["mlp", "linear", "identity"]
 MODEL_EXAMPLES = settings(max_examples=max(5, settings.default.max_examples // 4))
 
 
-def tiny_sit(seed: int, class_dropout_prob: float) -> SiT:
-    torch.manual_seed(seed)
-    model = SiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=DEPTH, num_heads=2,
-                num_classes=4, class_dropout_prob=class_dropout_prob)
-    # adaLN-Zero starts every block as the identity; random modulation makes each block's output differ.
+def modulated(model: SiT) -> SiT:
+    """adaLN-Zero starts every block as the identity; random modulation makes each block's output differ."""
     with torch.no_grad():
         for block in model.blocks:
             block.adaLN_modulation[-1].weight.normal_(std=0.1)
@@ -37,9 +35,10 @@ def tiny_sit(seed: int, class_dropout_prob: float) -> SiT:
     return model.train()
 
 
-MODEL = tiny_sit(0, class_dropout_prob=0.25)  # drops labels for CFG inside its forward
+SIZE = dict(init=modulated, in_channels=2, depth=DEPTH, num_classes=4)
+MODEL = tiny_sit(0, class_dropout_prob=0.25, **SIZE)  # drops labels for CFG inside its forward
 TWIN = copy.deepcopy(MODEL)  # identical weights, a separate module: a teacher that "is" the student
-PLAIN = tiny_sit(1, class_dropout_prob=0.0)  # no random label dropout: for batch-order comparisons
+PLAIN = tiny_sit(1, class_dropout_prob=0.0, **SIZE)  # no random label dropout: for batch-order comparisons
 PLAIN_TWIN = copy.deepcopy(PLAIN)
 
 

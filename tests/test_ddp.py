@@ -156,6 +156,7 @@ def test_without_head_sync_the_heads_drift_apart(ranks):
     assert not identical(r0["head"], r1["head"])
 
 
+@pytest.mark.distributed
 def test_ddp_latent_alignment_stays_identical_and_weight_zero_steps_run_nothing(ranks):
     r0, r1 = (r["latent"] for r in ranks)
     assert identical(r0["model"], r1["model"]) and identical(r0["head"], r1["head"])

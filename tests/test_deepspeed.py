@@ -338,6 +338,7 @@ def test_zero_loss_equals_single_process_reference_at_every_step(ranks, case):
     assert not torch.equal(ranks[0][case]["losses"], ranks[1][case]["losses"])  # different data per rank
 
 
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_zero_engine_trains_the_head_as_the_single_process_reference_does(ranks, case):
@@ -352,6 +353,7 @@ def test_zero_engine_trains_the_head_as_the_single_process_reference_does(ranks,
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
 
 
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.parametrize("case", SRA_CASES, ids=case_id)
 def test_zero_teacher_after_three_updates_is_the_hand_ema(ranks, case):
@@ -364,6 +366,7 @@ def test_zero_teacher_after_three_updates_is_the_hand_ema(ranks, case):
         assert max((got["teacher"][n] - got["student"][n]).abs().max() for n in got["hand"]) > 1e-3
 
 
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_zero_resume_from_checkpoint_and_state_dict_is_bitwise(ranks, case):
@@ -372,6 +375,7 @@ def test_zero_resume_from_checkpoint_and_state_dict_is_bitwise(ranks, case):
         assert torch.equal(got["resumed_loss"], got["losses"][-1]), (rank, got["resumed_loss"], got["losses"][-1])
 
 
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.parametrize("case", [c for c in SRA_CASES if c[1] != "user_ema"], ids=case_id)
 def test_zero3_owned_teacher_holds_only_this_ranks_slice(ranks, case):

@@ -31,6 +31,7 @@ from torch import nn
 import sra_plugin.adapters.diffusers as fam
 from sra_plugin import LatentAlignment, SelfRepresentationAlignment, resolve_adapter
 from sra_plugin.registry import ModelCall, registered_adapters, unknown_model_error
+from tests._models import has_grad
 
 B, T = 2, 5  # batch, text tokens
 G = 16  # image tokens of an 8x8 latent with 2x2 patches
@@ -226,10 +227,6 @@ def stream_in(args: tuple, kwargs: dict) -> torch.Tensor:
         if key in kwargs:
             return kwargs[key]
     return args[0]
-
-
-def has_grad(module: nn.Module) -> bool:
-    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -469,6 +469,7 @@ def test_ddp_example_accelerate_two_processes_checks_ranks(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("prints_result", [True, False])
 def test_torchrun_helper_reruns_only_an_exit_abort_after_the_result(tmp_path: Path, prints_result: bool) -> None:
     """The multi-process example tests run again only when every check passed and printed, and a rank

@@ -17,6 +17,7 @@ from sra_plugin import Dispersive, LayerSync, resolve_adapter
 from sra_plugin.registry import ModelCall
 from tests import test_adapters as builtin
 from tests import test_diffusers_families as fam
+from tests._models import has_grad
 
 
 def builtin_case(name: str):
@@ -34,10 +35,6 @@ def diffusers_case(name: str):
 
 
 CASES = {**{f"builtin:{n}": (builtin_case, n) for n in builtin.CASES}, **{f"diffusers:{n}": (diffusers_case, n) for n in fam.CASES}}
-
-
-def has_grad(module: nn.Module) -> bool:
-    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters())
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -4,14 +4,12 @@ the restore after a stopped re-run, inference-mode conditioning and ``x_t.data``
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import timm
 import torch
 
 from sra_plugin import REPA, Dispersive, LayerSync, SelfRepresentationAlignment, schedules
-from tests._models import flow_batch
+from tests._models import flow_batch, no_warning
 from tests.test_misuse_finetune import ContextSiT, ScalingSiT, lora, lora_scalings, pretrained_sit
 
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -30,12 +28,6 @@ def build(method: str, model: torch.nn.Module, **options):
     if method == "dispersive":
         return Dispersive(model, layer=3, **options), {}
     return REPA(model, encoder(), layer=2, projector_dim=16, **options), {"images": IMAGES}
-
-
-def no_warning(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return fn(*args, **kwargs)
 
 
 METHODS = ["layersync", "dispersive", "repa"]

@@ -161,11 +161,10 @@ def test_bad_flags_name_the_flag(capsys, monkeypatch) -> None:
 
 
 def _tiny_sit_pair():
-    from examples.models import SiT
     from sra_plugin import SelfRepresentationAlignment
+    from tests._models import tiny_sit
 
-    torch.manual_seed(0)
-    model = SiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=2, num_classes=10)
+    model = tiny_sit(0, init=lambda m: m, in_channels=1, depth=4)  # adaLN-zero as built
     sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=3)
     return model, sra
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sra_plugin import SelfRepresentationAlignment
-from tests._models import flow_batch, tiny_sit
+from tests._models import flow_batch, no_warning, tiny_sit
 
 
 def hooks_of(model: nn.Module) -> dict[str, tuple]:
@@ -38,12 +38,6 @@ def block_tokens(model: nn.Module, k: int, x, t, y) -> torch.Tensor:
     finally:
         handle.remove()
     return out[0]
-
-
-def no_warning(fn, *args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return fn(*args)
 
 
 def expected_loss(sra: SelfRepresentationAlignment, model, x_t, x_s, t, s, y) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from examples.models import SiT
 from examples.models.dit import TimestepEmbedder
 from sra_plugin import Adapter, LinearPath, NoiseGap, SelfRepresentationAlignment
-from tests._models import TINY, flow_batch, randomise_gates, tiny_sit
+from tests._models import TINY, flow_batch, no_warning, randomise_gates, tiny_sit
 
 NULL = TINY["num_classes"]  # the null label id of the tiny models
 
@@ -65,12 +65,6 @@ def loss_of(sra: SelfRepresentationAlignment, student: torch.Tensor, target: tor
 
 def reference_loss(sra: SelfRepresentationAlignment, model: nn.Module, x_t, x_s, t, s, *cond) -> torch.Tensor:
     return loss_of(sra, *reference_features(sra, model, x_t, x_s, t, s, *cond))
-
-
-def no_warning(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return fn(*args, **kwargs)
 
 
 def build(model: nn.Module | None = None, **kwargs) -> tuple[nn.Module, SelfRepresentationAlignment]:

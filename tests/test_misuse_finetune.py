@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sra_plugin import LatentAlignment, SelfRepresentationAlignment, schedules
-from tests._models import TINY, flow_batch, free_port, optimizer_step, randomise_gates, tiny_sit
+from tests._models import TINY, flow_batch, free_port, no_warning, optimizer_step, randomise_gates, tiny_sit
 from examples.models import SiT
 
 peft = pytest.importorskip("peft")
@@ -22,12 +22,6 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 LAYERS = dict(student_layer=2, teacher_layer=4)
-
-
-def no_warning(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return fn(*args, **kwargs)
 
 
 def pretrained_sit(cls: type = SiT, seed: int = 0) -> nn.Module:

@@ -22,8 +22,8 @@ from sra_plugin import REPA, Dispersive, LayerSync, SelfRepresentationAlignment
 from sra_plugin.dispersive import dispersive_loss
 from sra_plugin.heads import MLPHead, build_head
 from sra_plugin.repa import REPAProjector
-from tests._models import TINY, flow_batch, tiny_sit
-from tests.test_misuse_finetune import lora, no_warning, pretrained_sit
+from tests._models import TINY, flow_batch, no_warning, tiny_sit
+from tests.test_misuse_finetune import lora, pretrained_sit
 
 NULL = TINY["num_classes"]
 

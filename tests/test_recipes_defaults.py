@@ -9,15 +9,18 @@ import torch.nn.functional as F
 from examples.models import SiT
 from sra_plugin import LatentAlignment, SelfRepresentationAlignment
 from sra_plugin.alignment import DEFAULT_RECIPE, RECIPES
+from tests._models import tiny_sit
 
 
-def tiny_sit() -> SiT:
-    torch.manual_seed(0)
-    model = SiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=4, num_heads=2, num_classes=3)
+def every_weight_normal(model: SiT) -> SiT:
     for p in model.parameters():  # no zero-initialised layer: every block does something
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     return model
+
+
+def recipe_sit() -> SiT:
+    return tiny_sit(0, init=every_weight_normal, in_channels=2, depth=4, num_classes=3)
 
 
 def batch():
@@ -31,7 +34,7 @@ def batch():
 
 
 def sra_loss(**kwargs) -> tuple[float, SelfRepresentationAlignment]:
-    model = tiny_sit()
+    model = recipe_sit()
     torch.manual_seed(2)  # the same head for every construction
     sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=3, **kwargs)
     _, x_t, x_s, t, s, y = batch()
@@ -55,7 +58,7 @@ def test_recipes_fill_in_loss_and_weight_and_explicit_values_win() -> None:
 
 
 def test_paper_recipe_is_the_papers_formula() -> None:
-    model = tiny_sit()
+    model = recipe_sit()
     sra = SelfRepresentationAlignment(model, student_layer=1, teacher_layer=3, recipe="paper")
     _, x_t, x_s, t, s, y = batch()
     got = {}
@@ -77,7 +80,7 @@ def test_default_recipe_is_the_documented_one() -> None:
 
 @pytest.mark.parametrize("recipe", ["Paper", "cosine", None, 3])
 def test_unknown_recipe_is_refused_and_attaches_nothing(recipe) -> None:
-    model = tiny_sit()
+    model = recipe_sit()
     hooks_before = [len(b._forward_hooks) for b in model.blocks]
     with pytest.raises(ValueError, match=f"recipe={recipe!r} is not accepted: use one of \\['official', 'paper'\\]"):
         SelfRepresentationAlignment(model, recipe=recipe)
@@ -85,7 +88,7 @@ def test_unknown_recipe_is_refused_and_attaches_nothing(recipe) -> None:
 
 
 def test_sample_target_norm_z_scores_each_sample_whatever_the_latent_scale() -> None:
-    model = tiny_sit()
+    model = recipe_sit()
     raw = LatentAlignment(model, layer=1, target_norm=None)
     normed = LatentAlignment(model, layer=1, target_norm="sample")
     x0 = batch()[0] * torch.tensor([1.0, 3.0, 0.5, 8.0]).view(-1, 1, 1, 1) + 2.0
@@ -109,7 +112,7 @@ def test_sample_target_norm_z_scores_each_sample_whatever_the_latent_scale() -> 
 
 
 def test_target_norm_is_checked_and_part_of_the_saved_identity() -> None:
-    model = tiny_sit()
+    model = recipe_sit()
     with pytest.raises(ValueError, match="target_norm='zscore' is not accepted"):
         LatentAlignment(model, target_norm="zscore")
     saved = LatentAlignment(model, layer=1, target_norm=None).state_dict()
