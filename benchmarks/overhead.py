@@ -275,7 +275,9 @@ class Bench:
                                             teacher_layer=self.cfg.teacher_layer, teacher=self.ema,
                                             adapter=self.adapter)
         added = memory.resident() - before
-        state_bytes = sum(v.numel() * v.element_size() for v in probe.state_dict().values() if isinstance(v, Tensor))
+        # Floating tensors only: ``_extra_state`` holds the objective's identity and step (a few hundred bytes).
+        state_bytes = sum(v.numel() * v.element_size() for v in probe.state_dict().values()
+                          if isinstance(v, Tensor) and v.is_floating_point())
         head_bytes = sum(p.numel() * p.element_size() for p in probe.head.parameters())
         shares = probe.teacher is self.ema and probe.ema is None
         probe.remove()

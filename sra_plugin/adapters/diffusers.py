@@ -99,7 +99,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..capture import StopForward, _eager, _end_stopped_fsdp_forward, _in_backward, restoring_model_state
+from ..hooks import StopForward, _eager, _end_stopped_fsdp_forward, _in_backward
+from ..module_state import restoring_model_state
 from ..protocols import GroupPasses
 from ..registry import Adapter, ModelCall, patchify_latent, register_adapter
 
