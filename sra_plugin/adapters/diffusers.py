@@ -88,6 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Adapter, ModelCall, patchify_latent, register_adapter
+from ._pertoken import DiffusersPerTokenTime  # per-token time in one pass (Wan, Flux): see _pertoken.py
 
 
 def _is_diffusers(model: nn.Module, class_name: str) -> bool:
@@ -107,7 +108,7 @@ def _forward_default(model: nn.Module, name: str) -> Any:
     return inspect.signature(type(model).forward).parameters[name].default
 
 
-class DiffusersAdapter(Adapter):
+class DiffusersAdapter(DiffusersPerTokenTime, Adapter):
     """Shared by the diffusers models. A family sets:
 
     - ``class_name``: the diffusers class it serves;
