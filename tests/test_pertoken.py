@@ -380,3 +380,30 @@ def test_state_of_the_other_mode_is_refused():
     with pytest.raises(ValueError, match="separate: saved True, here False"):
         per_token.load_state_dict(separate)
     per_token.load_state_dict(SRADTS(model, separate=False, **LAYERS).state_dict())
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_gradient_checkpointing_recomputes_the_per_token_pass(name):
+    """diffusers' gradient checkpointing recomputes each block during backward, after the pass restored the
+    blocks' own forwards: the gradients must still be the per-token pass's."""
+    _, model, _, x, _, cond = diffusers_case(name)
+    model.train()
+    adapter = resolve_adapter(model)
+    n = adapter.num_tokens(model, x)
+    times = torch.rand(x.shape[0], n, generator=torch.Generator().manual_seed(5))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        done = adapter.per_token_forward(model, x, times, (), cond, (1,), True)
+        ((done.output ** 2).mean() + done.taps[1].square().mean()).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    functions = {name: m._gradient_checkpointing_func for name, m in model.named_modules() if "_gradient_checkpointing_func" in m.__dict__}
+    checkpointed = grads()
+    assert model.gradient_checkpointing and swapped(model) == []
+    assert {name: m._gradient_checkpointing_func for name, m in model.named_modules() if name in functions} == functions  # restored
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -47,22 +47,50 @@ _MISSING = object()
 
 
 @contextmanager
-def swapped_forwards(swaps: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
-    """Set ``module.forward = fn`` on each module instance for the duration of the block; on exit (also
-    on an exception) each module gets back exactly what it had: its class's forward, or the forward an
-    earlier tool had set on the instance."""
+def swapped_forwards(swaps: Sequence[tuple[nn.Module, Callable[..., Any]]], name: str = "forward") -> Iterator[None]:
+    """Set ``module.forward = fn`` (or the attribute ``name``) on each module instance for the duration of the
+    block; on exit (also on an exception) each module gets back exactly what it had: its class's forward, or
+    the forward an earlier tool had set on the instance."""
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for module, fn in swaps:
-            saved.append((module, module.__dict__.get("forward", _MISSING)))
-            module.__dict__["forward"] = fn
+            saved.append((module, module.__dict__.get(name, _MISSING)))
+            module.__dict__[name] = fn
         yield
     finally:
         for module, previous in reversed(saved):
             if previous is _MISSING:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(name, None)
             else:
-                module.__dict__["forward"] = previous
+                module.__dict__[name] = previous
+
+
+def _call_swapped(module: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with swapped_forwards([(module, fn)]):
+        return module(*args, **kwargs)
+
+
+def _checkpointing(model: nn.Module, swaps: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> list[tuple[nn.Module, Any]]:
+    """Replacements for diffusers' ``_gradient_checkpointing_func`` (set by ``enable_gradient_checkpointing``)
+    on ``model`` and its submodules. Checkpointing recomputes a block during backward, after the pass has
+    restored the block's own forward: the recompute would then differ from the forward it replays. These
+    make a checkpointed swapped module recompute with its per-token forward too."""
+    by_module = {id(module): fn for module, fn in swaps}
+    replaced = []
+    for module in model.modules():
+        original = module.__dict__.get("_gradient_checkpointing_func")
+        if not callable(original):
+            continue
+
+        def checkpoint(function: Any, *args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            target = getattr(function, "__self__", function)  # a module, or its bound __call__
+            fn = by_module.get(id(target))
+            if fn is None:
+                return _original(function, *args, **kwargs)
+            return _original(partial(_call_swapped, target, fn), *args, **kwargs)
+
+        replaced.append((module, checkpoint))
+    return replaced
 
 
 def grid_values(values: Tensor, x: Tensor, patch: Sequence[int]) -> Tensor:
@@ -120,6 +148,7 @@ def run_pass(adapter: Adapter, model: nn.Module, x: Tensor, t: Any, args: tuple,
     result: Any = None
     try:
         with _eager(model, *(blocks[k - 1] for k in taps)), swapped_forwards(swaps), \
+                swapped_forwards(_checkpointing(model, swaps), "_gradient_checkpointing_func"), \
                 (nullcontext() if output else restoring_model_state(model)):
             try:
                 result = adapter.forward(model, x, t, *args, **kwargs)
