@@ -98,7 +98,8 @@ class RunsPerTokenTime(Protocol):
     ``(B, N)`` in [0, 1] (1 = noise; the adapter converts to the model's own timestep convention), all
     blocks and the output layer when ``output``, else only up to the deepest of ``taps``. The model's
     source is never edited: modules whose forward needs per-token conditioning have it swapped on the
-    instance for the duration of the pass and restored after it (also on an exception).
+    instance for the duration of the pass and restored after it (also on an exception). ``caller``: a
+    wrapper of ``model`` (DDP) to call instead of ``model``, whose forward runs ``model``'s.
     """
 
     def per_token_support(self, model: nn.Module) -> str | None: ...
@@ -108,4 +109,4 @@ class RunsPerTokenTime(Protocol):
     def token_values(self, model: nn.Module, values: Tensor, x: Tensor) -> Tensor: ...
 
     def per_token_forward(self, model: nn.Module, x: Tensor, times: Tensor, args: tuple, kwargs: dict,
-                          taps: Sequence[int], output: bool) -> TokenPass: ...
+                          taps: Sequence[int], output: bool, caller: nn.Module | None = None) -> TokenPass: ...

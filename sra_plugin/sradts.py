@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from . import capture as capture_module
 from ._checks import is_real
+from .headsync import HeadSync
 from .losses import build_loss
 from .noise import NoiseGap
 from .protocols import RunsPerTokenTime, RunsTokenGroups, TokenPass
@@ -80,12 +81,13 @@ def _captures_paused(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _refuse_distributed(model: nn.Module) -> None:
-    """The passes run the model's modules, not its wrapper's forward: DDP would not synchronise the
-    gradients (its reducer is armed in its forward) and FSDP would not gather the root's weights."""
+def _refuse_distributed(model: nn.Module, separate: bool = True) -> None:
+    """The group passes run the model's modules, not its wrapper's forward: DDP would not synchronise the
+    gradients (its reducer is armed in its forward) and FSDP would not gather the root's weights. The
+    per-token pass (``separate=False``) runs the model's own forward, through a DDP wrapper when given one."""
     from torch.nn.parallel import DistributedDataParallel
 
-    kinds = [DistributedDataParallel]
+    kinds = [DistributedDataParallel] if separate else []
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -97,7 +99,7 @@ def _refuse_distributed(model: nn.Module) -> None:
         raise ValueError(
             f"model={type(found[0]).__name__} is not supported by SRADTS yet: its per-group passes run the model's "
             "modules outside the wrapper's forward, so DDP would not synchronise gradients and FSDP would not gather "
-            "weights; train on one process, or with the bare model"
+            "weights; train on one process, or with the bare model (DDP works with separate=False)"
         )
 
 
@@ -130,9 +132,13 @@ class SRADTS(Objective):
     text tokens get the mean of the image tokens' time embedding). The adapter swaps the forwards of the
     modules concerned on the model instance for the pass and restores them after it.
 
+    Several processes: with ``separate=False``, ``model = DDP(model)`` and ``dts = DDP(dts)`` (or ``dts`` bare: it
+    then keeps its head the same on every rank itself), called as ``dts(model, ...)`` with the wrapper: the
+    student's pass runs through the wrapper's forward, so the gradients are averaged.
+
     Not supported in this version: with ``separate=True`` models outside the DiT/SiT family, with
-    ``separate=False`` families other than DiT/SiT, Wan and Flux (both refused by name); DDP/FSDP wrapping
-    (the passes run the model's modules, not its wrapper's forward).
+    ``separate=False`` families other than DiT/SiT, Wan and Flux (both refused by name); FSDP, and DDP with
+    ``separate=True`` (the group passes run the model's modules, not its wrapper's forward).
     """
 
     metric_names = ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap")
@@ -160,7 +166,7 @@ class SRADTS(Objective):
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
-            _refuse_distributed(model)
+            _refuse_distributed(model, separate is not False)
         if not isinstance(separate, bool):
             raise TypeError(
                 f"separate={separate!r} is not accepted: use True (one pass per token group, attention separated: the "
@@ -231,6 +237,8 @@ class SRADTS(Objective):
         object.__setattr__(self, "_capture", None)
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_finalizer", lambda: None)
+        # Several processes without DDP(self): rank 0's head, and head gradients averaged over the ranks.
+        object.__setattr__(self, "_head_sync", HeadSync(self))
         object.__setattr__(self, "_teacher_pass", TeacherPass(
             self._student, self.adapter, self.teacher_layer, self.ema, self._user_teacher, False, None, eval_mode))
 
@@ -315,7 +323,8 @@ class SRADTS(Objective):
         output layout (its diffusion loss is against ``noise - x0``); ``align``: the weighted alignment loss.
         ``args``/``kwargs``: the model's conditioning (a DiT/SiT's class labels ``y``)."""
         self._check_model(model)
-        _refuse_distributed(model)
+        _refuse_distributed(model, self.separate)
+        caller = None if self.separate else self._ddp_caller(model)
         self._check_pair(x0, noise)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={type(generator).__name__} is not accepted: use a torch.Generator or None")
@@ -334,9 +343,11 @@ class SRADTS(Objective):
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
+            self._head_sync.begin_call(self, model)
         self._teacher_pass.begin()
 
-        passes = self._passes(student, x0, noise, t, groups, sizes, args, kwargs, self.student_layer, output=True)
+        passes = self._passes(student, x0, noise, t, groups, sizes, args, kwargs, self.student_layer, output=True,
+                              caller=caller)
         pred = passes.output
         student_tokens = passes.taps[self.student_layer]
         self.last_draw = {"groups": groups, "t": t.detach(), "s": s.detach()}
@@ -358,10 +369,12 @@ class SRADTS(Objective):
         return pred, align
 
     def _passes(self, module: nn.Module, x0: Tensor, noise: Tensor, times: Tensor, groups: Tensor,
-                sizes: tuple[int, int], args: tuple, kwargs: dict, tap: int, output: bool) -> TokenPass:
+                sizes: tuple[int, int], args: tuple, kwargs: dict, tap: int, output: bool,
+                caller: nn.Module | None = None) -> TokenPass:
         """The step's passes of ``module`` at the groups' ``times`` ``(B, 2)``, on the linear path (t = 1 noise):
         with ``separate``, one pass per group on the inputs ``(1 - t_g) x0 + t_g noise``, its tokens put back in
-        token order; without, one pass on every token's own ``(1 - t) x0 + t noise``, with per-token time."""
+        token order; without, one pass on every token's own ``(1 - t) x0 + t noise``, with per-token time
+        (called through ``caller``, the model's DDP wrapper, when there is one)."""
         model_time = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
         adapter = self.adapter
         if not self.separate:
@@ -369,7 +382,7 @@ class SRADTS(Objective):
             mix = adapter.token_values(module, per_token.to(x0.dtype), x0)
             with _captures_paused(module):
                 return adapter.per_token_forward(module, (1 - mix) * x0 + mix * noise, per_token.to(model_time),
-                                                 args, kwargs, (tap,), output)
+                                                 args, kwargs, (tap,), output, caller=caller)
         # Each group's token positions, ascending; ``order`` puts the groups' concatenated tokens back in place.
         ranked = groups.argsort(dim=1, stable=True)
         index = [ranked[:, : sizes[0]], ranked[:, sizes[0]:]]
@@ -385,6 +398,20 @@ class SRADTS(Objective):
             passes = adapter.group_forward(module, inputs, group_times, index, args, kwargs, (tap,), output)
         pred = adapter.unpatchify(module, self._in_order(passes.outputs, order)) if output else None
         return TokenPass(pred, {k: self._in_order(v, order) for k, v in passes.taps.items()}, passes.args, passes.kwargs)
+
+    def _ddp_caller(self, model: nn.Module) -> nn.Module | None:
+        """The DDP wrapper ``model`` if it is one, to run the student's per-token pass through (its forward arms
+        the gradient reduction); it must wrap the bare model, whose modules the pass gives per-token forwards."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            return None
+        if model.module is not self._student:
+            raise ValueError(
+                f"model=DistributedDataParallel({type(model.module).__name__}) is not accepted by SRADTS(separate=False): "
+                f"wrap the bare {type(self._student).__name__} (DDP(model), not DDP(torch.compile(model)) or another wrapper)"
+            )
+        return model
 
     @staticmethod
     def _in_order(parts: list[Tensor], order: Tensor) -> Tensor:

@@ -407,3 +407,34 @@ def test_gradient_checkpointing_recomputes_the_per_token_pass(name):
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ddp_must_wrap_the_bare_model(tmp_path):
+    """Single process: DDP(model) is accepted with separate=False (the 2-process check is test_pertoken_ddp.py);
+    a DDP around another wrapper, whose forward the per-token forwards might not reach, is refused."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_sit()
+        wrapped = DistributedDataParallel(model)
+        dts = SRADTS(wrapped, separate=False, **LAYERS)
+        x0, noise, y, *_ = draw()
+        pred, align = dts(wrapped, x0, noise, y)
+        assert pred.shape == x0.shape and torch.isfinite(align)
+        with pytest.raises(ValueError, match=r"DistributedDataParallel\(OptimizedModule\) is not accepted .* wrap the bare SiT"):
+            dts(DistributedDataParallel(torch.compile(model)), x0, noise, y)
+        with pytest.raises(ValueError, match="DistributedDataParallel is not supported by SRADTS.*separate=False"):
+            SRADTS(wrapped, **LAYERS)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_remove_and_context_manager():
+    model = tiny_sit()
+    with SRADTS(model, separate=False, **LAYERS) as dts:
+        x0, noise, y, *_ = draw()
+        dts(model, x0, noise, y)
+    dts.remove()  # twice is fine
+    assert swapped(model) == []

@@ -115,9 +115,11 @@ def prediction(output: Any) -> Tensor:
 
 
 def run_pass(adapter: Adapter, model: nn.Module, x: Tensor, t: Any, args: tuple, kwargs: dict,
-             swaps: Sequence[tuple[nn.Module, Callable[..., Any]]], taps: Sequence[int], output: bool) -> TokenPass:
+             swaps: Sequence[tuple[nn.Module, Callable[..., Any]]], taps: Sequence[int], output: bool,
+             caller: nn.Module | None = None) -> TokenPass:
     """``adapter.forward(model, x, t, *args, **kwargs)`` with ``swaps`` in place, keeping the image tokens
-    of the blocks ``taps`` (1-based); without ``output`` nothing after the deepest tap runs."""
+    of the blocks ``taps`` (1-based); without ``output`` nothing after the deepest tap runs. ``caller``: a
+    wrapper to call instead of ``model`` (DDP, whose forward arms its gradient reduction)."""
     blocks = adapter.blocks(model)
     for k in taps:
         if not 1 <= k <= len(blocks):
@@ -151,7 +153,7 @@ def run_pass(adapter: Adapter, model: nn.Module, x: Tensor, t: Any, args: tuple,
                 swapped_forwards(_checkpointing(model, swaps), "_gradient_checkpointing_func"), \
                 (nullcontext() if output else restoring_model_state(model)):
             try:
-                result = adapter.forward(model, x, t, *args, **kwargs)
+                result = adapter.forward(model if caller is None else caller, x, t, *args, **kwargs)
             except StopForward:
                 _end_stopped_fsdp_forward(model)
     finally:
@@ -414,7 +416,7 @@ class DiffusersPerTokenTime:
         return grid_values(values, x, self._patch_tuple(model, x))
 
     def per_token_forward(self, model: nn.Module, x: Tensor, times: Tensor, args: tuple, kwargs: dict,
-                          taps: Sequence[int], output: bool) -> TokenPass:
+                          taps: Sequence[int], output: bool, caller: nn.Module | None = None) -> TokenPass:
         reason = self.per_token_support(model)
         if reason is not None:
             raise ValueError(f"model={type(model).__name__} cannot run per-token time: {reason}")
@@ -427,4 +429,4 @@ class DiffusersPerTokenTime:
                     "image's (img_ids mark the rest as reference images): per-token time covers generated tokens only; "
                     "train without reference images"
                 )
-        return run_pass(self, model, x, times * scale, args, kwargs, swaps(model), taps, output)  # type: ignore[arg-type]
+        return run_pass(self, model, x, times * scale, args, kwargs, swaps(model), taps, output, caller)  # type: ignore[arg-type]

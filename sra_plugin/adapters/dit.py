@@ -181,14 +181,14 @@ class DiTAdapter(Adapter):
         return _pertoken.grid_values(values, x, patch_size_of(model.x_embedder, self.name))
 
     def per_token_forward(self, model: nn.Module, x: Tensor, times: Tensor, args: tuple, kwargs: dict,
-                          taps: Sequence[int], output: bool) -> TokenPass:
+                          taps: Sequence[int], output: bool, caller: nn.Module | None = None) -> TokenPass:
         """The model's own forward on ``(x, times (B, N), y)`` with the per-token forwards of
         ``_pertoken.dit_swaps`` in place."""
         reason = self.per_token_support(model)
         if reason is not None:
             raise ValueError(f"model={type(model).__name__} cannot run per-token time: {reason}")
         self._labels(args, kwargs)  # exactly the class labels, as for the group passes
-        return _pertoken.run_pass(self, model, x, times, args, kwargs, _pertoken.dit_swaps(model), taps, output)
+        return _pertoken.run_pass(self, model, x, times, args, kwargs, _pertoken.dit_swaps(model), taps, output, caller)
 
 
 register_adapter(DiTAdapter())
