@@ -438,3 +438,63 @@ def test_remove_and_context_manager():
         dts(model, x0, noise, y)
     dts.remove()  # twice is fine
     assert swapped(model) == []
+
+
+@pytest.mark.parametrize("kind", ["owned", "user", "lora"])
+def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
+    """After a few steps the alignment is the hand computation with the teacher's weights, for every teacher kind
+    (a LoRA model's teacher is an EMA of the adapters on the shared base)."""
+    from tests.test_sradts import lora_sit
+
+    if kind == "lora":
+        model = lora_sit()
+        inner = model.get_base_model()
+    else:
+        model = tiny_sit(class_dropout_prob=0.0)
+        nn.init.normal_(model.final_layer.linear.weight, std=0.05)
+        inner = model
+    user = copy.deepcopy(inner) if kind == "user" else None
+    dts = SRADTS(model, teacher=user if user is not None else "ema", ema_decay=0.5, separate=False, **LAYERS)
+    assert kind == "user" or dts.ema.shared == (kind == "lora")
+    params = [p for p in inner.parameters() if p.requires_grad] + list(dts.head.parameters())
+    opt = torch.optim.SGD(params, lr=20.0 if kind == "lora" else 0.5)
+    for step in range(3):
+        x0, noise, y, groups, t, s = draw(step)
+        pred, align = dts(model, x0, noise, y, groups=groups, t=t, s=s)
+        (((pred - (noise - x0)) ** 2).mean() + align).backward()
+        opt.step()
+        opt.zero_grad()
+        dts.update_teacher()
+        if user is not None:
+            with torch.no_grad():
+                for pu, pm in zip(user.parameters(), inner.parameters()):
+                    pu.lerp_(pm, 0.5)
+    x0, noise, y, groups, t, s = draw(9)
+    x_t, t_tok = per_token_inputs(x0, noise, groups, t)
+    x_s, s_tok = per_token_inputs(x0, noise, groups, s)
+    with torch.no_grad():
+        _, align = dts(model, x0, noise, y, groups=groups, t=t, s=s)
+        student = dts.head(hand_per_token(inner, x_t, t_tok, y)[1][2])
+        with dts.teacher_weights() as m:
+            m.eval()
+            target = hand_per_token(m, x_s, s_tok, y)[1][4]
+            m.train()
+        with_student_weights = hand_per_token(inner, x_s, s_tok, y)[1][4]
+    expected = 0.5 * (1 - F.cosine_similarity(student, target, dim=1)).mean()
+    wrong = 0.5 * (1 - F.cosine_similarity(student, with_student_weights, dim=1)).mean()
+    assert (align - expected).abs() < 1e-6
+    assert (align - wrong).abs() > 1e-5  # the teacher differs from the student by now
+    assert swapped(inner) == []
+
+
+def test_teacher_labels_student_hands_the_dropped_labels_on():
+    model = tiny_sit(class_dropout_prob=0.5)
+    adapter = resolve_adapter(model)
+    x0, noise, y, *_ = draw()
+    y = torch.arange(8) % 10
+    x0, noise = torch.cat([x0, x0]), torch.cat([noise, noise])
+    torch.manual_seed(0)
+    done = adapter.per_token_forward(model.train(), x0, torch.rand(8, T), (y,), {}, (1,), True)
+    (used,) = done.args
+    assert bool((used == 10).any()) and bool((used != 10).any())  # some dropped to the null id, some kept
+    assert torch.equal(used[used != 10], y[used != 10])
