@@ -75,7 +75,8 @@ def per_token_inputs(x0, noise, groups, times):
     return (1 - grid) * x0 + grid * noise, per_token
 
 
-def test_per_token_pass_equals_a_hand_written_per_token_sit():
+@pytest.mark.parametrize("times", ["groups", "every-token"])
+def test_per_token_pass_equals_a_hand_written_per_token_sit(times):
     model = tiny_sit(class_dropout_prob=0.0)
     nn.init.normal_(model.final_layer.linear.weight, std=0.05)
     for layer in (model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
@@ -83,6 +84,10 @@ def test_per_token_pass_equals_a_hand_written_per_token_sit():
     adapter = resolve_adapter(model)
     assert isinstance(adapter, RunsPerTokenTime)
     x0, noise, y, groups, t, _ = draw()
+    if times == "every-token":  # a time of its own for every token (and one shared by samples 0 and 1)
+        t = torch.rand(B, T, generator=torch.Generator().manual_seed(4))
+        t[1, 3] = t[0, 3]
+        groups = torch.arange(T).expand(B, T)
     x, per_token = per_token_inputs(x0, noise, groups, t)
     assert torch.equal(x, (1 - adapter.token_values(model, per_token, x0)) * x0 + adapter.token_values(model, per_token, x0) * noise)
     done = adapter.per_token_forward(model, x, per_token, (y,), {}, (2, 5), True)
@@ -181,7 +186,7 @@ def test_flux_text_tokens_get_the_mean_of_the_image_tokens_time_embedding():
     state = swaps[0][1].args[2]
     with _pertoken.swapped_forwards(swaps):
         temb = model.time_text_embed(times, guidance, pooled)
-    per_token = state.image
+    per_token = state.rows.gather(state.embedding)
     assert per_token.shape == (x.shape[0], x.shape[1], temb.shape[-1])
     for i in (0, 5, x.shape[1] - 1):  # token i's embedding is the ordinary embedding at token i's time
         torch.testing.assert_close(per_token[:, i], model.time_text_embed(times[:, i], guidance, pooled), rtol=1e-5, atol=1e-6)

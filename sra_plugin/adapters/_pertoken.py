@@ -202,39 +202,87 @@ def dit_support(model: nn.Module) -> str | None:
     return None
 
 
-def _dit_time(original: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
-    if t.dim() == 2:  # (B, N): one embedding per token
-        return original(t.reshape(-1)).unflatten(0, tuple(t.shape))
-    return original(t)
+class _Rows:
+    """The distinct (sample, time) pairs of a per-token time ``(B, N)``. A token's conditioning depends on its
+    sample and its time only, so the time embedding and every modulation are computed once per pair and
+    gathered to the tokens: SRADTS has two pairs per sample, and per-token modulation then costs about what
+    per-sample modulation does (computed per token, a DiT block's ``Linear(D, 6D)`` would add half again to
+    the block's matrix products)."""
+
+    def __init__(self, t: Tensor) -> None:
+        b, n = t.shape
+        sample = torch.arange(b, device=t.device).repeat_interleave(n)
+        keys = torch.stack([sample.double(), t.reshape(-1).double()], dim=1)  # float64: exact for both
+        _, self.inverse = torch.unique(keys, dim=0, return_inverse=True)
+        count = int(self.inverse.max()) + 1
+        first = torch.full((count,), b * n, device=t.device, dtype=torch.long)
+        self.first = first.scatter_reduce(0, self.inverse, torch.arange(b * n, device=t.device), "amin")
+        self.sample = self.first // n  # each pair's sample
+        self.shape = (b, n)
+
+    def distinct(self, per_token: Tensor) -> Tensor:
+        """``(B, N, X)`` -> ``(pairs, X)``: one row per pair (the rows of a pair are equal)."""
+        return per_token.reshape(-1, per_token.shape[-1])[self.first]
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """``(pairs, X)`` -> ``(B, N, X)``: each token its pair's row."""
+        return rows[self.inverse].view(*self.shape, rows.shape[-1])
+
+
+class _State:
+    """What the swapped forwards of one pass share: the time's distinct pairs (set by the time embedder) and,
+    for Flux, the pairs' embeddings."""
+
+    rows: _Rows | None = None
+    embedding: Tensor | None = None  # (pairs, D)
+
+
+def _per_pair(state: _State, fn: Callable[[Tensor], Tensor], c: Tensor) -> Tensor:
+    """``fn`` (a module acting row by row) on a per-token ``c`` ``(B, N, D)``, once per distinct pair."""
+    rows = state.rows
+    if rows is None or tuple(c.shape[:2]) != rows.shape:
+        return fn(c)
+    return rows.gather(fn(rows.distinct(c)))
+
+
+def _dit_time(original: Callable[[Tensor], Tensor], state: _State, t: Tensor) -> Tensor:
+    if t.dim() != 2:
+        return original(t)
+    state.rows = _Rows(t)  # (B, N): one embedding per token, computed per distinct pair
+    return state.rows.gather(original(t.reshape(-1)[state.rows.first]))
 
 
 def _dit_labels(original: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
     return original(*args, **kwargs).unsqueeze(1)  # (B, 1, D): broadcasts over the tokens in c = t + y
 
 
-def _dit_block(block: nn.Module, original: Callable[..., Tensor], x: Tensor, c: Tensor) -> Tensor:
+def _dit_block(block: nn.Module, original: Callable[..., Tensor], state: _State, x: Tensor, c: Tensor) -> Tensor:
     if c.dim() != 3:
         return original(x, c)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=-1)
+    modulation = _per_pair(state, block.adaLN_modulation, c)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
     x = x + gate_msa * block.attn(block.norm1(x) * (1 + scale_msa) + shift_msa)
     return x + gate_mlp * block.mlp(block.norm2(x) * (1 + scale_mlp) + shift_mlp)
 
 
-def _dit_final(layer: nn.Module, original: Callable[..., Tensor], x: Tensor, c: Tensor) -> Tensor:
+def _dit_final(layer: nn.Module, original: Callable[..., Tensor], state: _State, x: Tensor, c: Tensor) -> Tensor:
     if c.dim() != 3:
         return original(x, c)
-    shift, scale = layer.adaLN_modulation(c).chunk(2, dim=-1)
+    shift, scale = _per_pair(state, layer.adaLN_modulation, c).chunk(2, dim=-1)
     return layer.linear(layer.norm_final(x) * (1 + scale) + shift)
 
 
 def dit_swaps(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
-    """The per-token forwards of a DiT/SiT (``dit_support`` first), each wrapping the module's current one."""
+    """The per-token forwards of a DiT/SiT (``dit_support`` first), each wrapping the module's current one.
+    They rely on the upstream forward's ``c = t_embedder(t) + y_embedder(y)``: a token's ``c`` depends on its
+    sample and time only."""
+    state = _State()
     swaps: list[tuple[nn.Module, Callable[..., Any]]] = [
-        (model.t_embedder, partial(_dit_time, model.t_embedder.forward)),
+        (model.t_embedder, partial(_dit_time, model.t_embedder.forward, state)),
         (model.y_embedder, partial(_dit_labels, model.y_embedder.forward)),
     ]
-    swaps += [(block, partial(_dit_block, block, block.forward)) for block in model.blocks]
-    swaps.append((model.final_layer, partial(_dit_final, model.final_layer, model.final_layer.forward)))
+    swaps += [(block, partial(_dit_block, block, block.forward, state)) for block in model.blocks]
+    swaps.append((model.final_layer, partial(_dit_final, model.final_layer, model.final_layer.forward, state)))
     return swaps
 
 
@@ -265,40 +313,37 @@ def _flux_support(model: nn.Module) -> str | None:
     return None
 
 
-class _FluxState:
-    """The per-token embedding ``(B, N, D)`` of the running pass, set by ``time_text_embed``."""
-
-    image: Tensor | None = None
-
-
-def _flux_time(module: nn.Module, original: Callable[..., Tensor], state: _FluxState, timestep: Tensor,
+def _flux_time(module: nn.Module, original: Callable[..., Tensor], state: _State, timestep: Tensor,
                *rest: Tensor) -> Tensor:
     if timestep.dim() != 2:
         return original(timestep, *rest)
     pooled = rest[-1]
-    emb = module.timestep_embedder(module.time_proj(timestep.reshape(-1)).to(dtype=pooled.dtype))
-    emb = emb.unflatten(0, tuple(timestep.shape))
+    rows = state.rows = _Rows(timestep)
+    emb = module.timestep_embedder(module.time_proj(timestep.reshape(-1)[rows.first]).to(dtype=pooled.dtype))
     if len(rest) == 2:  # guidance, pooled: added in diffusers' order, (time + guidance) + text
-        guidance = module.guidance_embedder(module.time_proj(rest[0]).to(dtype=pooled.dtype))
-        emb = emb + guidance.unsqueeze(1)
-    emb = emb + module.text_embedder(pooled).unsqueeze(1)
-    state.image = emb
-    return emb.mean(dim=1)  # temb: what the text tokens are modulated with
+        emb = emb + module.guidance_embedder(module.time_proj(rest[0]).to(dtype=pooled.dtype))[rows.sample]
+    state.embedding = emb + module.text_embedder(pooled)[rows.sample]
+    return rows.gather(state.embedding).mean(dim=1)  # temb: what the text tokens are modulated with
 
 
-def _ada_zero(norm: nn.Module, x: Tensor, emb: Tensor) -> tuple[Tensor, ...]:
-    """``AdaLayerNormZero`` with a per-token embedding ``(B, N, D)``: every output per token."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm.linear(norm.silu(emb)).chunk(6, dim=-1)
+def _modulation(norm: nn.Module, state: _State, dtype: torch.dtype | None = None) -> Tensor:
+    """An adaLN module's ``linear(silu(embedding))`` per image token ``(B, N, k D)``, computed per pair."""
+    emb = norm.silu(state.embedding)
+    return state.rows.gather(norm.linear(emb if dtype is None else emb.to(dtype)))
+
+
+def _ada_zero(norm: nn.Module, x: Tensor, state: _State) -> tuple[Tensor, ...]:
+    """``AdaLayerNormZero`` with per-token conditioning: every output per token."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(norm, state).chunk(6, dim=-1)
     return norm.norm(x) * (1 + scale_msa) + shift_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-def _flux_double(block: nn.Module, original: Callable[..., Any], state: _FluxState, hidden_states: Tensor,
+def _flux_double(block: nn.Module, original: Callable[..., Any], state: _State, hidden_states: Tensor,
                  encoder_hidden_states: Tensor, temb: Tensor, image_rotary_emb: Any = None,
                  joint_attention_kwargs: dict | None = None) -> tuple[Tensor, Tensor]:
-    emb = state.image
-    if emb is None:
+    if state.embedding is None:
         return original(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
-    norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero(block.norm1, hidden_states, emb)
+    norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero(block.norm1, hidden_states, state)
     norm_text, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
     attention = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text,
                            image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
@@ -318,17 +363,18 @@ def _flux_double(block: nn.Module, original: Callable[..., Any], state: _FluxSta
     return encoder_hidden_states, hidden_states
 
 
-def _flux_single(block: nn.Module, original: Callable[..., Any], state: _FluxState, hidden_states: Tensor,
+def _flux_single(block: nn.Module, original: Callable[..., Any], state: _State, hidden_states: Tensor,
                  encoder_hidden_states: Tensor, temb: Tensor, image_rotary_emb: Any = None,
                  joint_attention_kwargs: dict | None = None) -> tuple[Tensor, Tensor]:
-    emb = state.image
-    if emb is None:
+    if state.embedding is None:
         return original(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
     text = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
-    emb = torch.cat([temb.unsqueeze(1).expand(-1, text, -1), emb], dim=1)  # [text; image], as the tokens
-    shift, scale, gate = block.norm.linear(block.norm.silu(emb)).chunk(3, dim=-1)
+    norm = block.norm
+    text_modulation = norm.linear(norm.silu(temb)).unsqueeze(1).expand(-1, text, -1)
+    modulation = torch.cat([text_modulation, _modulation(norm, state)], dim=1)  # [text; image], as the tokens
+    shift, scale, gate = modulation.chunk(3, dim=-1)
     norm_hidden = block.norm.norm(hidden_states) * (1 + scale) + shift
     mlp_hidden = block.act_mlp(block.proj_mlp(norm_hidden))
     attn_output = block.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
@@ -338,17 +384,16 @@ def _flux_single(block: nn.Module, original: Callable[..., Any], state: _FluxSta
     return hidden_states[:, :text], hidden_states[:, text:]
 
 
-def _flux_out(norm: nn.Module, original: Callable[..., Tensor], state: _FluxState, x: Tensor,
+def _flux_out(norm: nn.Module, original: Callable[..., Tensor], state: _State, x: Tensor,
               conditioning_embedding: Tensor) -> Tensor:
-    emb = state.image
-    if emb is None:
+    if state.embedding is None:
         return original(x, conditioning_embedding)
-    scale, shift = norm.linear(norm.silu(emb).to(x.dtype)).chunk(2, dim=-1)
+    scale, shift = _modulation(norm, state, x.dtype).chunk(2, dim=-1)
     return norm.norm(x) * (1 + scale) + shift
 
 
 def _flux_swaps(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
-    state = _FluxState()
+    state = _State()
     swaps: list[tuple[nn.Module, Callable[..., Any]]] = [
         (model.time_text_embed, partial(_flux_time, model.time_text_embed, model.time_text_embed.forward, state))]
     swaps += [(b, partial(_flux_double, b, b.forward, state)) for b in model.transformer_blocks]
