@@ -34,6 +34,7 @@ adaLN modulation per token (``protocols.RunsPerTokenTime``; ``adapters/_pertoken
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from . import capture as capture_module
 from ._checks import is_real
-from .headsync import HeadSync
+from .headsync import HeadSync, distributed_world
 from .losses import build_loss
 from .noise import NoiseGap
 from .protocols import RunsPerTokenTime, RunsTokenGroups, TokenPass
@@ -405,6 +406,12 @@ class SRADTS(Objective):
         from torch.nn.parallel import DistributedDataParallel
 
         if not isinstance(model, DistributedDataParallel):
+            if torch.is_grad_enabled() and distributed_world() > 1 and "bare-model" not in self._warned:
+                self._warned.add("bare-model")
+                warnings.warn(
+                    f"SRADTS(separate=False) was called with the bare {type(model).__name__} on {distributed_world()} "
+                    "processes: the student's pass then averages no gradients. If the model is wrapped in DDP, pass "
+                    "the wrapper: dts(ddp_model, x0, noise, ...)", stacklevel=3)
             return None
         if model.module is not self._student:
             raise ValueError(

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def train(rank: int, wrap_dts: bool, through_wrapper: bool = True) -> dict:
+    import warnings
+
     from sra_plugin import SRADTS
     from tests._models import tiny_sit
 
@@ -35,19 +37,22 @@ def train(rank: int, wrap_dts: bool, through_wrapper: bool = True) -> dict:
             p.add_(0.1 * rank)
     dts_call = DDP(dts) if wrap_dts else dts
     opt = torch.optim.AdamW([*ddp_model.parameters(), *dts.head.parameters()], lr=1e-3)
-    losses = []
+    losses, warned = [], []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 * step + rank)  # different data and draws per rank
         x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
         y = torch.randint(0, 10, (4,), generator=g)
-        pred, align = dts_call(ddp_model if through_wrapper else model, x0, noise, y, generator=g)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pred, align = dts_call(ddp_model if through_wrapper else model, x0, noise, y, generator=g)
+        warned += [str(w.message) for w in caught]
         (F.mse_loss(pred, noise - x0) + align).backward()
         opt.step()
         opt.zero_grad()
         dts.update_teacher()
         losses.append(align.detach())
     return {"model": model.state_dict(), "head": dts.head.state_dict(), "teacher": dts.teacher.state_dict(),
-            "step": dts.step, "losses": torch.stack(losses)}
+            "step": dts.step, "losses": torch.stack(losses), "warned": warned}
 
 
 RUNS = {
@@ -90,6 +95,7 @@ def test_per_token_sradts_under_ddp_stays_identical_across_ranks(ranks, run):
     assert identical(r0["model"], r1["model"]), "student differs between ranks"
     assert identical(r0["head"], r1["head"]), "head differs between ranks"
     assert identical(r0["teacher"], r1["teacher"]), "teacher differs between ranks"
+    assert r0["warned"] == r1["warned"] == []
 
 
 @pytest.mark.slow
@@ -97,3 +103,4 @@ def test_per_token_sradts_under_ddp_stays_identical_across_ranks(ranks, run):
 def test_called_with_the_bare_model_the_students_drift_apart(ranks):
     r0, r1 = (r["bare_model"] for r in ranks)
     assert not identical(r0["model"], r1["model"])
+    assert len(r0["warned"]) == 1 and "pass the wrapper" in r0["warned"][0]  # said once, not silent
