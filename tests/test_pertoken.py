@@ -503,3 +503,48 @@ def test_teacher_labels_student_hands_the_dropped_labels_on():
     (used,) = done.args
     assert bool((used == 10).any()) and bool((used != 10).any())  # some dropped to the null id, some kept
     assert torch.equal(used[used != 10], y[used != 10])
+
+
+def test_resume_continues_identically():
+    from tests.test_sradts import train
+
+    def fresh():
+        model = tiny_sit(class_dropout_prob=0.0)
+        dts = SRADTS(model, ema_decay=0.9, separate=False, **LAYERS)
+        return model, dts, torch.optim.AdamW([*model.parameters(), *dts.head.parameters()], lr=1e-3)
+
+    model, dts, opt = fresh()
+    train(model, dts, opt, 2, 0)
+    saved = copy.deepcopy({"model": model.state_dict(), "dts": dts.state_dict(), "opt": opt.state_dict()})
+    reference = train(model, dts, opt, 2, 2)
+    model2, dts2, opt2 = fresh()
+    model2.load_state_dict(saved["model"])
+    dts2.load_state_dict(saved["dts"])
+    opt2.load_state_dict(saved["opt"])
+    assert train(model2, dts2, opt2, 2, 2) == reference
+    model3, dts3, opt3 = fresh()  # without the objective's state (EMA, head) the continuation differs
+    model3.load_state_dict(saved["model"])
+    opt3.load_state_dict(saved["opt"])
+    assert train(model3, dts3, opt3, 2, 2) != reference
+
+
+def test_composes_with_an_objective_that_captures_the_training_forward():
+    """LayerSync on the same model taps the user's forward; the per-token passes must not feed its capture."""
+    from sra_plugin import LayerSync
+
+    model = tiny_sit(class_dropout_prob=0.0)
+    layersync = LayerSync(model, student_layer=2, target_layer=4)
+    dts = SRADTS(model, separate=False, **LAYERS)
+    x0, noise, y, groups, t, s = draw()
+    x_t = 0.5 * x0 + 0.5 * noise
+    tt = torch.full((B,), 0.5)
+    pred = model(x_t, tt, y)
+    _, align = dts(model, x0, noise, y, groups=groups, t=t, s=s)
+    sync = layersync(model, x_t, tt, y)
+    assert layersync.student_reruns == 0  # it used the user's forward, not one of the per-token passes
+    alone = LayerSync(tiny_sit(class_dropout_prob=0.0), student_layer=2, target_layer=4)
+    with pytest.warns(RuntimeWarning, match="found no student features"):  # it reruns its student: expected
+        expected = alone(alone._student, x_t, tt, y)
+    torch.testing.assert_close(sync, expected)
+    (pred.square().mean() + align + sync).backward()
+    assert swapped(model) == []
