@@ -129,8 +129,8 @@ class SRADTS(Objective):
     ``separate=False`` (Self-Flow style, not the official recipe): the same groups, draws, head and loss, but
     ONE pass of the model in which every token has its group's time (``t_g`` for the student, ``s_g`` for the
     teacher) and all tokens attend to each other; the timestep embedding and every adaLN modulation act per
-    token (``protocols.RunsPerTokenTime``: the reference DiT/SiT, diffusers Wan natively, diffusers Flux, whose
-    text tokens get the mean of the image tokens' time embedding). The adapter swaps the forwards of the
+    token (``protocols.RunsPerTokenTime``: the reference DiT/SiT, diffusers Wan natively, diffusers Flux and
+    SD3/SD3.5, whose text tokens get the mean of the image tokens' time embedding). The adapter swaps the forwards of the
     modules concerned on the model instance for the pass and restores them after it.
 
     Several processes: with ``separate=False``, ``model = DDP(model)`` and ``dts = DDP(dts)`` (or ``dts`` bare: it
@@ -138,7 +138,7 @@ class SRADTS(Objective):
     student's pass runs through the wrapper's forward, so the gradients are averaged.
 
     Not supported in this version: with ``separate=True`` models outside the DiT/SiT family, with
-    ``separate=False`` families other than DiT/SiT, Wan and Flux (both refused by name); FSDP, and DDP with
+    ``separate=False`` families other than DiT/SiT, Wan, Flux and SD3 (both refused by name); FSDP, and DDP with
     ``separate=True`` (the group passes run the model's modules, not its wrapper's forward).
     """
 
@@ -229,7 +229,7 @@ class SRADTS(Objective):
         if not isinstance(adapter, RunsPerTokenTime):
             raise TypeError(
                 f"{family} cannot run SRADTS(separate=False): its adapter has no per-token time pass "
-                "(sra_plugin.protocols.RunsPerTokenTime); supported: the DiT/SiT family, diffusers Wan and Flux"
+                "(sra_plugin.protocols.RunsPerTokenTime); supported: the DiT/SiT family, diffusers Wan, Flux and SD3"
             )
         return adapter.per_token_support
 

@@ -24,6 +24,9 @@ Families:
   double-stream blocks modulate their image stream per token (``norm1``, the gates, ``norm2``'s shift and
   scale) and their text stream with ``temb``; the single-stream blocks modulate ``[text; image]`` with
   ``[temb, per-token embedding]``; ``norm_out`` (``AdaLayerNormContinuous``) per token.
+- diffusers SD3 / SD3.5 (``SD3Transformer2DModel``): the same time embedding (without guidance) and output
+  norm as Flux; each ``JointTransformerBlock`` modulates its image stream per token (SD3.5's second attention
+  too) and its text stream with ``temb``, the mean. Its timestep is ``sigma * 1000``.
 """
 
 from __future__ import annotations
@@ -402,6 +405,77 @@ def _flux_swaps(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
     return swaps
 
 
+# ---------------------------------------------------------------------------------------------- diffusers SD3 / SD3.5
+_SD3_NORMS = ("AdaLayerNormZero", "SD35AdaLayerNormZeroX")
+
+
+def _sd3_support(model: nn.Module) -> str | None:
+    time = getattr(model, "time_text_embed", None)
+    if _class_name(time) != "CombinedTimestepTextProjEmbeddings":
+        return f"its time_text_embed is {_class_name(time)}, not CombinedTimestepTextProjEmbeddings"
+    for number, block in enumerate(getattr(model, "transformer_blocks", None) or ()):
+        if _class_name(block) != "JointTransformerBlock":
+            return f"its transformer_blocks[{number}] is {_class_name(block)}, not diffusers' JointTransformerBlock"
+        if _class_name(getattr(block, "norm1", None)) not in _SD3_NORMS:
+            return f"its transformer_blocks[{number}].norm1 is {_class_name(getattr(block, 'norm1', None))}, not one of {_SD3_NORMS}"
+        if getattr(block.norm1, "emb", None) is not None:
+            return f"its transformer_blocks[{number}].norm1 embeds its own conditioning"
+    if _class_name(getattr(model, "norm_out", None)) != "AdaLayerNormContinuous":
+        return f"its norm_out is {_class_name(getattr(model, 'norm_out', None))}, not AdaLayerNormContinuous"
+    return None
+
+
+def _feed_forward(block: nn.Module, ff: nn.Module, x: Tensor) -> Tensor:
+    """``ff(x)``, in chunks along ``block._chunk_dim`` when diffusers' feed-forward chunking is on."""
+    size = getattr(block, "_chunk_size", None)
+    if size is None:
+        return ff(x)
+    dim = block._chunk_dim
+    if x.shape[dim] % size:
+        raise ValueError(f"feed-forward chunking: dimension {dim} of size {x.shape[dim]} is not divisible by chunk size {size}")
+    return torch.cat([ff(part) for part in x.chunk(x.shape[dim] // size, dim=dim)], dim=dim)
+
+
+def _sd3_block(block: nn.Module, original: Callable[..., Any], state: _State, hidden_states: Tensor,
+               encoder_hidden_states: Tensor, temb: Tensor, joint_attention_kwargs: dict | None = None
+               ) -> tuple[Tensor | None, Tensor]:
+    if state.embedding is None:
+        return original(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+    kwargs = joint_attention_kwargs or {}
+    norm = block.norm1
+    dual = bool(block.use_dual_attention)
+    modulation = _modulation(norm, state).chunk(9 if dual else 6, dim=-1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation[:6]
+    normed = norm.norm(hidden_states)
+    norm_hidden = normed * (1 + scale_msa) + shift_msa
+    if block.context_pre_only:
+        norm_text = block.norm1_context(encoder_hidden_states, temb)
+    else:
+        norm_text, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
+    attn_output, context_attn_output = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text, **kwargs)
+    hidden_states = hidden_states + gate_msa * attn_output
+    if dual:  # SD3.5: a second, image-only attention with its own shift, scale and gate
+        shift_msa2, scale_msa2, gate_msa2 = modulation[6:]
+        hidden_states = hidden_states + gate_msa2 * block.attn2(hidden_states=normed * (1 + scale_msa2) + shift_msa2, **kwargs)
+    norm_hidden = block.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
+    hidden_states = hidden_states + gate_mlp * _feed_forward(block, block.ff, norm_hidden)
+    if block.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+    norm_text = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * _feed_forward(block, block.ff_context, norm_text)
+    return encoder_hidden_states, hidden_states
+
+
+def _sd3_swaps(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
+    state = _State()
+    swaps: list[tuple[nn.Module, Callable[..., Any]]] = [
+        (model.time_text_embed, partial(_flux_time, model.time_text_embed, model.time_text_embed.forward, state))]
+    swaps += [(b, partial(_sd3_block, b, b.forward, state)) for b in model.transformer_blocks]
+    swaps.append((model.norm_out, partial(_flux_out, model.norm_out, model.norm_out.forward, state)))
+    return swaps
+
+
 # ---------------------------------------------------------------------------------------------- diffusers Wan
 def _wan_support(model: nn.Module) -> str | None:
     embedder = getattr(model, "condition_embedder", None)
@@ -413,7 +487,7 @@ def _wan_support(model: nn.Module) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- the diffusers mixin
 class DiffusersPerTokenTime:
-    """``RunsPerTokenTime`` for the diffusers adapters: Wan (native) and Flux (swapped forwards); every other
+    """``RunsPerTokenTime`` for the diffusers adapters: Wan (native), Flux and SD3 (swapped forwards); every other
     family is refused by ``per_token_support`` with its name. Mixed into ``DiffusersAdapter``."""
 
     name: str
@@ -425,6 +499,7 @@ class DiffusersPerTokenTime:
     _PER_TOKEN: dict[str, tuple[Callable[[nn.Module], str | None], Callable[[nn.Module], list], float]] = {
         "WanTransformer3DModel": (_wan_support, lambda model: [], 1000.0),
         "FluxTransformer2DModel": (_flux_support, _flux_swaps, 1.0),
+        "SD3Transformer2DModel": (_sd3_support, _sd3_swaps, 1000.0),
     }
 
     def per_token_support(self, model: nn.Module) -> str | None:

@@ -88,7 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Adapter, ModelCall, patchify_latent, register_adapter
-from ._pertoken import DiffusersPerTokenTime  # per-token time in one pass (Wan, Flux): see _pertoken.py
+from ._pertoken import DiffusersPerTokenTime  # per-token time in one pass (Wan, Flux, SD3): see _pertoken.py
 
 
 def _is_diffusers(model: nn.Module, class_name: str) -> bool:
