@@ -130,8 +130,8 @@ class SRADTS(Objective):
     ONE pass of the model in which every token has its group's time (``t_g`` for the student, ``s_g`` for the
     teacher) and all tokens attend to each other; the timestep embedding and every adaLN modulation act per
     token (``protocols.RunsPerTokenTime``: the reference DiT/SiT, diffusers Wan natively, diffusers Flux and
-    SD3/SD3.5, whose text tokens get the mean of the image tokens' time embedding). The adapter swaps the forwards of the
-    modules concerned on the model instance for the pass and restores them after it.
+    SD3/SD3.5, whose text tokens get the mean of the image tokens' time embedding). The adapter swaps the
+    forwards of the modules concerned on the model instance for the pass and restores them after it.
 
     Several processes: with ``separate=False``, ``model = DDP(model)`` and ``dts = DDP(dts)`` (or ``dts`` bare: it
     then keeps its head the same on every rank itself), called as ``dts(model, ...)`` with the wrapper: the
