@@ -370,6 +370,13 @@ def test_bad_input_is_refused_with_the_argument_named():
         dts(model, x0[..., :6, :6], noise[..., :6, :6], y)
     with pytest.raises(ValueError, match=r"t\[0, 1\]=1.5 is not accepted"):
         dts(model, x0, noise, y, t=torch.tensor([[0.5, 1.5]] * B))
+    adapter = resolve_adapter(model)
+    with pytest.raises(ValueError, match=r"times of shape \(4, 15\) \(torch.float32\) is not accepted for SiT: .* \(4, 16\)"):
+        adapter.per_token_forward(model, x0, torch.rand(B, 15), (y,), {}, (1,), True)
+    with pytest.raises(ValueError, match=r"times of shape \(4, 16\) \(torch.int64\) is not accepted"):
+        adapter.per_token_forward(model, x0, torch.ones(B, T, dtype=torch.long), (y,), {}, (1,), True)
+    with pytest.raises(ValueError, match=r"taps=\[7\] is not accepted: SiT has blocks 1..6"):
+        adapter.per_token_forward(model, x0, torch.rand(B, T), (y,), {}, (7,), True)
     with pytest.raises(ValueError, match="groups.* has 5 zeros"):
         bad = groups.clone()
         bad[0, (bad[0] == 1).nonzero()[0]] = 0
@@ -569,3 +576,17 @@ def test_sd3_feed_forward_chunking_gives_the_same_pass():
     assert model.transformer_blocks[0]._chunk_size == 1
     chunked = adapter.per_token_forward(model, x, times, (), cond, (1,), True).output
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_bad_times_and_inputs_are_refused():
+    _, wan, _, x, _, cond = diffusers_case("wan")
+    adapter = resolve_adapter(wan)
+    with pytest.raises(ValueError, match=r"times of shape \(2, 16\) .* not accepted for WanTransformer3DModel: .* \(2, 32\)"):
+        adapter.per_token_forward(wan, x, torch.rand(2, 16), (), cond, (1,), True)
+    with pytest.raises(ValueError, match=r"x0 of shape \(2, 4, 8, 8\) is not accepted for WanTransformer3DModel: use \(B, C, F, H, W\)"):
+        adapter.num_tokens(wan, x[:, :, 0])
+    with pytest.raises(ValueError, match=r"x0 of shape \(2, 4, 2, 7, 8\) .* multiples of the patch \(1, 2, 2\)"):
+        adapter.num_tokens(wan, x[..., :7, :])
+    _, flux, _, packed, _, cond = diffusers_case("flux")
+    with pytest.raises(ValueError, match=r"x0 of shape \(2, 4, 4, 4\) is not accepted for FluxTransformer2DModel: use packed tokens"):
+        resolve_adapter(flux).num_tokens(flux, packed.reshape(2, 4, 4, 4))

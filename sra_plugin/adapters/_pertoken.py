@@ -107,6 +107,15 @@ def grid_values(values: Tensor, x: Tensor, patch: Sequence[int]) -> Tensor:
     return out
 
 
+def check_times(model: nn.Module, times: Any, x: Tensor, tokens: int) -> None:
+    """``times`` must be a floating ``(B, N)`` tensor for an input ``x`` of ``B`` samples and ``N`` tokens."""
+    shape = (x.shape[0], tokens)
+    if not isinstance(times, Tensor) or not times.is_floating_point() or tuple(times.shape) != shape:
+        what = f"of shape {tuple(times.shape)} ({times.dtype})" if isinstance(times, Tensor) else f"={type(times).__name__}"
+        raise ValueError(f"times {what} is not accepted for {type(model).__name__}: use a floating tensor of shape {shape}, "
+                         "one time in [0, 1] per token (1 = noise)")
+
+
 def prediction(output: Any) -> Tensor:
     """The prediction in a forward's return value: a tensor, the first item of a tuple (``return_dict=False``,
     or the REPA/SRA SiT's ``(x, zs)``), or a diffusers output's ``sample``."""
@@ -541,6 +550,7 @@ class DiffusersPerTokenTime:
         if reason is not None:
             raise ValueError(f"model={type(model).__name__} cannot run per-token time: {reason}")
         _, swaps, scale = self._PER_TOKEN[self.class_name]
+        check_times(model, times, x, self.num_tokens(model, x))
         if self.layout == "packed":
             target = self.num_target_tokens(model, ModelCall((), {**kwargs, self.x_key: x}))  # type: ignore[attr-defined]
             if target is not None and target != x.shape[1]:

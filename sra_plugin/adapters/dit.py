@@ -188,6 +188,7 @@ class DiTAdapter(Adapter):
         if reason is not None:
             raise ValueError(f"model={type(model).__name__} cannot run per-token time: {reason}")
         self._labels(args, kwargs)  # exactly the class labels, as for the group passes
+        _pertoken.check_times(model, times, x, self.num_tokens(model, x))
         return _pertoken.run_pass(self, model, x, times, args, kwargs, _pertoken.dit_swaps(model), taps, output, caller)
 
 
