@@ -4,7 +4,9 @@ Three timings per repeat, in one process, the median over repeats reported:
 - ``plain``: ``model(x_t, t, y)`` on all tokens, MSE against ``noise - x0``, backward;
 - ``student``: the SRADTS student passes (one per token group) and their backward, at weight 0 (no teacher pass);
 - ``sradts``: a full SRADTS step: student passes, the EMA teacher's passes up to its block (no grad),
-  the head and the alignment loss, backward.
+  the head and the alignment loss, backward;
+- ``pt-student`` and ``pertoken``: the same two with ``separate=False`` (one pass over all tokens with
+  per-token time, the per-token forwards swapped onto the model for the pass).
 
     python benchmarks/sradts_cost.py                       # SiT depth 12, width 192, 16x16 latents (64 tokens), batch 8
     python benchmarks/sradts_cost.py --repeats 30 --threads 2
@@ -45,6 +47,8 @@ def main() -> None:
                 num_heads=args.heads, num_classes=10).train()
     dts = SRADTS(model)  # blocks 3 -> 8 of 12 (fractions 0.25, 2/3), groups 0.25 / 0.75, max gap 0.2
     student_only = SRADTS(model, weight=0.0)
+    per_token = SRADTS(model, separate=False)
+    per_token_student = SRADTS(model, separate=False, weight=0.0)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(args.batch, 4, args.size, args.size, generator=g)
     noise = torch.randn_like(x0)
@@ -61,7 +65,8 @@ def main() -> None:
             (F.mse_loss(pred, noise - x0) + align).backward()
         return run
 
-    runs = {"plain": plain, "student": step(student_only), "sradts": step(dts)}
+    runs = {"plain": plain, "student": step(student_only), "sradts": step(dts),
+            "pt-student": step(per_token_student), "pertoken": step(per_token)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(args.warmup + args.repeats):
         for name, run in runs.items():  # interleaved, so that drifts in machine load hit all three alike
@@ -77,7 +82,8 @@ def main() -> None:
           f"median of {args.repeats} (torch {torch.__version__})")
     for name in runs:
         print(f"  {name:8s} {median[name] * 1e3:8.1f} ms   x{median[name] / median['plain']:.2f} of plain")
-    print(f"  teacher pass and head: x{(median['sradts'] - median['student']) / median['plain']:.2f} of plain")
+    print(f"  teacher pass and head: x{(median['sradts'] - median['student']) / median['plain']:.2f} of plain "
+          f"(separate), x{(median['pertoken'] - median['pt-student']) / median['plain']:.2f} (per-token)")
 
 
 if __name__ == "__main__":

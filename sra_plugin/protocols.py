@@ -14,7 +14,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["EncodesImages", "RunsTokenGroups", "GroupPasses"]
+__all__ = ["EncodesImages", "RunsTokenGroups", "GroupPasses", "RunsPerTokenTime", "TokenPass"]
 
 
 @runtime_checkable
@@ -68,3 +68,47 @@ class RunsTokenGroups(Protocol):
                       output: bool) -> GroupPasses: ...
 
     def unpatchify(self, model: nn.Module, tokens: Tensor, x: Tensor | None = None) -> Tensor: ...
+
+
+@dataclass
+class TokenPass:
+    """What ``RunsPerTokenTime.per_token_forward`` returns.
+
+    ``output``: the model's prediction in its own output layout (what its forward returns, e.g.
+    ``(B, C, H, W)``), or None when the pass stopped after the deepest tap. ``taps``: block (1-based) ->
+    that block's image tokens ``(B, N, D)`` in the model's token order. ``args``/``kwargs``: the
+    conditioning as the pass used it (class labels after the model's own dropout for classifier-free
+    guidance), for a teacher that should see what the student saw.
+    """
+
+    output: Tensor | None
+    taps: dict[int, Tensor]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RunsPerTokenTime(Protocol):
+    """Per-token time in one pass (Self-Flow style; ``SRADTS(separate=False)``): every image token has its
+    own time, all tokens attend to each other, the timestep embedding and the adaLN modulation act per token.
+
+    ``per_token_support``: None if this model can run so, else the reason it cannot (naming the family).
+    ``num_tokens``: image tokens of an input ``x`` (the model's input layout). ``token_values``: per-token
+    values ``(B, N)`` laid out like ``x`` (broadcastable to it): every input element gets the value of the
+    token that reads it, so a per-token noisy input is ``(1 - m) * x0 + m * noise`` with
+    ``m = token_values(model, t, x0)``. ``per_token_forward``: one pass of ``model`` on ``x`` with times
+    ``(B, N)`` in [0, 1] (1 = noise; the adapter converts to the model's own timestep convention), all
+    blocks and the output layer when ``output``, else only up to the deepest of ``taps``. The model's
+    source is never edited: modules whose forward needs per-token conditioning have it swapped on the
+    instance for the duration of the pass and restored after it (also on an exception). ``caller``: a
+    wrapper of ``model`` (DDP) to call instead of ``model``, whose forward runs ``model``'s.
+    """
+
+    def per_token_support(self, model: nn.Module) -> str | None: ...
+
+    def num_tokens(self, model: nn.Module, x: Tensor) -> int: ...
+
+    def token_values(self, model: nn.Module, values: Tensor, x: Tensor) -> Tensor: ...
+
+    def per_token_forward(self, model: nn.Module, x: Tensor, times: Tensor, args: tuple, kwargs: dict,
+                          taps: Sequence[int], output: bool, caller: nn.Module | None = None) -> TokenPass: ...

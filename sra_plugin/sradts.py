@@ -26,11 +26,16 @@ Attention separated between groups with per-token time is the same as one pass o
 on that group's tokens only, at that group's time (adaLN modulation and the output layer act per token).
 Here the adapter runs those passes on the user's unmodified model (``protocols.RunsTokenGroups``) and
 the outputs are put back in token order.
+
+``separate=False`` drops the attention separation (Self-Flow style per-token timesteps, as in "From SRA to
+Self-Flow"): one pass of the model over all tokens, each at its group's time, with the time embedding and the
+adaLN modulation per token (``protocols.RunsPerTokenTime``; ``adapters/_pertoken.py``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
@@ -39,9 +44,10 @@ from torch import Tensor, nn
 
 from . import capture as capture_module
 from ._checks import is_real
+from .headsync import HeadSync, distributed_world
 from .losses import build_loss
 from .noise import NoiseGap
-from .protocols import RunsTokenGroups
+from .protocols import RunsPerTokenTime, RunsTokenGroups, TokenPass
 from .registry import Adapter
 from .student import Objective, Weight, head_on_model, resolve_objective
 from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
@@ -77,12 +83,13 @@ def _captures_paused(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _refuse_distributed(model: nn.Module) -> None:
-    """The passes run the model's modules, not its wrapper's forward: DDP would not synchronise the
-    gradients (its reducer is armed in its forward) and FSDP would not gather the root's weights."""
+def _refuse_distributed(model: nn.Module, separate: bool = True) -> None:
+    """The group passes run the model's modules, not its wrapper's forward: DDP would not synchronise the
+    gradients (its reducer is armed in its forward) and FSDP would not gather the root's weights. The
+    per-token pass (``separate=False``) runs the model's own forward, through a DDP wrapper when given one."""
     from torch.nn.parallel import DistributedDataParallel
 
-    kinds = [DistributedDataParallel]
+    kinds = [DistributedDataParallel] if separate else []
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -94,7 +101,7 @@ def _refuse_distributed(model: nn.Module) -> None:
         raise ValueError(
             f"model={type(found[0]).__name__} is not supported by SRADTS yet: its per-group passes run the model's "
             "modules outside the wrapper's forward, so DDP would not synchronise gradients and FSDP would not gather "
-            "weights; train on one process, or with the bare model"
+            "weights; train on one process, or with the bare model (DDP works with separate=False)"
         )
 
 
@@ -120,15 +127,27 @@ class SRADTS(Objective):
     ``"student"``. The teacher: ``"ema"`` (an owned EMA: a full copy, or shared weights with an EMA of the
     trainable ones for LoRA) or the EMA module the user keeps.
 
-    Families: the DiT/SiT family and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, PixArt and DiT transformers
-    (``sra_plugin.adapters.diffusers``; conditioning by keyword, ``x0``/``noise`` in the model's input layout).
-    Not supported in this version: other families (refused by name), per-token time
-    without separation (``separate=False``), DDP/FSDP wrapping (the passes run the model's modules, not
-    its wrapper's forward).
+    ``separate=False`` (Self-Flow style, not the official recipe): the same groups, draws, head and loss, but
+    ONE pass of the model in which every token has its group's time (``t_g`` for the student, ``s_g`` for the
+    teacher) and all tokens attend to each other; the timestep embedding and every adaLN modulation act per
+    token (``protocols.RunsPerTokenTime``: the reference DiT/SiT, diffusers Wan natively, diffusers Flux and
+    SD3/SD3.5, whose text tokens get the mean of the image tokens' time embedding). The adapter swaps the
+    forwards of the modules concerned on the model instance for the pass and restores them after it.
+
+    Several processes: with ``separate=False``, ``model = DDP(model)`` and ``dts = DDP(dts)`` (or ``dts`` bare: it
+    then keeps its head the same on every rank itself), called as ``dts(model, ...)`` with the wrapper: the
+    student's pass runs through the wrapper's forward, so the gradients are averaged.
+
+    Families: with ``separate=True`` the DiT/SiT family and the diffusers Flux, SD3/SD3.5, QwenImage, Wan,
+    PixArt and DiT transformers (``sra_plugin.adapters.diffusers``; conditioning by keyword, ``x0``/``noise``
+    in the model's input layout); with ``separate=False`` the DiT/SiT family and diffusers Wan, Flux and
+    SD3/SD3.5. Other families are refused by name, as are FSDP, and DDP with ``separate=True`` (the group
+    passes run the model's modules, not its wrapper's forward).
     """
 
     metric_names = ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap")
     target_name = "teacher"
+    _identity_defaults = {"separate": True}  # states saved before separate=False existed
     _transient = (*Objective._transient, "_teacher_pass")
 
     def __init__(
@@ -151,24 +170,19 @@ class SRADTS(Objective):
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
-            _refuse_distributed(model)
-        if separate is not True:
-            raise ValueError(
-                f"separate={separate!r} is not supported: SRADTS runs each token group in a pass of its own "
-                "(attention separated, the official recipe); per-token time in one shared pass is not implemented"
+            _refuse_distributed(model, separate is not False)
+        if not isinstance(separate, bool):
+            raise TypeError(
+                f"separate={separate!r} is not accepted: use True (one pass per token group, attention separated: the "
+                "official recipe) or False (one pass, every token at its group's time, full attention: Self-Flow style)"
             )
         student, adapter, blocks, indices, weight = resolve_objective(
             model, adapter, weight, student_layer=student_layer, teacher_layer=teacher_layer)
         family = f"model={type(student).__name__} (adapter {adapter.name!r})"
-        if not isinstance(adapter, RunsTokenGroups):
-            raise TypeError(
-                f"{family} cannot run SRADTS: its adapter has no per-group pass (sra_plugin.protocols.RunsTokenGroups). "
-                "SRADTS supports the DiT/SiT family (adapter 'dit') and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, "
-                "PixArt and DiT transformers; other families (U-ViT, MMDiT, timm ViTs, ...) are not supported"
-            )
-        reason = adapter.group_support(student)
+        support = self._support(adapter, family, separate)
+        reason = support(student)
         if reason is not None:
-            raise ValueError(f"{family} cannot run SRADTS: {reason}")
+            raise ValueError(f"{family} cannot run SRADTS(separate={separate}): {reason}")
         student_index, teacher_index = indices["student_layer"], indices["teacher_layer"]
         if teacher_index < student_index:
             raise ValueError(
@@ -182,8 +196,8 @@ class SRADTS(Objective):
             raise ValueError(f"teacher_labels={teacher_labels!r} is not accepted: use one of {TEACHER_LABELS}")
         loss_fn = build_loss(loss)
         user_teacher = check_teacher_options(teacher, student, ema_decay, ema_dtype, None)
-        if user_teacher is not None and adapter.group_support(user_teacher) is not None:
-            raise ValueError(f"teacher={type(user_teacher).__name__} cannot run SRADTS: {adapter.group_support(user_teacher)}")
+        if user_teacher is not None and support(user_teacher) is not None:
+            raise ValueError(f"teacher={type(user_teacher).__name__} cannot run SRADTS(separate={separate}): {support(user_teacher)}")
         teacher_model = user_teacher if user_teacher is not None else student
         dim = adapter.dim(student, blocks[student_index - 1])
         target_dim = adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1])
@@ -194,6 +208,7 @@ class SRADTS(Objective):
         self.taps = {"student": student_index}
         self.teacher_layer = teacher_index
         self.mask_ratio = float(mask_ratio)
+        self.separate = separate
         self.gap = gap
         self.max_gap = gap.max_gap
         self.teacher_labels = teacher_labels
@@ -204,11 +219,31 @@ class SRADTS(Objective):
         object.__setattr__(self, "_user_teacher", user_teacher)
         self._init_student(student)
 
+    @staticmethod
+    def _support(adapter: Adapter, family: str, separate: bool) -> Callable[[nn.Module], str | None]:
+        """The adapter's check for the passes ``separate`` asks for; an adapter without them is refused."""
+        if separate:
+            if not isinstance(adapter, RunsTokenGroups):
+                raise TypeError(
+                    f"{family} cannot run SRADTS: its adapter has no per-group pass (sra_plugin.protocols.RunsTokenGroups). "
+                    "SRADTS supports the DiT/SiT family (adapter 'dit') and the diffusers Flux, SD3/SD3.5, QwenImage, Wan, "
+                    "PixArt and DiT transformers; other families (U-ViT, MMDiT, timm ViTs, ...) are not supported"
+                )
+            return adapter.group_support
+        if not isinstance(adapter, RunsPerTokenTime):
+            raise TypeError(
+                f"{family} cannot run SRADTS(separate=False): its adapter has no per-token time pass "
+                "(sra_plugin.protocols.RunsPerTokenTime); supported: the DiT/SiT family, diffusers Wan, Flux and SD3"
+            )
+        return adapter.per_token_support
+
     # ------------------------------------------------------------------ no hooks: this objective runs its passes
     def _attach(self) -> None:
         object.__setattr__(self, "_capture", None)
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_finalizer", lambda: None)
+        # Several processes without DDP(self): rank 0's head, and head gradients averaged over the ranks.
+        object.__setattr__(self, "_head_sync", HeadSync(self))
         object.__setattr__(self, "_teacher_pass", TeacherPass(
             self._student, self.adapter, self.teacher_layer, self.ema, self._user_teacher, False, None, eval_mode))
 
@@ -293,7 +328,8 @@ class SRADTS(Objective):
         output layout (its diffusion loss is against ``noise - x0``); ``align``: the weighted alignment loss.
         ``args``/``kwargs``: the model's conditioning (a DiT/SiT's class labels ``y``)."""
         self._check_model(model)
-        _refuse_distributed(model)
+        _refuse_distributed(model, self.separate)
+        caller = None if self.separate else self._ddp_caller(model)
         self._check_pair(x0, noise)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={type(generator).__name__} is not accepted: use a torch.Generator or None")
@@ -312,16 +348,13 @@ class SRADTS(Objective):
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
+            self._head_sync.begin_call(self, model)
         self._teacher_pass.begin()
 
-        # Each group's token positions, ascending; ``order`` puts the groups' concatenated tokens back in place.
-        ranked = groups.argsort(dim=1, stable=True)
-        index = [ranked[:, : sizes[0]], ranked[:, sizes[0]:]]
-        order = ranked.argsort(dim=1)
-
-        passes = self._passes(student, x0, noise, t, index, args, kwargs, self.student_layer, output=True)
-        pred = adapter.unpatchify(student, self._in_order(passes.outputs, order), x0)
-        student_tokens = self._in_order(passes.taps[self.student_layer], order)
+        passes = self._passes(student, x0, noise, t, groups, sizes, args, kwargs, self.student_layer, output=True,
+                              caller=caller)
+        pred = passes.output
+        student_tokens = passes.taps[self.student_layer]
         self.last_draw = {"groups": groups, "t": t.detach(), "s": s.detach()}
 
         if self._is_zero(weight):
@@ -331,8 +364,8 @@ class SRADTS(Objective):
         else:
             t_args, t_kwargs = (passes.args, passes.kwargs) if self.teacher_labels == "student" else (args, kwargs)
             with torch.no_grad(), self._teacher_module() as module, eval_mode(module):
-                taught = self._passes(module, x0, noise, s, index, t_args, t_kwargs, self.teacher_layer, output=False)
-            target = self._in_order(taught.taps[self.teacher_layer], order)
+                taught = self._passes(module, x0, noise, s, groups, sizes, t_args, t_kwargs, self.teacher_layer, output=False)
+            target = taught.taps[self.teacher_layer]
             if self.check_finite:
                 self._check_finite(student_tokens, target)
             align = self._loss({"student": student_tokens}, target, weight, sample_weight)
@@ -340,11 +373,26 @@ class SRADTS(Objective):
         self._count_training_call()
         return pred, align
 
-    def _passes(self, module: nn.Module, x0: Tensor, noise: Tensor, times: Tensor, index: list[Tensor],
-                args: tuple, kwargs: dict, tap: int, output: bool):
-        """One pass per group: inputs ``(1 - t_g) x0 + t_g noise`` (the linear path, t = 1 noise)."""
-        shape = (x0.shape[0],) + (1,) * (x0.dim() - 1)
+    def _passes(self, module: nn.Module, x0: Tensor, noise: Tensor, times: Tensor, groups: Tensor,
+                sizes: tuple[int, int], args: tuple, kwargs: dict, tap: int, output: bool,
+                caller: nn.Module | None = None) -> TokenPass:
+        """The step's passes of ``module`` at the groups' ``times`` ``(B, 2)``, on the linear path (t = 1 noise):
+        with ``separate``, one pass per group on the inputs ``(1 - t_g) x0 + t_g noise``, its tokens put back in
+        token order; without, one pass on every token's own ``(1 - t) x0 + t noise``, with per-token time
+        (called through ``caller``, the model's DDP wrapper, when there is one)."""
         model_time = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
+        adapter = self.adapter
+        if not self.separate:
+            per_token = times.gather(1, groups)  # (B, T): each token its group's time
+            mix = adapter.token_values(module, per_token.to(x0.dtype), x0)
+            with _captures_paused(module):
+                return adapter.per_token_forward(module, (1 - mix) * x0 + mix * noise, per_token.to(model_time),
+                                                 args, kwargs, (tap,), output, caller=caller)
+        # Each group's token positions, ascending; ``order`` puts the groups' concatenated tokens back in place.
+        ranked = groups.argsort(dim=1, stable=True)
+        index = [ranked[:, : sizes[0]], ranked[:, sizes[0]:]]
+        order = ranked.argsort(dim=1)
+        shape = (x0.shape[0],) + (1,) * (x0.dim() - 1)
         inputs, group_times = [], []
         for g in range(2):
             tg = times[:, g]
@@ -352,7 +400,29 @@ class SRADTS(Objective):
             inputs.append((1 - mix) * x0 + mix * noise)
             group_times.append(tg.to(model_time))
         with _captures_paused(module):
-            return self.adapter.group_forward(module, inputs, group_times, index, args, kwargs, (tap,), output)
+            passes = adapter.group_forward(module, inputs, group_times, index, args, kwargs, (tap,), output)
+        pred = adapter.unpatchify(module, self._in_order(passes.outputs, order), x0) if output else None
+        return TokenPass(pred, {k: self._in_order(v, order) for k, v in passes.taps.items()}, passes.args, passes.kwargs)
+
+    def _ddp_caller(self, model: nn.Module) -> nn.Module | None:
+        """The DDP wrapper ``model`` if it is one, to run the student's per-token pass through (its forward arms
+        the gradient reduction); it must wrap the bare model, whose modules the pass gives per-token forwards."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            if torch.is_grad_enabled() and distributed_world() > 1 and "bare-model" not in self._warned:
+                self._warned.add("bare-model")
+                warnings.warn(
+                    f"SRADTS(separate=False) was called with the bare {type(model).__name__} on {distributed_world()} "
+                    "processes: the student's pass then averages no gradients. If the model is wrapped in DDP, pass "
+                    "the wrapper: dts(ddp_model, x0, noise, ...)", stacklevel=3)
+            return None
+        if model.module is not self._student:
+            raise ValueError(
+                f"model=DistributedDataParallel({type(model.module).__name__}) is not accepted by SRADTS(separate=False): "
+                f"wrap the bare {type(self._student).__name__} (DDP(model), not DDP(torch.compile(model)) or another wrapper)"
+            )
+        return model
 
     @staticmethod
     def _in_order(parts: list[Tensor], order: Tensor) -> Tensor:
@@ -378,6 +448,7 @@ class SRADTS(Objective):
             "mask_ratio": self.mask_ratio,
             "max_gap": self.max_gap,
             "teacher_labels": self.teacher_labels,
+            "separate": self.separate,
             "owned_teacher": self.ema is not None,
             "shared_teacher": self.ema is not None and self.ema.shared,
         }
@@ -386,6 +457,6 @@ class SRADTS(Objective):
         return (
             f"adapter={self.adapter.name!r}, blocks {self.student_layer}->{self.teacher_layer} of {self.depth}, "
             f"mask_ratio={self.mask_ratio}, max_gap={self.max_gap}, loss={self.loss_name!r}, head={self.head_name!r}, "
-            f"teacher_labels={self.teacher_labels!r}, "
+            f"teacher_labels={self.teacher_labels!r}, separate={self.separate}, "
             f"teacher={'user EMA' if self.ema is None else ('shared-weight EMA' if self.ema.shared else 'owned EMA')}"
         )

@@ -474,8 +474,8 @@ def test_bad_options_are_refused():
         SRADTS(model, max_gap=-0.1)
     with pytest.raises(ValueError, match="teacher_labels='dropped'"):
         SRADTS(model, teacher_labels="dropped")
-    with pytest.raises(ValueError, match="separate=False"):
-        SRADTS(model, separate=False)
+    with pytest.raises(TypeError, match="separate='no' is not accepted: use True .* or False"):
+        SRADTS(model, separate="no")
     with pytest.raises(ValueError, match="comes before"):
         SRADTS(model, student_layer=4, teacher_layer=2)
 

@@ -270,7 +270,7 @@ def test_sradts_step(name):
 def test_other_diffusers_families_are_refused_by_name(name, why):
     model = CASES[name].build()
     cls, adapter = CASES[name].cls, CASES[name].adapter
-    with pytest.raises(ValueError, match=rf"model={cls} \(adapter '{adapter}'\) cannot run SRADTS: .*{why}"):
+    with pytest.raises(ValueError, match=rf"model={cls} \(adapter '{adapter}'\) cannot run SRADTS\(separate=True\): .*{why}"):
         SRADTS(model, student_layer=1, teacher_layer=2)
 
 

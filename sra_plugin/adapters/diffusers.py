@@ -103,6 +103,7 @@ from ..hooks import StopForward, _eager, _end_stopped_fsdp_forward, _in_backward
 from ..module_state import restoring_model_state
 from ..protocols import GroupPasses
 from ..registry import Adapter, ModelCall, patchify_latent, register_adapter
+from ._pertoken import DiffusersPerTokenTime  # per-token time in one pass (Wan, Flux, SD3): see _pertoken.py
 
 
 def _is_diffusers(model: nn.Module, class_name: str) -> bool:
@@ -122,7 +123,7 @@ def _forward_default(model: nn.Module, name: str) -> Any:
     return inspect.signature(type(model).forward).parameters[name].default
 
 
-class DiffusersAdapter(Adapter):
+class DiffusersAdapter(DiffusersPerTokenTime, Adapter):
     """Shared by the diffusers models. A family sets:
 
     - ``class_name``: the diffusers class it serves;

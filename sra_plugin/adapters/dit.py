@@ -14,6 +14,10 @@ block in a reentrant checkpoint (``checkpoint(block, x, c, feat_rope, use_reentr
 the student block's tokens carry no gradient: SRA raises a ``RuntimeError`` then, so train
 LightningDiT with ``use_checkpoint=False`` or change those calls to ``use_reentrant=False``.
 
+Per-token time in one pass (``RunsPerTokenTime``, ``SRADTS(separate=False)``): the model's own forward with
+``t`` of shape ``(B, N)``, its time embedder, label embedder, blocks and final layer given per-token forwards on
+the instance for the pass (``adapters/_pertoken.py``); blocks must be upstream ``DiTBlock``-like, ``(x, c)``.
+
 SRA-DTS (``RunsTokenGroups``): one pass per token group is ``x_embedder`` -> ``+ pos_embed`` -> the group's
 tokens gathered -> ``blocks`` with ``c = t_embedder(t_g) + y_embedder(y)`` -> ``final_layer`` (per token), and
 ``unpatchify`` after the groups' outputs are put back in token order. The labels are embedded (and dropped
@@ -31,8 +35,9 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from ..protocols import GroupPasses
+from ..protocols import GroupPasses, TokenPass
 from ..registry import Adapter, ModelCall, register_adapter
+from . import _pertoken
 from ._patches import patch_size_of, patchify_image, predicted_channels
 
 
@@ -164,6 +169,27 @@ class DiTAdapter(Adapter):
 
     def unpatchify(self, model: nn.Module, tokens: Tensor, x: Tensor | None = None) -> Tensor:
         return model.unpatchify(tokens)  # a square grid, read from the token count by the model itself
+
+    # ------------------------------------------------------------------ per-token time in one pass (RunsPerTokenTime)
+    def per_token_support(self, model: nn.Module) -> str | None:
+        reason = _pertoken.dit_support(model)
+        if reason is None and not isinstance(getattr(model, "pos_embed", None), Tensor):
+            reason = "it has no pos_embed (a DiT/SiT adds a fixed position table)"
+        return reason
+
+    def token_values(self, model: nn.Module, values: Tensor, x: Tensor) -> Tensor:
+        return _pertoken.grid_values(values, x, patch_size_of(model.x_embedder, self.name))
+
+    def per_token_forward(self, model: nn.Module, x: Tensor, times: Tensor, args: tuple, kwargs: dict,
+                          taps: Sequence[int], output: bool, caller: nn.Module | None = None) -> TokenPass:
+        """The model's own forward on ``(x, times (B, N), y)`` with the per-token forwards of
+        ``_pertoken.dit_swaps`` in place."""
+        reason = self.per_token_support(model)
+        if reason is not None:
+            raise ValueError(f"model={type(model).__name__} cannot run per-token time: {reason}")
+        self._labels(args, kwargs)  # exactly the class labels, as for the group passes
+        _pertoken.check_times(model, times, x, self.num_tokens(model, x))
+        return _pertoken.run_pass(self, model, x, times, args, kwargs, _pertoken.dit_swaps(model), taps, output, caller)
 
 
 register_adapter(DiTAdapter())
