@@ -559,3 +559,33 @@ def test_sample_weight_and_metrics():
     assert set(m) >= {"loss", "align_loss", "cos_sim", "student_norm", "teacher_norm", "gap"}
     with pytest.raises(ValueError, match="sample_weight"):
         dts(student, x0, noise, y, groups=groups, t=t, s=s, sample_weight=torch.ones(3))
+
+
+@pytest.mark.parametrize("separate", [True, False])
+@pytest.mark.parametrize("how", ["wrapper", "in_place"])
+def test_a_compiled_model_gives_the_eager_step(separate, how):
+    """``torch.compile(model)`` and ``model.compile()`` are accepted; the passes give the eager numbers and
+    gradients (they run the model's modules eagerly: no speed-up from compiling, no graph break to handle)."""
+    from tests._models import batch
+
+    def step(model, dts_model):
+        dts = SRADTS(dts_model, student_layer=1, teacher_layer=2, separate=separate)
+        x0, noise, _, y = batch(model)
+        pred, align = dts(dts_model, x0, noise, y, generator=torch.Generator().manual_seed(3))
+        (pred.square().mean() + align).backward()
+        return pred, align, [p.grad for p in model.parameters()]
+
+    eager = step(*(2 * [tiny_sit()]))
+    model = tiny_sit()
+    if how == "wrapper":
+        compiled = torch.compile(model, backend="eager")
+    else:
+        model.compile(backend="eager")
+        compiled = model
+    got = step(model, compiled)
+    torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], eager[1], rtol=0, atol=0)
+    for a, b in zip(got[2], eager[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
