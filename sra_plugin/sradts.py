@@ -30,7 +30,7 @@ the outputs are put back in token order.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
@@ -38,19 +38,37 @@ from torch import Tensor, nn
 
 from . import capture as capture_module
 from ._checks import is_real
+from dataclasses import dataclass
+
+from .config import MethodConfig, option, shown
 from .losses import build_loss
 from .noise import NoiseGap
 from .protocols import RunsTokenGroups
-from .registry import Adapter
-from .student import Objective, Weight, head_on_model, resolve_objective
-from .teacher import EMATeacher, TeacherPass, check_teacher_options, eval_mode
+from .registry import Adapter, ModelCall
+from .student import Objective, Weight, head_name, loss_name, resolve_objective
+from .targets import SelfTeaching, Step, TeacherTarget
 
-__all__ = ["SRADTS", "group_sizes", "TEACHER_LABELS"]
+__all__ = ["SRADTS", "SRADTSConfig", "group_sizes", "TEACHER_LABELS"]
 
 TEACHER_LABELS = ("given", "student")
 """``"given"``: the teacher gets the conditioning as passed to the call (in eval mode a DiT/SiT drops no
 label), as the official code does. ``"student"``: the labels the student's passes used, after its CFG
 dropout (what ``SelfRepresentationAlignment`` does)."""
+
+
+@dataclass(frozen=True)
+class SRADTSConfig(MethodConfig):
+    """SRA-DTS's options as resolved (the teacher's kind adds its part of the saved identity)."""
+
+    student_layer: int = option()
+    teacher_layer: int = option()
+    depth: int = option()
+    head: str = option()
+    mask_ratio: float = option()
+    max_gap: float = option()
+    teacher_labels: str = option()
+    loss: str = shown()
+    ema_decay: float = shown()
 
 
 def group_sizes(mask_ratio: float, tokens: int) -> tuple[int, int]:
@@ -97,7 +115,7 @@ def _refuse_distributed(model: nn.Module) -> None:
         )
 
 
-class SRADTS(Objective):
+class SRADTS(SelfTeaching, Objective):
     """SRA-DTS (the SRA authors' ``SiT-SRA_DTS_AS``): two token groups per sample at their own times,
     attention separated, the student's block aligned through a head to the EMA teacher's later block on
     the same groups at less noisy times.
@@ -123,10 +141,6 @@ class SRADTS(Objective):
     without separation (``separate=False``), DDP/FSDP wrapping (the passes run the model's modules, not
     its wrapper's forward).
     """
-
-    metric_names = ("align_loss", "cos_sim", "student_norm", "teacher_norm", "gap")
-    target_name = "teacher"
-    _transient = (*Objective._transient, "_teacher_pass")
 
     def __init__(
         self,
@@ -176,54 +190,28 @@ class SRADTS(Objective):
         gap = NoiseGap(max_gap, lo=0.0, hi=1.0)  # checks max_gap
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"teacher_labels={teacher_labels!r} is not accepted: use one of {TEACHER_LABELS}")
-        loss_fn = build_loss(loss)
-        user_teacher = check_teacher_options(teacher, student, ema_decay, ema_dtype, None)
-        if user_teacher is not None and adapter.group_support(user_teacher) is not None:
-            raise ValueError(f"teacher={type(user_teacher).__name__} cannot run SRADTS: {adapter.group_support(user_teacher)}")
-        teacher_model = user_teacher if user_teacher is not None else student
-        dim = adapter.dim(student, blocks[student_index - 1])
-        target_dim = adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1])
-        head_module = head_on_model(head, dim, target_dim, student)
-
-        self.adapter = adapter
-        self.depth = len(blocks)
-        self.taps = {"student": student_index}
-        self.teacher_layer = teacher_index
-        self.mask_ratio = float(mask_ratio)
+        build_loss(loss)
+        teacher_model = self._set_teacher(teacher, student, ema_decay, ema_dtype, None)
+        if teacher_model is not student and adapter.group_support(teacher_model) is not None:
+            raise ValueError(f"teacher={type(teacher_model).__name__} cannot run SRADTS: {adapter.group_support(teacher_model)}")
+        dims = (adapter.dim(student, blocks[student_index - 1]),
+                adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1]))
         self.gap = gap
-        self.max_gap = gap.max_gap
-        self.teacher_labels = teacher_labels
-        self.ema_decay = float(ema_decay)
         self.last_draw: dict[str, Tensor] = {}
-        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
-        self.ema: EMATeacher | None = EMATeacher(student, ema_decay, ema_dtype) if user_teacher is None else None
-        object.__setattr__(self, "_user_teacher", user_teacher)
-        self._init_student(student)
+        config = SRADTSConfig(student_index, teacher_index, len(blocks), head_name(head), float(mask_ratio), gap.max_gap,
+                              teacher_labels, loss_name(loss), float(ema_decay))
+        self._setup(student, adapter, config, {"student": student_index}, head=head, dims=dims, loss=loss, weight=weight,
+                    check_finite=check_finite)
 
     # ------------------------------------------------------------------ no hooks: this objective runs its passes
     def _attach(self) -> None:
         object.__setattr__(self, "_capture", None)
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_finalizer", lambda: None)
-        object.__setattr__(self, "_teacher_pass", TeacherPass(
-            self._student, self.adapter, self.teacher_layer, self.ema, self._user_teacher, False, None, eval_mode))
+        object.__setattr__(self, "_source", self._make_target())
 
-    @property
-    def teacher(self) -> nn.Module:
-        """The teacher module: the owned EMA copy or the user's EMA model (with LoRA the owned EMA shares the
-        model's frozen weights and has no module: use ``teacher_weights()``)."""
-        return self._teacher_pass.teacher_module()
-
-    def teacher_weights(self) -> AbstractContextManager[nn.Module]:
-        """Make the user's model compute with the teacher's weights (sampling, evaluation); the training
-        weights come back exactly on exit."""
-        return self._uncounted(self._teacher_pass.weights_on_student())
-
-    def update_teacher(self) -> None:
-        """EMA step of an owned teacher and one ``step``, after an optimizer step; a call with none since the
-        last one (every micro-batch under gradient accumulation) does nothing (the step rule of ``Objective``)."""
-        self._teacher_pass.check_update()
-        self._count_update(self._teacher_pass.update)
+    def _make_target(self) -> TeacherTarget:
+        return self._teacher_target(False)
 
     # ------------------------------------------------------------------ inputs
     def _check_pair(self, x0: Any, noise: Any) -> None:
@@ -308,7 +296,7 @@ class SRADTS(Objective):
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
-        self._teacher_pass.begin()
+        self._source.begin()
 
         # Each group's token positions, ascending; ``order`` puts the groups' concatenated tokens back in place.
         ranked = groups.argsort(dim=1, stable=True)
@@ -326,12 +314,13 @@ class SRADTS(Objective):
             self._metrics = {"loss": 0.0, **{name: nan for name in self.metric_names}, "weight": 0.0}
         else:
             t_args, t_kwargs = (passes.args, passes.kwargs) if self.teacher_labels == "student" else (args, kwargs)
-            with torch.no_grad(), self._teacher_module() as module, eval_mode(module):
+            with self._source.running() as module:
                 taught = self._passes(module, x0, noise, s, index, t_args, t_kwargs, self.teacher_layer, output=False)
             target = self._in_order(taught.taps[self.teacher_layer], order)
             if self.check_finite:
                 self._check_finite(student_tokens, target)
-            align = self._loss({"student": student_tokens}, target, weight, sample_weight)
+            step = Step(model, student, x0, t, ModelCall(args, kwargs), {}, {"student": student_tokens})
+            align = self._loss(step, target, weight, sample_weight)
             self._metrics["gap"] = (t - s).abs().float().mean().detach()
         self._count_training_call()
         return pred, align
@@ -355,33 +344,3 @@ class SRADTS(Objective):
         """The groups' tokens ``[(B, n_0, X), (B, n_1, X)]`` back in token order ``(B, T, X)``."""
         joined = torch.cat(parts, dim=1)
         return joined.gather(1, order.unsqueeze(-1).expand(-1, -1, joined.shape[-1]))
-
-    @contextmanager
-    def _teacher_module(self) -> Iterator[nn.Module]:
-        if self._user_teacher is not None:
-            yield self._user_teacher
-            return
-        with self.ema.module_for_pass() as module:
-            yield module
-
-    # ------------------------------------------------------------------ state
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "student_layer": self.student_layer,
-            "teacher_layer": self.teacher_layer,
-            "depth": self.depth,
-            "head": self.head_name,
-            "mask_ratio": self.mask_ratio,
-            "max_gap": self.max_gap,
-            "teacher_labels": self.teacher_labels,
-            "owned_teacher": self.ema is not None,
-            "shared_teacher": self.ema is not None and self.ema.shared,
-        }
-
-    def extra_repr(self) -> str:
-        return (
-            f"adapter={self.adapter.name!r}, blocks {self.student_layer}->{self.teacher_layer} of {self.depth}, "
-            f"mask_ratio={self.mask_ratio}, max_gap={self.max_gap}, loss={self.loss_name!r}, head={self.head_name!r}, "
-            f"teacher_labels={self.teacher_labels!r}, "
-            f"teacher={'user EMA' if self.ema is None else ('shared-weight EMA' if self.ema.shared else 'owned EMA')}"
-        )
