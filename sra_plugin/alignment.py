@@ -101,15 +101,9 @@ class SelfRepresentationAlignment(SelfTeaching, Objective):
         # Everything is validated before anything is created or attached.
         student, adapter, blocks, indices, weight = resolve_objective(
             model, adapter, weight, student_layer=student_layer, teacher_layer=teacher_layer)
-        first, last = indices["student_layer"], indices["teacher_layer"]
-        if last < first:
-            raise ValueError(
-                f"teacher_layer={teacher_layer!r} (block {last}) comes before student_layer={student_layer!r} "
-                f"(block {first}): the teacher's block must be the same or a later one"
-            )
+        first, last = self._block_pair(indices, student_layer, teacher_layer)
         build_loss(loss)
-        teacher_model = self._set_teacher(teacher, student, ema_decay, ema_dtype, compile_teacher)
-        dims = (adapter.dim(student, blocks[first - 1]), adapter.dim(teacher_model, adapter.blocks(teacher_model)[last - 1]))
+        dims = self._set_teacher(teacher, student, adapter, blocks, (first, last), ema_decay, ema_dtype, compile_teacher)
         config = SRAConfig(first, last, len(blocks), head_name(head), loss_name(loss), recipe, float(ema_decay), compile_teacher)
         self._setup(student, adapter, config, {"student": first}, head=head, dims=dims, loss=loss, weight=weight,
                     check_finite=check_finite)

@@ -29,21 +29,17 @@ the outputs are put back in token order.
 
 from __future__ import annotations
 
-import math
-from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import capture as capture_module
 from ._checks import is_real
-from dataclasses import dataclass
-
 from .config import MethodConfig, option, shown
+from .groups import check_runs_groups, draw_groups, group_passes, group_sizes, refuse_distributed
 from .losses import build_loss
 from .noise import NoiseGap
-from .protocols import RunsTokenGroups
 from .registry import Adapter, ModelCall
 from .student import Objective, Weight, head_name, loss_name, resolve_objective
 from .targets import SelfTeaching, Step, TeacherTarget
@@ -69,50 +65,6 @@ class SRADTSConfig(MethodConfig):
     teacher_labels: str = option()
     loss: str = shown()
     ema_decay: float = shown()
-
-
-def group_sizes(mask_ratio: float, tokens: int) -> tuple[int, int]:
-    """The two groups' token counts for ``tokens`` tokens, as the official ``_compute_group_counts``:
-    the floor of each share, the token left over to the group with the larger fractional part (a tie,
-    which the official code leaves to ``torch.topk``, to group 0)."""
-    expected = (mask_ratio * tokens, (1.0 - mask_ratio) * tokens)
-    counts = [math.floor(e) for e in expected]
-    if sum(counts) < tokens:
-        fractions = [e - c for e, c in zip(expected, counts)]
-        counts[0 if fractions[0] >= fractions[1] else 1] += tokens - sum(counts)
-    return counts[0], counts[1]
-
-
-@contextmanager
-def _captures_paused(model: nn.Module) -> Iterator[None]:
-    """The passes here run the model's blocks outside its forward: another objective's capture on the same
-    model must not take their tokens for a training forward's."""
-    with ExitStack() as stack:
-        for capture in list(capture_module._CAPTURES.values()):
-            if capture.model is model:
-                stack.enter_context(capture.pausing())
-        yield
-
-
-def _refuse_distributed(model: nn.Module) -> None:
-    """The passes run the model's modules, not its wrapper's forward: DDP would not synchronise the
-    gradients (its reducer is armed in its forward) and FSDP would not gather the root's weights."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    kinds = [DistributedDataParallel]
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-        kinds += [FSDPModule, FullyShardedDataParallel]
-    except ImportError:  # torch without FSDP
-        pass
-    found = [m for m in (model, getattr(model, "module", None)) if isinstance(m, tuple(kinds))]
-    if found:
-        raise ValueError(
-            f"model={type(found[0]).__name__} is not supported by SRADTS yet: its per-group passes run the model's "
-            "modules outside the wrapper's forward, so DDP would not synchronise gradients and FSDP would not gather "
-            "weights; train on one process, or with the bare model"
-        )
 
 
 class SRADTS(SelfTeaching, Objective):
@@ -162,7 +114,7 @@ class SRADTS(SelfTeaching, Objective):
     ) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
-            _refuse_distributed(model)
+            refuse_distributed(model)
         if separate is not True:
             raise ValueError(
                 f"separate={separate!r} is not supported: SRADTS runs each token group in a pass of its own "
@@ -170,32 +122,17 @@ class SRADTS(SelfTeaching, Objective):
             )
         student, adapter, blocks, indices, weight = resolve_objective(
             model, adapter, weight, student_layer=student_layer, teacher_layer=teacher_layer)
-        family = f"model={type(student).__name__} (adapter {adapter.name!r})"
-        if not isinstance(adapter, RunsTokenGroups):
-            raise TypeError(
-                f"{family} cannot run SRADTS: its adapter has no per-group pass (sra_plugin.protocols.RunsTokenGroups). "
-                "SRADTS supports the DiT/SiT family (adapter 'dit'); other families (Flux, SD3, Wan, U-ViT, ...) are not supported"
-            )
-        reason = adapter.group_support(student)
-        if reason is not None:
-            raise ValueError(f"{family} cannot run SRADTS: {reason}")
-        student_index, teacher_index = indices["student_layer"], indices["teacher_layer"]
-        if teacher_index < student_index:
-            raise ValueError(
-                f"teacher_layer={teacher_layer!r} (block {teacher_index}) comes before student_layer={student_layer!r} "
-                f"(block {student_index}): the teacher's block must be the same or a later one"
-            )
+        check_runs_groups(adapter, student)
+        student_index, teacher_index = self._block_pair(indices, student_layer, teacher_layer)
         if not is_real(mask_ratio) or not 0.0 < float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio={mask_ratio!r} is not accepted: use a number in (0, 1), group 0's share of the tokens")
         gap = NoiseGap(max_gap, lo=0.0, hi=1.0)  # checks max_gap
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"teacher_labels={teacher_labels!r} is not accepted: use one of {TEACHER_LABELS}")
         build_loss(loss)
-        teacher_model = self._set_teacher(teacher, student, ema_decay, ema_dtype, None)
-        if teacher_model is not student and adapter.group_support(teacher_model) is not None:
-            raise ValueError(f"teacher={type(teacher_model).__name__} cannot run SRADTS: {adapter.group_support(teacher_model)}")
-        dims = (adapter.dim(student, blocks[student_index - 1]),
-                adapter.dim(teacher_model, adapter.blocks(teacher_model)[teacher_index - 1]))
+        dims = self._set_teacher(teacher, student, adapter, blocks, (student_index, teacher_index), ema_decay, ema_dtype, None)
+        if self._user_teacher is not None:
+            check_runs_groups(adapter, self._user_teacher, "teacher")
         self.gap = gap
         self.last_draw: dict[str, Tensor] = {}
         config = SRADTSConfig(student_index, teacher_index, len(blocks), head_name(head), float(mask_ratio), gap.max_gap,
@@ -203,71 +140,10 @@ class SRADTS(SelfTeaching, Objective):
         self._setup(student, adapter, config, {"student": student_index}, head=head, dims=dims, loss=loss, weight=weight,
                     check_finite=check_finite)
 
-    # ------------------------------------------------------------------ no hooks: this objective runs its passes
-    def _attach(self) -> None:
-        object.__setattr__(self, "_capture", None)
-        object.__setattr__(self, "_warned", set())
-        object.__setattr__(self, "_finalizer", lambda: None)
-        object.__setattr__(self, "_source", self._make_target())
+    taps_from_forward = False  # it runs the model's passes itself: no hooks
 
     def _make_target(self) -> TeacherTarget:
         return self._teacher_target(False)
-
-    # ------------------------------------------------------------------ inputs
-    def _check_pair(self, x0: Any, noise: Any) -> None:
-        for name, value in (("x0", x0), ("noise", noise)):
-            if not isinstance(value, Tensor) or not value.is_floating_point():
-                raise TypeError(f"{name}={type(value).__name__ if not isinstance(value, Tensor) else value.dtype} is not accepted: use a floating torch.Tensor (B, C, H, W)")
-        if noise.shape != x0.shape or noise.dtype != x0.dtype or noise.device != x0.device:
-            raise ValueError(
-                f"noise of shape {tuple(noise.shape)} ({noise.dtype}, {noise.device}) does not match x0 of shape "
-                f"{tuple(x0.shape)} ({x0.dtype}, {x0.device}): use one noise tensor like x0"
-            )
-
-    @staticmethod
-    def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-        return generator.device if generator is not None else device
-
-    def _groups(self, groups: Any, batch: int, tokens: int, sizes: tuple[int, int], device: torch.device,
-                generator: torch.Generator | None) -> Tensor:
-        accepted = (f"use an integer tensor of shape ({batch}, {tokens}) holding 0 and 1, with {sizes[0]} zeros "
-                    f"(group 0) and {sizes[1]} ones per row (mask_ratio={self.mask_ratio} of {tokens} tokens)")
-        if groups is None:
-            draw = self._draw_device(generator, device)
-            order = torch.rand(batch, tokens, generator=generator, device=draw).argsort(dim=1)
-            drawn = torch.ones(batch, tokens, dtype=torch.long, device=draw)
-            drawn.scatter_(1, order[:, : sizes[0]], 0)
-            return drawn.to(device)
-        if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
-            what = type(groups).__name__ if not isinstance(groups, Tensor) else f"a tensor of dtype {groups.dtype}"
-            raise TypeError(f"groups={what} is not accepted: {accepted}")
-        if tuple(groups.shape) != (batch, tokens):
-            raise ValueError(f"groups of shape {tuple(groups.shape)} is not accepted: {accepted}")
-        groups = groups.to(device=device, dtype=torch.long)
-        bad = (groups != 0) & (groups != 1)
-        if bool(bad.any()):
-            b, n = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"groups[{b}, {n}]={int(groups[b, n])} is not accepted: {accepted}")
-        zeros = (groups == 0).sum(dim=1)
-        wrong = (zeros != sizes[0]).nonzero()
-        if wrong.numel():
-            b = int(wrong[0, 0])
-            raise ValueError(f"groups[{b}] has {int(zeros[b])} zeros is not accepted: {accepted}")
-        return groups
-
-    @staticmethod
-    def _times(name: str, value: Any, batch: int, device: torch.device) -> Tensor:
-        accepted = f"use a floating tensor of shape ({batch}, 2): one time in [0, 1] per sample and group (1 = noise)"
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            what = type(value).__name__ if not isinstance(value, Tensor) else f"a tensor of dtype {value.dtype}"
-            raise TypeError(f"{name}={what} is not accepted: {accepted}")
-        if tuple(value.shape) != (batch, 2):
-            raise ValueError(f"{name} of shape {tuple(value.shape)} is not accepted: {accepted}")
-        bad = ~torch.isfinite(value) | (value < 0) | (value > 1)
-        if bool(bad.any()):
-            b, g = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name}[{b}, {g}]={float(value[b, g])!r} is not accepted: {accepted}")
-        return value.to(device)
 
     # ------------------------------------------------------------------ the step
     def forward(self, model: nn.Module, x0: Tensor, noise: Tensor, *args: Any, groups: Tensor | None = None,
@@ -277,70 +153,25 @@ class SRADTS(SelfTeaching, Objective):
         output layout (its diffusion loss is against ``noise - x0``); ``align``: the weighted alignment loss.
         ``args``/``kwargs``: the model's conditioning (a DiT/SiT's class labels ``y``)."""
         self._check_model(model)
-        _refuse_distributed(model)
-        self._check_pair(x0, noise)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator={type(generator).__name__} is not accepted: use a torch.Generator or None")
+        refuse_distributed(model)
         student, adapter = self._student, self.adapter
-        batch, device = x0.shape[0], x0.device
-        tokens = adapter.num_tokens(student, x0)
-        sizes = group_sizes(self.mask_ratio, tokens)
-        if min(sizes) < 1:
-            raise ValueError(f"mask_ratio={self.mask_ratio} leaves a group empty on {tokens} tokens ({sizes}): use more tokens or another ratio")
-        groups = self._groups(groups, batch, tokens, sizes, device, generator)
-        draw = self._draw_device(generator, device)
-        t = self._times("t", t, batch, device) if t is not None else torch.rand(batch, 2, generator=generator, device=draw)
-        s = self._times("s", s, batch, device) if s is not None else self.gap.sample(t.to(draw), generator=generator)
-        t, s = t.to(device), s.to(device)
-        self._check_sample_weight(sample_weight, batch)
-        weight = self.current_weight()
-        if torch.is_grad_enabled():
-            self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
-        self._source.begin()
+        draw = draw_groups(adapter, student, x0, noise, groups, t, s, generator, self.mask_ratio, self.gap)
+        self._check_sample_weight(sample_weight, x0.shape[0])
+        weight = self._begin_call(model)
 
-        # Each group's token positions, ascending; ``order`` puts the groups' concatenated tokens back in place.
-        ranked = groups.argsort(dim=1, stable=True)
-        index = [ranked[:, : sizes[0]], ranked[:, sizes[0]:]]
-        order = ranked.argsort(dim=1)
-
-        passes = self._passes(student, x0, noise, t, index, args, kwargs, self.student_layer, output=True)
-        pred = adapter.unpatchify(student, self._in_order(passes.outputs, order))
-        student_tokens = self._in_order(passes.taps[self.student_layer], order)
-        self.last_draw = {"groups": groups, "t": t.detach(), "s": s.detach()}
+        passes = group_passes(adapter, student, x0, noise, draw.t, draw.index, args, kwargs, self.student_layer, output=True)
+        pred = adapter.unpatchify(student, draw.in_order(passes.outputs))
+        student_tokens = draw.in_order(passes.taps[self.student_layer])
+        self.last_draw = {"groups": draw.groups, "t": draw.t.detach(), "s": draw.s.detach()}
 
         if self._is_zero(weight):
-            align = sum((p.sum() for p in self.head.parameters()), torch.zeros((), device=device)) * 0.0
-            nan = float("nan")
-            self._metrics = {"loss": 0.0, **{name: nan for name in self.metric_names}, "weight": 0.0}
+            align = self._skipped(x0.device)
         else:
             t_args, t_kwargs = (passes.args, passes.kwargs) if self.teacher_labels == "student" else (args, kwargs)
             with self._source.running() as module:
-                taught = self._passes(module, x0, noise, s, index, t_args, t_kwargs, self.teacher_layer, output=False)
-            target = self._in_order(taught.taps[self.teacher_layer], order)
-            if self.check_finite:
-                self._check_finite(student_tokens, target)
-            step = Step(model, student, x0, t, ModelCall(args, kwargs), {}, {"student": student_tokens})
-            align = self._loss(step, target, weight, sample_weight)
-            self._metrics["gap"] = (t - s).abs().float().mean().detach()
+                taught = group_passes(adapter, module, x0, noise, draw.s, draw.index, t_args, t_kwargs, self.teacher_layer, output=False)
+            target = draw.in_order(taught.taps[self.teacher_layer])
+            step = Step(model, student, x0, draw.t, ModelCall(args, kwargs), {"s": draw.s}, {"student": student_tokens})
+            align = self._align(step, target, weight, sample_weight)
         self._count_training_call()
         return pred, align
-
-    def _passes(self, module: nn.Module, x0: Tensor, noise: Tensor, times: Tensor, index: list[Tensor],
-                args: tuple, kwargs: dict, tap: int, output: bool):
-        """One pass per group: inputs ``(1 - t_g) x0 + t_g noise`` (the linear path, t = 1 noise)."""
-        shape = (x0.shape[0],) + (1,) * (x0.dim() - 1)
-        model_time = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
-        inputs, group_times = [], []
-        for g in range(2):
-            tg = times[:, g]
-            mix = tg.to(x0.dtype).reshape(shape)
-            inputs.append((1 - mix) * x0 + mix * noise)
-            group_times.append(tg.to(model_time))
-        with _captures_paused(module):
-            return self.adapter.group_forward(module, inputs, group_times, index, args, kwargs, (tap,), output)
-
-    @staticmethod
-    def _in_order(parts: list[Tensor], order: Tensor) -> Tensor:
-        """The groups' tokens ``[(B, n_0, X), (B, n_1, X)]`` back in token order ``(B, T, X)``."""
-        joined = torch.cat(parts, dim=1)
-        return joined.gather(1, order.unsqueeze(-1).expand(-1, -1, joined.shape[-1]))

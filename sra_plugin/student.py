@@ -137,6 +137,7 @@ class Objective(nn.Module):
     _transient: tuple[str, ...] = ("_capture", "_finalizer", "_warned", "_steps_seen", "_head_sync", "_source")
     average_head_grads = True  # several processes, called bare (no DDP): average the head's gradients (headsync)
     grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
+    taps_from_forward = True  # False: the method runs its own passes (SRA-DTS), no hooks on the user's forward
 
     @property
     def student_layer(self) -> int:
@@ -194,16 +195,15 @@ class Objective(nn.Module):
             raise
 
     def _attach(self) -> None:
-        """Subscribe to the student's shared capture (again, after a copy or unpickling) and tie the
-        subscription's lifetime to this object."""
-        capture = subscribe(self._student, self.adapter, dict(self.taps), frozenset(self.grad_taps))
-        object.__setattr__(self, "_capture", capture)
-        object.__setattr__(self, "_warned", set())
+        """Subscribe to the student's shared capture (again, after a copy or unpickling), tie the
+        subscription's lifetime to this object, and build the target. These are the transient attributes
+        (``_transient``): not pickled, not copied, rebuilt here."""
+        capture = subscribe(self._student, self.adapter, dict(self.taps), frozenset(self.grad_taps)) if self.taps_from_forward else None
         # Dropped without remove(): the hooks go with this object, holding no activations.
-        object.__setattr__(self, "_finalizer", weakref.finalize(self, Subscription.close, capture))
+        finalizer = weakref.finalize(self, Subscription.close, capture) if capture is not None else (lambda: None)
         # Several processes without DDP(self): rank 0's head, and head gradients averaged over the ranks.
-        object.__setattr__(self, "_head_sync", HeadSync(self))
-        object.__setattr__(self, "_source", self._make_target())
+        self.__dict__.update(_capture=capture, _warned=set(), _finalizer=finalizer, _head_sync=HeadSync(self))
+        self.__dict__["_source"] = self._make_target()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
@@ -308,7 +308,8 @@ class Objective(nn.Module):
     def _skipped(self, device: torch.device) -> Tensor:
         """The loss at a step of weight 0: nothing runs; the head stays in the graph (with zero
         gradient) so that ``DDP(...)`` of this module sees every parameter used."""
-        self._capture.drop()
+        if self._capture is not None:  # SRA-DTS runs its own passes: no capture
+            self._capture.drop()
         zero = sum((p.sum() for p in self.head.parameters()), torch.zeros((), device=device)) * 0.0
         nan = float("nan")  # not computed at this step
         self._metrics = {"loss": 0.0, **{name: nan for name in self.metric_names}, "weight": 0.0, "student_reruns": self.student_reruns}
@@ -324,21 +325,31 @@ class Objective(nn.Module):
         step = Step(model, self._student, x_t, t, ModelCall(args, kwargs), inputs)
         self._check_inputs(step)
         self._check_sample_weight(sample_weight, step.batch)
+        weight = self._begin_call(model)
+        if self._is_zero(weight):
+            self._count_training_call()
+            return self._skipped(x_t.device)
+        step.taps, step.watched = self._student_taps(model, x_t, t, args, kwargs)
+        loss = self._align(step, self._source(step), weight, sample_weight)
+        self._count_training_call()  # last: a call that raises counts no step
+        return loss
+
+    def _begin_call(self, model: nn.Module) -> float | Tensor:
+        """Past every check of a call: the step's weight; the first look for ``update_teacher()``, the head's
+        synchronisation and the target's ``begin()`` (an owned EMA starts at first use)."""
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
             self._head_sync.begin_call(self, model)
         self._source.begin()
-        if self._is_zero(weight):
-            self._count_training_call()
-            return self._skipped(x_t.device)
-        step.taps, step.watched = self._student_taps(model, x_t, t, args, kwargs)
-        target = self._source(step)
+        return weight
+
+    def _align(self, step: Step, target: Tensor | None, weight: float | Tensor, sample_weight: Tensor | None) -> Tensor:
+        """The weighted loss of the student's taps against ``target``, and the step's metrics."""
         if self.check_finite:
             self._check_finite(step.taps["student"], target)
         loss = self._loss(step, target, weight, sample_weight)
         self._metrics.update(self._source.metrics(step))
-        self._count_training_call()  # last: a call that raises counts no step
         return loss
 
     def _check_inputs(self, step: Step) -> None:

@@ -351,14 +351,27 @@ class SelfTeaching:
 
     ema: EMATeacher | None
 
-    def _set_teacher(self, teacher: str | nn.Module, student: nn.Module, ema_decay: float, ema_dtype: torch.dtype,
-                     compile_teacher: bool | dict | None) -> nn.Module:
+    @staticmethod
+    def _block_pair(indices: dict[str, int], student_layer: Any, teacher_layer: Any) -> tuple[int, int]:
+        """The student's and the teacher's blocks (1-based); the teacher's must be the same or a later one."""
+        first, last = indices["student_layer"], indices["teacher_layer"]
+        if last < first:
+            raise ValueError(
+                f"teacher_layer={teacher_layer!r} (block {last}) comes before student_layer={student_layer!r} "
+                f"(block {first}): the teacher's block must be the same or a later one"
+            )
+        return first, last
+
+    def _set_teacher(self, teacher: str | nn.Module, student: nn.Module, adapter: Adapter, blocks: list[nn.Module],
+                     pair: tuple[int, int], ema_decay: float, ema_dtype: torch.dtype,
+                     compile_teacher: bool | dict | None) -> tuple[int, int]:
         """Check the teacher options and build an owned EMA (before any hook: a copy carries none of ours);
-        the module whose blocks the teacher's are."""
+        the widths of the student's and the teacher's tokens."""
         user = check_teacher_options(teacher, student, ema_decay, ema_dtype, compile_teacher)
         self.ema = owned_ema(student, ema_decay, ema_dtype) if user is None else None
         object.__setattr__(self, "_user_teacher", user)  # the user's EMA: not a submodule, not in the state
-        return student if user is None else user
+        model = student if user is None else user
+        return adapter.dim(student, blocks[pair[0] - 1]), adapter.dim(model, adapter.blocks(model)[pair[1] - 1])
 
     def _kind_now(self) -> TeacherKind:
         return self.ema if self.ema is not None else UserEMA(self._student, self._user_teacher)
