@@ -1,18 +1,20 @@
-"""The EMA teacher: an EMA that SRA owns, or the EMA model the user already keeps.
+"""The EMA teacher's kinds: one small class per kind, each answering the same calls (``TeacherKind``).
 
-The owned EMA (``EMATeacher``) follows the fine-tuning world's constraints:
-
-- it averages only the parameters that require grad. When every parameter trains (training from
-  scratch), it is a full copy of the model, as in the paper's code. When some are frozen (LoRA,
-  partial training), it holds only the trainable ones; frozen parameters and buffers are the
-  student's own tensors, and the teacher pass runs the student's modules with the EMA values in place
-  of the trainable parameters (swapped as module attributes for the pass, never written into the
+- ``UserEMA``: the EMA model the user already keeps (and updates), passed as ``teacher=``;
+- ``OwnedCopy``: an owned EMA that is a full copy of the model (every parameter trains, as in the paper's code);
+- ``SharedEMA``: an owned EMA of the trainable parameters only (LoRA, partial training); frozen parameters and
+  buffers are the student's own tensors, and the teacher pass runs the student's modules with the EMA values
+  in place of the trainable parameters (swapped as module attributes for the pass, never written into the
   student's tensors);
-- its state is float32 (``ema_dtype``) whatever the model's dtype, cast to each parameter's dtype
-  for the pass: a bf16 EMA with decay 0.9999 barely moves, since most updates round away;
-- it starts from the weights in use at its first use (ema-pytorch's ``initted``), so weights loaded
-  into the model after SRA was built are the teacher's starting point; ``initted`` is a buffer, so it
-  survives checkpoints.
+- ``ShardedEMA``: under DeepSpeed ZeRO-3, each rank's slice of an owned EMA. An owned EMA built before
+  ``deepspeed.initialize`` becomes one at its next use (``adopted()`` returns the new object).
+
+An owned EMA (``EMATeacher``, picked by ``owned_ema``) follows the fine-tuning world's constraints: its
+state is float32 (``ema_dtype``) whatever the model's dtype, cast to each parameter's dtype for the pass
+(a bf16 EMA with decay 0.9999 barely moves, since most updates round away); it starts from the weights in
+use at its first use (ema-pytorch's ``initted``), so weights loaded into the model after SRA was built are
+the teacher's starting point; ``initted`` is a buffer, so it survives checkpoints. The teacher pass itself
+is a target (``targets.TeacherTarget``).
 """
 
 from __future__ import annotations
