@@ -121,8 +121,9 @@ class Dispersive(Objective):
         if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature={temperature!r} is not accepted: use a finite number > 0")
         config = DispersiveConfig(index, len(blocks), float(temperature), recipe)
+        # No head (the features themselves are dispersed) and no loss against a target: ``_loss`` is its own.
         self._setup(student, adapter, config, {"student": index}, head="identity", dims=(0, 0), loss=dispersive_loss,
-                    weight=weight, check_finite=check_finite, name="infonce_l2")
+                    weight=weight, check_finite=check_finite, loss_label="infonce_l2")
 
     def _make_target(self) -> NoTarget:
         return NoTarget()

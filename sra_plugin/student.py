@@ -156,7 +156,7 @@ class Objective(nn.Module):
 
     def _setup(self, student: nn.Module, adapter: Adapter, config: MethodConfig, taps: dict[str, int], *,
                head: str | nn.Module, dims: tuple[int, int], loss: Any, weight: Weight, check_finite: bool,
-               name: str | None = None) -> None:
+               loss_label: str | None = None) -> None:
         """The objective's one initialisation, after its constructor checked its own arguments: the loss and
         the head (``build_head``, on ``dims``: the student's and the target's token widths) are built, then
         the hooks attached."""
@@ -168,7 +168,7 @@ class Objective(nn.Module):
         object.__setattr__(self, "weight", weight)
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule of ours
         self.adapter, self.taps, self.loss_fn = adapter, dict(taps), loss_fn
-        self.loss_name = name or loss_name(loss)
+        self.loss_name = loss_label or loss_name(loss)
         self.head_name = head_name(head)
         self.check_finite = bool(check_finite)
         self.step = 0
