@@ -13,7 +13,7 @@ from .config import MethodConfig, option, shown
 from .registry import Adapter
 from .losses import build_loss
 from .student import Objective, Weight, head_name, loss_name, resolve_objective
-from .targets import SelfTeaching, TeacherTarget
+from .targets import SelfTeaching
 
 __all__ = ["SelfRepresentationAlignment", "SRAConfig", "RECIPES"]
 
@@ -32,6 +32,8 @@ DEFAULT_RECIPE = "paper"
 class SRAConfig(MethodConfig):
     """SRA's options as resolved: the blocks (1-based) and depth, the head's and loss's names, the recipe,
     the EMA decay and ``compile_teacher``. The teacher's kind adds its part of the saved identity."""
+
+    text = "blocks {student_layer}->{teacher_layer} of {depth}, loss={loss!r}, head={head!r}"
 
     student_layer: int = option()
     teacher_layer: int = option()
@@ -107,9 +109,6 @@ class SelfRepresentationAlignment(SelfTeaching, Objective):
         config = SRAConfig(first, last, len(blocks), head_name(head), loss_name(loss), recipe, float(ema_decay), compile_teacher)
         self._setup(student, adapter, config, {"student": first}, head=head, dims=dims, loss=loss, weight=weight,
                     check_finite=check_finite)
-
-    def _make_target(self) -> TeacherTarget:
-        return self._teacher_target(self.compile_teacher)
 
     def forward(self, model: nn.Module, x_t: Tensor, x_s: Tensor, t: Any, s: Any, *args: Any,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:

@@ -40,7 +40,12 @@ class MethodConfig:
         return {f.metadata["key"] or f.name: f.metadata["old"] for f in fields(self)
                 if f.metadata.get("saved") and f.metadata["old"] is not MISSING}
 
+    text = ""
+    """How ``repr`` writes the config: a ``str.format`` template over the fields (a field with ``show``
+    enters as its shown text); empty: ``name=value`` for every field."""
+
     def describe(self) -> str:
-        """The fields as ``repr`` shows them."""
-        shows = [(f, f.metadata.get("show")) for f in fields(self) if f.metadata]
-        return ", ".join(show(getattr(self, f.name)) if show else f"{f.name}={getattr(self, f.name)!r}" for f, show in shows)
+        """The config as ``repr`` shows it."""
+        values = {f.name: f.metadata["show"](v) if f.metadata.get("show") else v
+                  for f in fields(self) for v in [getattr(self, f.name)]}
+        return self.text.format(**values) if self.text else ", ".join(f"{k}={v!r}" for k, v in values.items())

@@ -49,6 +49,8 @@ DEFAULT_RECIPE = "release"
 class DispersiveConfig(MethodConfig):
     """Dispersive's options as resolved: the block (1-based), the depth, the temperature, the recipe."""
 
+    text = "block {layer} of {depth}, temperature={temperature}, recipe={recipe!r}"
+
     layer: int = option()
     depth: int = option()
     temperature: float = option()

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from . import capture as capture_module
+from ._checks import is_real
 from .noise import NoiseGap
 from .protocols import GroupPasses, RunsTokenGroups
 
-__all__ = ["GroupDraw", "draw_groups", "group_passes", "group_sizes", "captures_paused", "check_runs_groups", "refuse_distributed"]
+__all__ = ["GroupDraw", "draw_groups", "group_passes", "group_sizes", "captures_paused", "check_mask_ratio", "check_runs_groups", "refuse_distributed"]
 
 
 def group_sizes(mask_ratio: float, tokens: int) -> tuple[int, int]:
@@ -73,6 +74,12 @@ def check_runs_groups(adapter: Any, model: nn.Module, what: str = "model") -> No
     reason = adapter.group_support(model)
     if reason is not None:
         raise ValueError(f"{name} cannot run SRADTS: {reason}")
+
+
+def check_mask_ratio(mask_ratio: Any) -> None:
+    """Group 0's share of the tokens: a number in (0, 1)."""
+    if not is_real(mask_ratio) or not 0.0 < float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio={mask_ratio!r} is not accepted: use a number in (0, 1), group 0's share of the tokens")
 
 
 def check_pair(x0: Any, noise: Any) -> None:

@@ -33,6 +33,8 @@ class LatentConfig(MethodConfig):
     """SRA 2's options as resolved: the block (1-based), the depth, the head's name, the target's width
     (``C * p * p``) and normalisation, the loss's name."""
 
+    text = "block {layer} of {depth} -> latent patches of {target_dim}, loss={loss!r}, head={head!r}, target_norm={target_norm!r}"
+
     layer: int = option()
     depth: int = option()
     head: str = option()

@@ -42,6 +42,9 @@ class LayerSyncConfig(MethodConfig):
     """LayerSync's options as resolved. States saved by 0.3.0 had neither ``recipe`` nor ``detach_target``:
     theirs were the pretraining recipe's."""
 
+    text = ("blocks {student_layer}->{target_layer} of {depth} (same forward, {detach_target}), loss={loss!r}, head={head!r}, "
+            "recipe={recipe!r}")
+
     student_layer: int = option()
     target_layer: int = option()
     depth: int = option()

@@ -30,7 +30,9 @@ __all__ = ["REPA", "REPAConfig", "REPAProjector"]
 @dataclass(frozen=True)
 class REPAConfig(MethodConfig):
     """REPA's options as resolved: the block (1-based), the depth, the head's name, the encoder tokens'
-    width, the loss's name, the projector's hidden width."""
+    width, the loss's name, the projector's hidden width, the encoder's class name."""
+
+    text = "block {layer} of {depth} -> {encoder} tokens of {encoder_dim}, loss={loss!r}, head={head!r}"
 
     layer: int = option()
     depth: int = option()
@@ -38,6 +40,7 @@ class REPAConfig(MethodConfig):
     encoder_dim: int = option()
     loss: str = shown()
     projector_dim: int = shown()
+    encoder: str = shown()
 
 
 class REPAProjector(NotAView, nn.Sequential):
@@ -98,7 +101,8 @@ class REPA(Objective):
             raise ValueError(f"projector_dim={projector_dim!r} is not accepted: use a positive int")
         object.__setattr__(self, "_encoder", encoder)  # the user's frozen encoder: not a submodule, not in the state
         object.__setattr__(self, "_encoder_read", encoder_tokens)
-        config = self._config(index, len(blocks), head_name(head), target_dim, loss_name(loss), int(projector_dim))
+        config = self._config(index, len(blocks), head_name(head), target_dim, loss_name(loss), int(projector_dim),
+                              type(encoder).__name__)
         self._setup(student, adapter, config, {"student": index}, head=head, dims=(adapter.dim(student, blocks[index - 1]), target_dim),
                     loss=loss, weight=weight, check_finite=check_finite)
 

@@ -35,14 +35,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import is_real
 from .config import MethodConfig, option, shown
-from .groups import check_runs_groups, draw_groups, group_passes, group_sizes, refuse_distributed
+from .groups import check_mask_ratio, check_runs_groups, draw_groups, group_passes, group_sizes, refuse_distributed
 from .losses import build_loss
 from .noise import NoiseGap
 from .registry import Adapter, ModelCall
 from .student import Objective, Weight, head_name, loss_name, resolve_objective
-from .targets import SelfTeaching, Step, TeacherTarget
+from .targets import SelfTeaching, Step
 
 __all__ = ["SRADTS", "SRADTSConfig", "group_sizes", "TEACHER_LABELS"]
 
@@ -55,6 +54,9 @@ dropout (what ``SelfRepresentationAlignment`` does)."""
 @dataclass(frozen=True)
 class SRADTSConfig(MethodConfig):
     """SRA-DTS's options as resolved (the teacher's kind adds its part of the saved identity)."""
+
+    text = ("blocks {student_layer}->{teacher_layer} of {depth}, mask_ratio={mask_ratio}, max_gap={max_gap}, loss={loss!r}, "
+            "head={head!r}, teacher_labels={teacher_labels!r}")
 
     student_layer: int = option()
     teacher_layer: int = option()
@@ -124,8 +126,7 @@ class SRADTS(SelfTeaching, Objective):
             model, adapter, weight, student_layer=student_layer, teacher_layer=teacher_layer)
         check_runs_groups(adapter, student)
         student_index, teacher_index = self._block_pair(indices, student_layer, teacher_layer)
-        if not is_real(mask_ratio) or not 0.0 < float(mask_ratio) < 1.0:
-            raise ValueError(f"mask_ratio={mask_ratio!r} is not accepted: use a number in (0, 1), group 0's share of the tokens")
+        check_mask_ratio(mask_ratio)
         gap = NoiseGap(max_gap, lo=0.0, hi=1.0)  # checks max_gap
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"teacher_labels={teacher_labels!r} is not accepted: use one of {TEACHER_LABELS}")
@@ -141,9 +142,7 @@ class SRADTS(SelfTeaching, Objective):
                     check_finite=check_finite)
 
     taps_from_forward = False  # it runs the model's passes itself: no hooks
-
-    def _make_target(self) -> TeacherTarget:
-        return self._teacher_target(False)
+    compile_teacher = False
 
     # ------------------------------------------------------------------ the step
     def forward(self, model: nn.Module, x0: Tensor, noise: Tensor, *args: Any, groups: Tensor | None = None,

@@ -382,8 +382,9 @@ class SelfTeaching:
             self.ema = self.ema.adopted()
         return self._kind_now()
 
-    def _teacher_target(self, compile_teacher: bool | dict | None) -> TeacherTarget:
-        return TeacherTarget(self._teacher_kind, self._student, self.adapter, self.teacher_layer, self._capture, compile_teacher)
+    def _make_target(self) -> TeacherTarget:
+        return TeacherTarget(self._teacher_kind, self._student, self.adapter, self.teacher_layer, self._capture,
+                             self.compile_teacher)
 
     @property
     def teacher(self) -> nn.Module:
@@ -429,7 +430,7 @@ class SelfTeaching:
         return {**super()._identity(), **self._kind_now().identity()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, teacher={self._kind_now().label!r}"
+        return f"{super().extra_repr()}, teacher={self._kind_now().label}"
 
     def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._teacher_kind()  # a state saved under ZeRO-3 holds slices: compare and save like with like
