@@ -22,17 +22,20 @@ samples worse than no term (docs/evidence.md, "Does it help at this scale?").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import is_real
+from .config import MethodConfig, option, shown
 from .losses import no_autocast
-from .registry import Adapter, ModelCall
+from .registry import Adapter
 from .student import Objective, Weight, resolve_objective
+from .targets import NoTarget, Step
 
-__all__ = ["Dispersive", "dispersive_loss", "RECIPES", "DEFAULT_RECIPE"]
+__all__ = ["Dispersive", "DispersiveConfig", "dispersive_loss", "RECIPES", "DEFAULT_RECIPE"]
 
 # recipe -> the layer, weight and temperature it fills in where the caller gives none (module docstring).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -40,6 +43,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"layer": 0.25, "weight": 0.5, "temperature": 0.5},  # arXiv 2506.09027 (JAX): block depth/4
 }
 DEFAULT_RECIPE = "release"
+
+
+@dataclass(frozen=True)
+class DispersiveConfig(MethodConfig):
+    """Dispersive's options as resolved: the block (1-based), the depth, the temperature, the recipe."""
+
+    text = "block {layer} of {depth}, temperature={temperature}, recipe={recipe!r}"
+
+    layer: int = option()
+    depth: int = option()
+    temperature: float = option()
+    recipe: str = shown()
 
 
 def _dispersion(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -85,7 +100,6 @@ class Dispersive(Objective):
     """
 
     metric_names = ("disp_loss", "mean_sq_dist", "student_norm")
-    recipe = DEFAULT_RECIPE  # what extra_repr shows for an object pickled by 0.3.0, which had no recipe
 
     def __init__(
         self,
@@ -108,20 +122,17 @@ class Dispersive(Objective):
         index = indices["layer"]
         if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature={temperature!r} is not accepted: use a finite number > 0")
-        self.adapter = adapter
-        self.depth = len(blocks)
-        self.taps = {"student": index}
-        self.temperature = float(temperature)
-        self.recipe = recipe
-        self._set_objective("identity", nn.Identity(), "infonce_l2", dispersive_loss, weight, check_finite)
-        self._init_student(student)
+        config = DispersiveConfig(index, len(blocks), float(temperature), recipe)
+        # No head (the features themselves are dispersed) and no loss against a target: ``_loss`` is its own.
+        self._setup(student, adapter, config, {"student": index}, head="identity", dims=(0, 0), loss=dispersive_loss,
+                    weight=weight, check_finite=check_finite, loss_label="infonce_l2")
 
-    @property
-    def layer(self) -> int:
-        return self.student_layer
+    def _make_target(self) -> NoTarget:
+        return NoTarget()
 
-    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, **inputs: Any) -> None:
-        super()._check_inputs(x_t, t, call, **inputs)
+    def _check_inputs(self, step: Step) -> None:
+        super()._check_inputs(step)
+        x_t = step.x_t
         if x_t.dim() and x_t.shape[0] < 2:
             raise ValueError(
                 f"x_t has a batch of {x_t.shape[0]}, which Dispersive cannot use: it pushes the samples of one batch "
@@ -138,11 +149,8 @@ class Dispersive(Objective):
                 "leave sample_weight=None and scale the term with weight="
             )
 
-    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> None:
-        return None
-
-    def _loss(self, taps: dict[str, Tensor], target: None, weight: float | Tensor, sample_weight: None) -> Tensor:
-        tokens = taps["student"]
+    def _loss(self, step: Step, target: None, weight: float | Tensor, sample_weight: None) -> Tensor:
+        tokens = step.taps["student"]
         disp, mean_sq_dist = _dispersion(tokens, self.temperature)
         loss = weight * disp
         with torch.no_grad(), no_autocast(tokens.device.type):
@@ -160,10 +168,3 @@ class Dispersive(Objective):
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The weighted dispersive loss of one step; ``args``/``kwargs`` are the model's conditioning."""
         return self._run(model, x_t, t, args, kwargs, sample_weight)
-
-    def _identity(self) -> dict[str, Any]:
-        return {"layer": self.student_layer, "depth": self.depth, "temperature": self.temperature}
-
-    def extra_repr(self) -> str:
-        return (f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth}, temperature={self.temperature}, "
-                f"recipe={self.recipe!r}")

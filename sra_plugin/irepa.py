@@ -9,19 +9,30 @@ negative cosine (here ``1 - cos``, the same gradient); ``proj_coeff`` 1.0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from .repa import REPA
+from .config import option
+from .repa import REPA, REPAConfig
 from .student import placed_like
-from .targets import grid_of
+from .targets import Step
 
-__all__ = ["IREPA", "ConvProjector"]
+__all__ = ["IREPA", "IREPAConfig", "ConvProjector"]
+
+
+@dataclass(frozen=True)
+class IREPAConfig(REPAConfig):
+    """REPA's options and the projector's kernel size."""
+
+    kernel_size: int = option(default=3)
 
 
 class ConvProjector(nn.Module):
     """``Conv2d(D, D_enc, k, padding=k // 2)`` on ``(B, h*w, D)`` tokens laid out on their ``(h, w)`` grid."""
+
+    takes_grid = True  # the objective calls it with the tokens' grid
 
     def __init__(self, dim: int, target_dim: int, kernel_size: int = 3) -> None:
         super().__init__()
@@ -41,27 +52,24 @@ class IREPA(REPA):
     grids work; video and packed-token inputs are refused). If the encoder's grid differs, its tokens are
     resized to the model's grid first (as REPA's), then z-scored."""
 
+    zscore = True
+
     def __init__(self, model: nn.Module, encoder: nn.Module, layer: int | float = 0.3, weight: Any = 1.0,
                  kernel_size: int = 3, **options: Any) -> None:
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size={kernel_size!r} is not accepted: use an odd int >= 1 (3 is the official)")
         if "head" in options:
             raise TypeError("head= is not accepted by IREPA: its projector is the convolution (kernel_size=)")
-        super().__init__(model, encoder, layer=layer, weight=weight, head=nn.Identity(), **options)
-        dim = self.adapter.dim(self._student, self.adapter.blocks(self._student)[self.student_layer - 1])
-        self.head = placed_like(ConvProjector(dim, self.target_dim, kernel_size), self._student)
-        self.head_name, self.kernel_size = f"conv{kernel_size}x{kernel_size}", kernel_size
+        object.__setattr__(self, "_kernel", kernel_size)  # read by _config and build_head inside REPA's __init__
+        super().__init__(model, encoder, layer=layer, weight=weight, head=f"conv{kernel_size}x{kernel_size}", **options)
 
-    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict,
-                images: Tensor) -> Tensor:
-        if x_t.dim() != 4:
-            raise ValueError(f"x_t of shape {tuple(x_t.shape)} is not accepted by IREPA: its projector needs an image grid (B, C, H, W)")
-        self._grid = grid_of(taps["student"].shape[1], x_t.shape[-2], x_t.shape[-1], "the model's block")
-        z = self._encoder_target.tokens(images, taps["student"].shape[1], x_t)
-        return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
+    def _config(self, *values: Any) -> IREPAConfig:
+        return IREPAConfig(*values, kernel_size=self._kernel)
 
-    def _project(self, tokens: Tensor) -> Tensor:
-        return self.head(self._as_head_input(tokens), self._grid)
+    def build_head(self, head: str | nn.Module, dim: int, target_dim: int, student: nn.Module) -> nn.Module:
+        return placed_like(ConvProjector(dim, target_dim, self._kernel), student)
 
-    def _identity(self) -> dict[str, Any]:
-        return {**super()._identity(), "kernel_size": self.kernel_size}
+    def _check_inputs(self, step: Step) -> None:
+        if step.x_t.dim() != 4:
+            raise ValueError(f"x_t of shape {tuple(step.x_t.shape)} is not accepted by IREPA: its projector needs an image grid (B, C, H, W)")
+        super()._check_inputs(step)

@@ -11,20 +11,36 @@ model's token ``i`` predicts. No teacher pass and no EMA: the cost is the head's
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
-from .losses import build_loss
-from .registry import Adapter, ModelCall
-from .student import Objective, Weight, head_on_model, resolve_objective
+from .config import MethodConfig, option, shown
+from .registry import Adapter
+from .student import Objective, Weight, head_name, loss_name, resolve_objective
+from .targets import LatentTarget
 
-__all__ = ["LatentAlignment"]
+__all__ = ["LatentAlignment", "LatentConfig"]
 
 TARGET_NORMS = (None, "sample")
 TARGET_NORM_DEFAULT: str | None = None
 TARGET_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LatentConfig(MethodConfig):
+    """SRA 2's options as resolved: the block (1-based), the depth, the head's name, the target's width
+    (``C * p * p``) and normalisation, the loss's name."""
+
+    text = "block {layer} of {depth} -> latent patches of {target_dim}, loss={loss!r}, head={head!r}, target_norm={target_norm!r}"
+
+    layer: int = option()
+    depth: int = option()
+    head: str = option()
+    target_dim: int = option()
+    target_norm: str | None = option()
+    loss: str = shown()
 
 
 class LatentAlignment(Objective):
@@ -71,81 +87,24 @@ class LatentAlignment(Objective):
             )
         student, adapter, blocks, indices, weight = resolve_objective(model, adapter, weight, layer=layer)
         index = indices["layer"]
-        loss_fn = build_loss(loss)
         if target_dim is None:
             target_dim = adapter.patch_dim(student)
         elif isinstance(target_dim, bool) or not isinstance(target_dim, numbers.Integral) or target_dim < 1:
             raise ValueError(f"target_dim={target_dim!r} is not accepted: use a positive int, C * p * p of the latent patches")
-        dim = adapter.dim(student, blocks[index - 1])
-        head_module = head_on_model(head, dim, int(target_dim), student)
+        config = LatentConfig(index, len(blocks), head_name(head), int(target_dim), target_norm, loss_name(loss))
+        self._setup(student, adapter, config, {"student": index}, head=head, dims=(adapter.dim(student, blocks[index - 1]), int(target_dim)),
+                    loss=loss, weight=weight, check_finite=check_finite)
 
-        self.adapter = adapter
-        self.depth = len(blocks)
-        self.taps = {"student": index}
-        self.target_dim = int(target_dim)
-        self.target_norm = target_norm
-        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
-        self._init_student(student)
-
-    @property
-    def layer(self) -> int:
-        """The aligned block, 1-based."""
-        return self.student_layer
+    def _make_target(self) -> LatentTarget:
+        return LatentTarget(self.adapter, self._student, self.target_dim, self.target_norm, TARGET_NORM_EPS)
 
     def target(self, x0: Tensor) -> Tensor:
         """The clean latent as the model's patch tokens, ``(B, N_img, C * p * p)``; with
         ``target_norm="sample"`` each sample's values z-scored (mean 0, std 1 over all its values)."""
-        patches = self.adapter.patchify(self._student, x0)
-        if self.target_norm == "sample":
-            flat = patches.float().flatten(1)
-            mean = flat.mean(1).view(-1, *[1] * (patches.dim() - 1))
-            std = flat.std(1).view(-1, *[1] * (patches.dim() - 1))
-            patches = ((patches.float() - mean) / (std + TARGET_NORM_EPS)).to(patches.dtype)
-        return patches
-
-    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, x0: Any = None) -> None:
-        if not isinstance(x0, Tensor):
-            raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-        expected = tuple(self.adapter.target_shape(self._student, x_t, call))
-        if tuple(x0.shape) != expected:
-            same = "" if expected == tuple(x_t.shape) else (
-                f", not x_t's {tuple(x_t.shape)}: the model predicts only the noisy latent's channels/tokens, "
-                "not the conditioning channels or reference tokens stacked onto its input")
-            raise ValueError(
-                f"x0 has shape {tuple(x0.shape)}, but {type(self._student).__name__} on this x_t wants the clean latent "
-                f"of shape {expected}{same}: pass the clean latent of this batch (the one x_t was made from), "
-                "in the layout the model predicts"
-            )
-        self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
-
-    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict, x0: Tensor) -> Tensor:
-        tokens = taps["student"]
-        with torch.no_grad():
-            target = self.target(x0.detach())
-        if target.dim() != 3 or target.shape[:2] != tokens.shape[:2] or target.shape[-1] != self.target_dim:
-            raise ValueError(
-                f"patchified x0 has shape {tuple(target.shape)} but block {self.student_layer} gives tokens "
-                f"{tuple(tokens.shape)} and the head outputs {self.target_dim} values per token: the adapter's "
-                "patchify does not fit this model (or pass target_dim=)"
-            )
-        return target
-
-    def _check_finite(self, student: Tensor, target: Tensor | None) -> None:
-        if not bool(torch.isfinite(student).all()):
-            raise FloatingPointError(f"non-finite student features at block {self.student_layer}")
+        return self._source.patches(x0)
 
     def forward(self, model: nn.Module, x_t: Tensor, x0: Tensor, t: Any, *args: Any,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The weighted SRA 2 loss for one step. ``args``/``kwargs`` are the model's conditioning, as
         for ``model(x_t, t, ...)``; ``sample_weight`` (``(B,)``) weighs each sample's loss."""
         return self._run(model, x_t, t, args, kwargs, sample_weight, x0=x0)
-
-    def _identity(self) -> dict[str, Any]:
-        return {"layer": self.student_layer, "depth": self.depth, "head": self.head_name, "target_dim": self.target_dim,
-                "target_norm": self.target_norm}
-
-    def extra_repr(self) -> str:
-        return (
-            f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth} -> latent patches "
-            f"of {self.target_dim}, loss={self.loss_name!r}, head={self.head_name!r}, target_norm={self.target_norm!r}"
-        )

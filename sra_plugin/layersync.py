@@ -17,15 +17,17 @@ A recipe fills in the weight and whether the target is detached; the blocks stay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from .losses import build_loss
+from .config import MethodConfig, option, shown
 from .registry import Adapter
-from .student import Objective, Weight, head_on_model, resolve_objective
+from .student import Objective, Weight, head_name, loss_name, resolve_objective
+from .targets import TapTarget
 
-__all__ = ["LayerSync", "RECIPES", "DEFAULT_RECIPE"]
+__all__ = ["LayerSync", "LayerSyncConfig", "RECIPES", "DEFAULT_RECIPE"]
 
 # recipe -> the weight and target detach it fills in where the caller gives none (module docstring).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -33,6 +35,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lora": {"weight": 0.002, "detach_target": False},  # LayerSync Finetuning-LoRA/loss.py (Wan)
 }
 DEFAULT_RECIPE = "pretraining"
+
+
+@dataclass(frozen=True)
+class LayerSyncConfig(MethodConfig):
+    """LayerSync's options as resolved. States saved by 0.3.0 had neither ``recipe`` nor ``detach_target``:
+    theirs were the pretraining recipe's."""
+
+    text = ("blocks {student_layer}->{target_layer} of {depth} (same forward, {detach_target}), loss={loss!r}, head={head!r}, "
+            "recipe={recipe!r}")
+
+    student_layer: int = option()
+    target_layer: int = option()
+    depth: int = option()
+    head: str = option()
+    recipe: str = option(old=DEFAULT_RECIPE)
+    detach_target: bool = option(old=True, show=lambda on: "target detached" if on else "target not detached")
+    loss: str = shown()
 
 
 class LayerSync(Objective):
@@ -53,11 +72,6 @@ class LayerSync(Objective):
     wins over the recipe's. With ``head="identity"`` it has no parameters: under DDP wrap only the model
     (DDP refuses a module with none, and there is nothing to synchronise); with a head, wrap it too, as SRA.
     """
-
-    # Objects and states saved by 0.3.0 had neither: theirs were the pretraining recipe's.
-    recipe = DEFAULT_RECIPE
-    detach_target = True
-    _identity_defaults = {"recipe": DEFAULT_RECIPE, "detach_target": True}
 
     def __init__(
         self,
@@ -84,43 +98,23 @@ class LayerSync(Objective):
         detach_target = RECIPES[recipe]["detach_target"] if detach_target is None else detach_target
         student, adapter, blocks, indices, weight = resolve_objective(
             model, adapter, weight, student_layer=student_layer, target_layer=target_layer)
-        student_index, target_index = indices["student_layer"], indices["target_layer"]
-        if target_index <= student_index:
+        first, deeper = indices["student_layer"], indices["target_layer"]
+        if deeper <= first:
             raise ValueError(
-                f"target_layer={target_layer!r} (block {target_index}) is not deeper than student_layer={student_layer!r} "
-                f"(block {student_index}): LayerSync aligns an earlier block to a later one"
+                f"target_layer={target_layer!r} (block {deeper}) is not deeper than student_layer={student_layer!r} "
+                f"(block {first}): LayerSync aligns an earlier block to a later one"
             )
-        loss_fn = build_loss(loss)
-        dim = adapter.dim(student, blocks[student_index - 1])
-        target_dim = adapter.dim(student, blocks[target_index - 1])
-        head_module = head_on_model(head, dim, target_dim, student)
-
-        self.adapter = adapter
-        self.depth = len(blocks)
-        self.taps = {"student": student_index, "target": target_index}
-        self.target_layer = target_index
-        self.recipe = recipe
-        self.detach_target = detach_target
         # A target that trains must carry gradient: a block that ran without (reentrant checkpointing) is refused.
         self.grad_taps = ("student",) if detach_target else ("student", "target")
-        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
-        self._init_student(student)
+        config = LayerSyncConfig(first, deeper, len(blocks), head_name(head), recipe, detach_target, loss_name(loss))
+        dims = (adapter.dim(student, blocks[first - 1]), adapter.dim(student, blocks[deeper - 1]))
+        self._setup(student, adapter, config, {"student": first, "target": deeper}, head=head, dims=dims, loss=loss,
+                    weight=weight, check_finite=check_finite)
 
-    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict) -> Tensor:
-        return taps["target"].detach() if self.detach_target else taps["target"]
+    def _make_target(self) -> TapTarget:
+        return TapTarget("target", self.target_layer, self.detach_target)
 
     def forward(self, model: nn.Module, x_t: Tensor, t: Any, *args: Any,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The weighted LayerSync loss of one step; ``args``/``kwargs`` are the model's conditioning."""
         return self._run(model, x_t, t, args, kwargs, sample_weight)
-
-    def _identity(self) -> dict[str, Any]:
-        return {"student_layer": self.student_layer, "target_layer": self.target_layer, "depth": self.depth,
-                "head": self.head_name, "recipe": self.recipe, "detach_target": self.detach_target}
-
-    def extra_repr(self) -> str:
-        target = "target detached" if self.detach_target else "target not detached"
-        return (
-            f"adapter={self.adapter.name!r}, blocks {self.student_layer}->{self.target_layer} of {self.depth} "
-            f"(same forward, {target}), loss={self.loss_name!r}, head={self.head_name!r}, recipe={self.recipe!r}"
-        )

@@ -13,17 +13,34 @@ ImageNet mean/std); here ``images`` are passed to the encoder as given, so prepa
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from .losses import build_loss
+from .config import MethodConfig, option, shown
 from .heads import NotAView
-from .registry import Adapter, ModelCall
-from .student import Objective, Weight, head_on_model, placed_like, resolve_objective
+from .registry import Adapter
+from .student import Objective, Weight, head_name, loss_name, placed_like, resolve_objective
 from .targets import EncoderTarget, encoder_reader
 
-__all__ = ["REPA", "REPAProjector"]
+__all__ = ["REPA", "REPAConfig", "REPAProjector"]
+
+
+@dataclass(frozen=True)
+class REPAConfig(MethodConfig):
+    """REPA's options as resolved: the block (1-based), the depth, the head's name, the encoder tokens'
+    width, the loss's name, the projector's hidden width, the encoder's class name."""
+
+    text = "block {layer} of {depth} -> {encoder} tokens of {encoder_dim}, loss={loss!r}, head={head!r}"
+
+    layer: int = option()
+    depth: int = option()
+    head: str = option()
+    encoder_dim: int = option()
+    loss: str = shown()
+    projector_dim: int = shown()
+    encoder: str = shown()
 
 
 class REPAProjector(NotAView, nn.Sequential):
@@ -58,8 +75,6 @@ class REPA(Objective):
     (bilinear, antialiased; ``targets.resize_grid``).
     """
 
-    target_name = "encoder"
-
     def __init__(
         self,
         model: nn.Module,
@@ -81,61 +96,38 @@ class REPA(Objective):
             raise TypeError(f"encoder={type(encoder).__name__} is not accepted: use the frozen image encoder, an nn.Module")
         if encoder is student:
             raise ValueError("encoder is the model itself: REPA aligns to a separate, frozen image encoder (e.g. DINOv2)")
-        loss_fn = build_loss(loss)
         _, target_dim = encoder_reader(encoder, encoder_tokens, encoder_dim)
         if isinstance(projector_dim, bool) or not isinstance(projector_dim, numbers.Integral) or projector_dim < 1:
             raise ValueError(f"projector_dim={projector_dim!r} is not accepted: use a positive int")
-        dim = adapter.dim(student, blocks[index - 1])
-        if head == "mlp":
-            head_module = placed_like(REPAProjector(dim, target_dim, int(projector_dim)), student)
-        else:
-            head_module = head_on_model(head, dim, target_dim, student)
-
-        self.adapter = adapter
-        self.depth = len(blocks)
-        self.taps = {"student": index}
-        self.target_dim = target_dim
-        self._set_objective(head, head_module, loss, loss_fn, weight, check_finite)
         object.__setattr__(self, "_encoder", encoder)  # the user's frozen encoder: not a submodule, not in the state
         object.__setattr__(self, "_encoder_read", encoder_tokens)
-        self._init_student(student)
+        config = self._config(index, len(blocks), head_name(head), target_dim, loss_name(loss), int(projector_dim),
+                              type(encoder).__name__)
+        self._setup(student, adapter, config, {"student": index}, head=head, dims=(adapter.dim(student, blocks[index - 1]), target_dim),
+                    loss=loss, weight=weight, check_finite=check_finite)
 
-    _transient = (*Objective._transient, "_encoder_target")
+    _config = REPAConfig
+    zscore = False  # iREPA z-scores the encoder's tokens
 
-    def _attach(self) -> None:
-        super()._attach()
-        read, _ = encoder_reader(self._encoder, self._encoder_read, self.target_dim)
-        object.__setattr__(self, "_encoder_target", EncoderTarget(self._encoder, read))
+    def build_head(self, head: str | nn.Module, dim: int, target_dim: int, student: nn.Module) -> nn.Module:
+        """``"mlp"`` is REPA's projector (``REPAProjector``, hidden width ``projector_dim``)."""
+        if head == "mlp":
+            return placed_like(REPAProjector(dim, target_dim, self.projector_dim), student)
+        return super().build_head(head, dim, target_dim, student)
+
+    def _make_target(self) -> EncoderTarget:
+        read, _ = encoder_reader(self._encoder, self._encoder_read, self.encoder_dim)
+        return EncoderTarget(self._encoder, read, self.zscore)
 
     @property
     def encoder(self) -> nn.Module:
         return self._encoder
 
     @property
-    def layer(self) -> int:
-        return self.student_layer
-
-    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, images: Any = None) -> None:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images={type(images).__name__} is not accepted: REPA needs images=, the batch's clean images as the encoder takes them")
-        if images.dim() == 0 or x_t.dim() == 0 or images.shape[0] != x_t.shape[0]:
-            raise ValueError(f"images has shape {tuple(images.shape)} but x_t {tuple(x_t.shape)}: give one image per sample")
-        self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
-
-    def _target(self, model: nn.Module, x_t: Tensor, taps: dict, watched: dict, t: Any, args: tuple, kwargs: dict,
-                images: Tensor) -> Tensor:
-        return self._encoder_target.tokens(images, taps["student"].shape[1], x_t)
+    def target_dim(self) -> int:
+        return self.encoder_dim
 
     def forward(self, model: nn.Module, x_t: Tensor, t: Any, *args: Any, images: Tensor | None = None,
                 sample_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The weighted REPA loss of one step; ``args``/``kwargs`` are the model's conditioning."""
         return self._run(model, x_t, t, args, kwargs, sample_weight, images=images)
-
-    def _identity(self) -> dict[str, Any]:
-        return {"layer": self.student_layer, "depth": self.depth, "head": self.head_name, "encoder_dim": self.target_dim}
-
-    def extra_repr(self) -> str:
-        return (
-            f"adapter={self.adapter.name!r}, block {self.student_layer} of {self.depth} -> {type(self._encoder).__name__} "
-            f"tokens of {self.target_dim}, loss={self.loss_name!r}, head={self.head_name!r}"
-        )

@@ -18,16 +18,18 @@ from torch import Tensor, nn
 from . import losses as loss_module
 from ._checks import is_real
 from .capture import Decision, Subscription, probe_call, subscribe
+from .config import MethodConfig
 from .heads import build_head
 from .headsync import HeadSync
 from .layers import resolve_layer
 from .registry import Adapter, ModelCall, resolve_blocks
 from .steps import OptimizerSteps
+from .targets import Step, Target, check_times
 from .wrappers import unwrap
 
 __all__ = [
-    "Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_on_model", "placed_like",
-    "resolve_objective",
+    "Objective", "StudentAligner", "Weight", "check_weight", "first_float_parameter", "head_name", "head_on_model",
+    "loss_name", "placed_like", "resolve_objective",
 ]
 
 Weight = Union[float, Tensor, Callable[[int], Union[float, Tensor]]]
@@ -87,6 +89,16 @@ def resolve_objective(model: nn.Module, adapter: Any, weight: Any, **layers: int
     return student, adapter, blocks, indices, weight if callable(weight) else check_weight(weight, "weight")
 
 
+def head_name(head: str | nn.Module) -> str:
+    """The name a head is saved and shown by: its name, or its module's class name."""
+    return head if isinstance(head, str) else type(head).__name__
+
+
+def loss_name(loss: Any) -> str:
+    """The name a loss is shown by: its name, or its function's name."""
+    return loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+
+
 def first_float_parameter(model: nn.Module) -> Tensor | None:
     """The model's first floating parameter that trains (its device and dtype are the head's), else its
     first floating one: a bf16 base with float32 LoRA gets a float32 head, which AdamW can update."""
@@ -107,34 +119,34 @@ def placed_like(module: nn.Module, student: nn.Module) -> nn.Module:
     return module if like is None else module.to(device=like.device, dtype=like.dtype)
 
 
-def _batch_of(value: Any) -> int | None:
-    return value.shape[0] if isinstance(value, Tensor) and value.dim() > 0 else None
-
-
 class Objective(nn.Module):
-    """Base of every objective (SRA, SRA 2, LayerSync, Dispersive, REPA); not used on its own.
+    """Base of every objective (SRA, SRA 2, LayerSync, Dispersive, REPA, iREPA, SRA-DTS); not used on its own.
 
-    One template, ``_run``: check the inputs, read the weight (a weight of 0 skips the work), take the
-    student's taps from the user's forward (or re-run it once), get the target from ``_target()``
-    (a teacher pass, the clean latent, another tap, an encoder, or nothing), then ``_loss``: head,
+    An objective is taps + target + head + loss + weight. One template, ``_run``: check the inputs, read
+    the weight (a weight of 0 skips the work), take the student's taps from the user's forward (or re-run it
+    once), ask the target (``targets.Target``) for its tokens with one ``targets.Step``, then ``_loss``: head,
     loss, reduction per sample (``weight * mean_b(w_b * l_b)``) and metrics.
 
-    A subclass sets ``adapter``, ``weight`` and ``taps`` (name -> 1-based block; ``"student"`` is the
-    one the head reads), calls ``_set_objective`` and then ``_init_student(student)`` at the end of its
-    ``__init__``, and implements ``_check_inputs`` and ``_target``.
+    A method's ``__init__`` checks its own arguments, then calls ``_setup`` once with its config
+    (``config.MethodConfig``: the saved identity and the ``repr``), its taps (name -> 1-based block;
+    ``"student"`` is the one the head reads), head, loss and weight; it implements ``_make_target()`` and
+    ``forward``. ``build_head`` may be overridden (REPA's projector); a head module whose ``takes_grid`` is
+    true is called with the tokens' ``(h, w)`` grid as well.
     """
 
-    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_warned", "_steps_seen", "_head_sync")
+    _transient: tuple[str, ...] = ("_capture", "_finalizer", "_warned", "_steps_seen", "_head_sync", "_source")
     average_head_grads = True  # several processes, called bare (no DDP): average the head's gradients (headsync)
-    metric_names: tuple[str, ...] = ("align_loss", "cos_sim", "student_norm", "target_norm")
-    target_name = "target"
     grad_taps: tuple[str, ...] = ("student",)  # taps whose tokens must carry gradient
-    # Identity keys added after a release -> the value a state saved without them had (so it still loads).
-    _identity_defaults: dict[str, Any] = {}
+    taps_from_forward = True  # False: the method runs its own passes (SRA-DTS), no hooks on the user's forward
 
     @property
     def student_layer(self) -> int:
         return self.taps["student"]
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        source = self._source
+        return ("align_loss", "cos_sim", "student_norm", f"{source.name}_norm", *source.extra_metrics)
 
     # The step rule's bookkeeping (class defaults, so objects pickled by 0.2 load too).
     _steps_from_updates = False  # True once update_teacher() was called: from then on it counts the steps
@@ -142,35 +154,56 @@ class Objective(nn.Module):
     _counted_until = 0  # the step those calls left
     _calls_since_update = 0
 
-    def _set_objective(self, head: str | nn.Module, head_module: nn.Module, loss: Any,
-                       loss_fn: Callable[[Tensor, Tensor], Tensor], weight: Weight, check_finite: bool) -> None:
-        """The head and the loss, already checked, and their names for ``repr`` and the state's identity."""
+    def _setup(self, student: nn.Module, adapter: Adapter, config: MethodConfig, taps: dict[str, int], *,
+               head: str | nn.Module, dims: tuple[int, int], loss: Any, weight: Weight, check_finite: bool,
+               loss_label: str | None = None) -> None:
+        """The objective's one initialisation, after its constructor checked its own arguments: the loss and
+        the head (``build_head``, on ``dims``: the student's and the target's token widths) are built, then
+        the hooks attached."""
+        loss_fn = loss_module.build_loss(loss)
+        self.config = config
+        self.head = self.build_head(head, *dims, student)
         # Set past nn.Module's __setattr__: a learnable weight (an nn.Parameter) is the user's, not a
         # parameter of this module (not in its state dict, nor synchronised by DDP as ours).
         object.__setattr__(self, "weight", weight)
-        self.loss_fn = loss_fn
-        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-        self.head_name = head if isinstance(head, str) else type(head).__name__
-        self.check_finite = bool(check_finite)
-        self.head = head_module
-
-    def _init_student(self, student: nn.Module) -> None:
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule of ours
+        self.adapter, self.taps, self.loss_fn = adapter, dict(taps), loss_fn
+        self.loss_name = loss_label or loss_name(loss)
+        self.head_name = head_name(head)
+        self.check_finite = bool(check_finite)
         self.step = 0
         self.student_reruns = 0
         self._metrics: dict[str, Tensor | float] = {}
         self._attach()
 
+    def build_head(self, head: str | nn.Module, dim: int, target_dim: int, student: nn.Module) -> nn.Module:
+        """The head from student tokens of width ``dim`` to target tokens of ``target_dim``: a named head
+        (``heads.build_head``) on the student's device and dtype, or the user's module as given."""
+        return head_on_model(head, dim, target_dim, student)
+
+    def _make_target(self) -> Target:
+        """The method's target source (built at construction and again after a copy or unpickling)."""
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and name in getattr(config, "__dataclass_fields__", {}):
+                return getattr(config, name)  # the method's options: sra.teacher_layer, ls.detach_target, ...
+            raise
+
     def _attach(self) -> None:
-        """Subscribe to the student's shared capture (again, after a copy or unpickling) and tie the
-        subscription's lifetime to this object."""
-        capture = subscribe(self._student, self.adapter, dict(self.taps), frozenset(self.grad_taps))
-        object.__setattr__(self, "_capture", capture)
-        object.__setattr__(self, "_warned", set())
+        """Subscribe to the student's shared capture (again, after a copy or unpickling), tie the
+        subscription's lifetime to this object, and build the target. These are the transient attributes
+        (``_transient``): not pickled, not copied, rebuilt here."""
+        capture = subscribe(self._student, self.adapter, dict(self.taps), frozenset(self.grad_taps)) if self.taps_from_forward else None
         # Dropped without remove(): the hooks go with this object, holding no activations.
-        object.__setattr__(self, "_finalizer", weakref.finalize(self, Subscription.close, capture))
+        finalizer = weakref.finalize(self, Subscription.close, capture) if capture is not None else (lambda: None)
         # Several processes without DDP(self): rank 0's head, and head gradients averaged over the ranks.
-        object.__setattr__(self, "_head_sync", HeadSync(self))
+        self.__dict__.update(_capture=capture, _warned=set(), _finalizer=finalizer, _head_sync=HeadSync(self))
+        self.__dict__["_source"] = self._make_target()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
@@ -275,7 +308,8 @@ class Objective(nn.Module):
     def _skipped(self, device: torch.device) -> Tensor:
         """The loss at a step of weight 0: nothing runs; the head stays in the graph (with zero
         gradient) so that ``DDP(...)`` of this module sees every parameter used."""
-        self._capture.drop()
+        if self._capture is not None:  # SRA-DTS runs its own passes: no capture
+            self._capture.drop()
         zero = sum((p.sum() for p in self.head.parameters()), torch.zeros((), device=device)) * 0.0
         nan = float("nan")  # not computed at this step
         self._metrics = {"loss": 0.0, **{name: nan for name in self.metric_names}, "weight": 0.0, "student_reruns": self.student_reruns}
@@ -288,60 +322,62 @@ class Objective(nn.Module):
         self._check_model(model)
         if not isinstance(x_t, Tensor):
             raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
-        self._check_inputs(x_t, t, ModelCall(args, kwargs), **inputs)
-        self._check_sample_weight(sample_weight, x_t.shape[0] if x_t.dim() else None)
+        step = Step(model, self._student, x_t, t, ModelCall(args, kwargs), inputs)
+        self._check_inputs(step)
+        self._check_sample_weight(sample_weight, step.batch)
+        weight = self._begin_call(model)
+        if self._is_zero(weight):
+            self._count_training_call()
+            return self._skipped(x_t.device)
+        step.taps, step.watched = self._student_taps(model, x_t, t, args, kwargs)
+        loss = self._align(step, self._source(step), weight, sample_weight)
+        self._count_training_call()  # last: a call that raises counts no step
+        return loss
+
+    def _begin_call(self, model: nn.Module) -> float | Tensor:
+        """Past every check of a call: the step's weight; the first look for ``update_teacher()``, the head's
+        synchronisation and the target's ``begin()`` (an owned EMA starts at first use)."""
         weight = self.current_weight()
         if torch.is_grad_enabled():
             self._optimizer_steps().start(self._student)  # the first look, for the first update_teacher()
             self._head_sync.begin_call(self, model)
-        self._begin_step()
-        if self._is_zero(weight):
-            self._count_training_call()
-            return self._skipped(x_t.device)
-        taps, watched = self._student_taps(model, x_t, t, args, kwargs)
-        target = self._target(model, x_t, taps, watched, t, args, kwargs, **inputs)
+        self._source.begin()
+        return weight
+
+    def _align(self, step: Step, target: Tensor | None, weight: float | Tensor, sample_weight: Tensor | None) -> Tensor:
+        """The weighted loss of the student's taps against ``target``, and the step's metrics."""
         if self.check_finite:
-            self._check_finite(taps["student"], target)
-        loss = self._loss(taps, target, weight, sample_weight)
-        self._after_step(t, **inputs)
-        self._count_training_call()  # last: a call that raises counts no step
+            self._check_finite(step.taps["student"], target)
+        loss = self._loss(step, target, weight, sample_weight)
+        self._metrics.update(self._source.metrics(step))
         return loss
 
-    def _check_inputs(self, x_t: Tensor, t: Any, call: ModelCall, **inputs: Any) -> None:
-        """The method's own inputs; ``call`` is the model's conditioning as this call gives it."""
-        self._check_times(x_t.shape[0] if x_t.dim() else None, t=t)
-
-    def _begin_step(self) -> None:
-        """Before the work of a call, past every check (SRA starts its owned EMA here)."""
-
-    def _target(self, model: nn.Module, x_t: Tensor, taps: dict[str, Tensor], watched: dict, t: Any,
-                args: tuple, kwargs: dict, **inputs: Any) -> Tensor | None:
-        raise NotImplementedError
-
-    def _after_step(self, t: Any, **inputs: Any) -> None:
-        """Extra metrics of a method (SRA's time gap)."""
+    def _check_inputs(self, step: Step) -> None:
+        """The method's own inputs (those its target reads), then the time."""
+        self._source.check(step)
+        check_times(step.batch, t=step.t)
 
     def _check_finite(self, student: Tensor, target: Tensor | None) -> None:
         sides = [("student", self.student_layer, student)]
-        if target is not None:
-            sides.append((self.target_name, getattr(self, "teacher_layer", None), target))
+        if target is not None and self._source.checks_finite:
+            sides.append((self._source.name, self._source.layer, target))
         for side, layer, value in sides:
             if not bool(torch.isfinite(value).all()):
                 where = f" at block {layer}" if layer is not None else ""
                 raise FloatingPointError(f"non-finite {side} features{where} (the {side} side of {type(self).__name__})")
 
-    def _loss(self, taps: dict[str, Tensor], target: Tensor, weight: float | Tensor,
-              sample_weight: Tensor | None) -> Tensor:
+    def _loss(self, step: Step, target: Tensor, weight: float | Tensor, sample_weight: Tensor | None) -> Tensor:
         """Head, loss reduced per sample, metrics."""
-        tokens = taps["student"]
-        pred = self._project(tokens)
+        tokens = step.taps["student"]
+        pred = self._project(step)
+        name = self._source.name
         if pred.shape != target.shape:
             raise ValueError(
-                f"head output {tuple(pred.shape)} and {self.target_name} tokens {tuple(target.shape)} differ: "
+                f"head output {tuple(pred.shape)} and {name} tokens {tuple(target.shape)} differ: "
                 "the adapter's tokens or the head do not fit this model"
             )
         loss, align, p, q = self._reduce(pred, target, weight, sample_weight)
-        self._record_metrics(loss, align, p, q, tokens, weight, self.target_name)
+        self._record_metrics(loss, align, p, q, tokens, weight, name)
         return loss
 
     # ------------------------------------------------------------------ inputs
@@ -351,15 +387,6 @@ class Objective(nn.Module):
                 f"model={type(model).__name__} is not the model this {type(self).__name__} was built on "
                 f"({type(self._student).__name__}): pass that model (wrapped or not)"
             )
-
-    @staticmethod
-    def _check_times(batch: int | None, **times: Any) -> None:
-        for name, value in times.items():
-            if not (isinstance(value, Tensor) or is_real(value)):
-                raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-            b = _batch_of(value)
-            if b is not None and b not in (batch, 1):
-                raise ValueError(f"{name} has batch size {b} but x_t has {batch}: give one time per sample, or one for all")
 
     def _check_sample_weight(self, sample_weight: Any, batch: int | None) -> None:
         """One finite weight >= 0 per sample, as for ``weight``. Values are read where that is free: always
@@ -430,9 +457,10 @@ class Objective(nn.Module):
         """A context in which autocast is off on ``like``'s device, so float32 stays float32."""
         return loss_module.no_autocast(like.device.type)
 
-    def _project(self, tokens: Tensor) -> Tensor:
-        """The head on the student's tokens (a method whose head needs more, e.g. the token grid, overrides it)."""
-        return self.head(self._as_head_input(tokens))
+    def _project(self, step: Step) -> Tensor:
+        """The head on the student's tokens; a head whose ``takes_grid`` is true also gets their ``(h, w)`` grid."""
+        tokens = self._as_head_input(step.taps["student"])
+        return self.head(tokens, step.grid) if getattr(self.head, "takes_grid", False) else self.head(tokens)
 
     def _as_head_input(self, tokens: Tensor) -> Tensor:
         """The student's tokens in the head's floating dtype: a model cast after this object was built
@@ -466,8 +494,11 @@ class Objective(nn.Module):
 
     # ------------------------------------------------------------------ state
     def _identity(self) -> dict[str, Any]:
-        """What a saved state must agree on to be loaded here (layers, head, ...)."""
-        raise NotImplementedError
+        """What a saved state must agree on to be loaded here (layers, head, ...): the config's saved fields."""
+        return self.config.identity()
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter.name!r}, {self.config.describe()}"
 
     def get_extra_state(self) -> Tensor:
         """``step`` and the identity as JSON bytes in a uint8 tensor: every checkpoint writer takes a
@@ -488,7 +519,8 @@ class Objective(nn.Module):
         if decoded is None or "step" not in decoded:
             raise ValueError(f"state dict has no extra state of a {type(self).__name__} (got {type(state).__name__})")
         mine = decode_state(encode_state(self._identity()))  # as JSON gives it back: tuples are lists
-        theirs = {k: decoded.get(k, self._identity_defaults.get(k)) for k in mine}
+        old = self.config.old_values()
+        theirs = {k: decoded.get(k, old.get(k)) for k in mine}
         if theirs != mine:
             diff = ", ".join(f"{k}: saved {theirs[k]!r}, here {mine[k]!r}" for k in mine if theirs[k] != mine[k])
             raise ValueError(f"cannot load this state dict into a differently configured {type(self).__name__} ({diff})")

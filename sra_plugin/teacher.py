@@ -1,25 +1,27 @@
-"""The EMA teacher: an EMA that SRA owns, or the EMA model the user already keeps.
+"""The EMA teacher's kinds: one small class per kind, each answering the same calls (``TeacherKind``).
 
-The owned EMA (``EMATeacher``) follows the fine-tuning world's constraints:
-
-- it averages only the parameters that require grad. When every parameter trains (training from
-  scratch), it is a full copy of the model, as in the paper's code. When some are frozen (LoRA,
-  partial training), it holds only the trainable ones; frozen parameters and buffers are the
-  student's own tensors, and the teacher pass runs the student's modules with the EMA values in place
-  of the trainable parameters (swapped as module attributes for the pass, never written into the
+- ``UserEMA``: the EMA model the user already keeps (and updates), passed as ``teacher=``;
+- ``OwnedCopy``: an owned EMA that is a full copy of the model (every parameter trains, as in the paper's code);
+- ``SharedEMA``: an owned EMA of the trainable parameters only (LoRA, partial training); frozen parameters and
+  buffers are the student's own tensors, and the teacher pass runs the student's modules with the EMA values
+  in place of the trainable parameters (swapped as module attributes for the pass, never written into the
   student's tensors);
-- its state is float32 (``ema_dtype``) whatever the model's dtype, cast to each parameter's dtype
-  for the pass: a bf16 EMA with decay 0.9999 barely moves, since most updates round away;
-- it starts from the weights in use at its first use (ema-pytorch's ``initted``), so weights loaded
-  into the model after SRA was built are the teacher's starting point; ``initted`` is a buffer, so it
-  survives checkpoints.
+- ``ShardedEMA``: under DeepSpeed ZeRO-3, each rank's slice of an owned EMA. An owned EMA built before
+  ``deepspeed.initialize`` becomes one at its next use (``adopted()`` returns the new object).
+
+An owned EMA (``EMATeacher``, picked by ``owned_ema``) follows the fine-tuning world's constraints: its
+state is float32 (``ema_dtype``) whatever the model's dtype, cast to each parameter's dtype for the pass
+(a bf16 EMA with decay 0.9999 barely moves, since most updates round away); it starts from the weights in
+use at its first use (ema-pytorch's ``initted``), so weights loaded into the model after SRA was built are
+the teacher's starting point; ``initted`` is a buffer, so it survives checkpoints. The teacher pass itself
+is a target (``targets.TeacherTarget``).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +29,11 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import zero
 from ._checks import is_real
-from .capture import run_until
 from .wrappers import unwrap
 
-__all__ = ["EMATeacher", "TeacherPass", "check_teacher_options", "ema_copy", "update_ema_", "check_same_structure",
-           "eval_mode", "swap_in", "merged_lora_layers", "refuse_merged_lora"]
+__all__ = ["TeacherKind", "UserEMA", "EMATeacher", "OwnedCopy", "SharedEMA", "ShardedEMA", "owned_ema",
+           "check_teacher_options", "ema_copy", "update_ema_", "check_same_structure", "eval_mode", "swap_in",
+           "merged_lora_layers", "refuse_merged_lora"]
 
 
 def _drop_forward_wrappers(module: nn.Module) -> None:
@@ -195,73 +197,84 @@ def _key(name: str) -> str:
     return name.replace(".", "-")
 
 
-class EMATeacher(nn.Module):
-    """An EMA of the student's trainable parameters, in ``dtype``, started at first use.
+class TeacherKind:
+    """What every kind of teacher answers; one small class per kind, no branching on the kind elsewhere.
 
-    ``shared=False`` (every parameter trains, or frozen ones hold at most 10% of the elements):
-    ``self.model`` is a full copy of the student, the teacher module. ``shared=True`` (more frozen:
-    LoRA, partial fine-tuning): buffers ``ema.<name>`` hold the EMA of each trainable parameter; the
-    teacher pass uses the student's modules with those values.
+    ``begin()`` before a step's pass (an owned EMA starts at first use); ``check_update()`` and ``update()``
+    for ``update_teacher()``; ``pass_module()`` the module a teacher pass runs on, with the teacher's
+    weights; ``on_student()`` the user's model computing with them (``teacher_weights()``); ``module()``
+    the teacher module, where there is one; ``identity()`` its part of the saved identity; ``adopted()``
+    the kind to use now (an owned EMA becomes ``ShardedEMA`` once ZeRO-3 partitions the model: a new
+    object, this one is left as it was)."""
 
-    ``sharded`` (the student is partitioned by DeepSpeed ZeRO-3, at construction or by the first use):
-    the buffers ``ema.<name>`` hold this rank's slice of each EMA (``sra_plugin.zero``), the teacher
-    pass gathers them through the engine's hooks, and no rank holds a full copy.
-    """
+    owned = False
+    shared = False
+    sharded = False
+    label = "user EMA"
+
+    def adopted(self) -> "TeacherKind":
+        return self
+
+    def begin(self) -> None:
+        """Before a step's teacher pass."""
+
+    def check_update(self) -> None:
+        """Raise if an EMA step could not be right now, whether or not one is due."""
+
+    def update(self) -> None:
+        """The EMA step (a teacher the user keeps is theirs to update)."""
+
+    def compiled_blocks(self, adapter: Any, layer: int) -> list[nn.Module]:
+        """The blocks before ``layer`` that may run compiled in the teacher pass (those of an owned copy)."""
+        return []
+
+    def identity(self) -> dict[str, Any]:
+        return {"owned_teacher": self.owned, "shared_teacher": self.shared}
+
+
+class UserEMA(TeacherKind):
+    """The EMA model the user keeps (and updates) passed as ``teacher=``."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        self.student, self.teacher = student, teacher
+
+    def pass_module(self) -> AbstractContextManager[nn.Module]:
+        return nullcontext(self.teacher)
+
+    @contextmanager
+    def on_student(self) -> Iterator[nn.Module]:
+        for model in (self.student, self.teacher):
+            refuse_merged_lora(model, "sra.teacher_weights()")
+        with swap_in(self.student, dict(self.teacher.named_parameters())):
+            yield self.student
+
+    def module(self) -> nn.Module:
+        return self.teacher
+
+
+def _no_module(why: str) -> ValueError:
+    return ValueError(f"sra.teacher: {why}, so there is no separate teacher module; use `with sra.teacher_weights(): model(...)`")
+
+
+class EMATeacher(nn.Module, TeacherKind):
+    """Base of the owned EMAs: an EMA of the student's trainable parameters in ``dtype``, started at first
+    use (``initted``, a buffer, survives checkpoints). ``owned_ema()`` picks the kind: ``OwnedCopy``,
+    ``SharedEMA`` or ``ShardedEMA``."""
+
+    owned = True
 
     def __init__(self, student: nn.Module, decay: float, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         self.decay = float(decay)
         self.dtype = dtype
-        total = sum(p.numel() for p in student.parameters())
-        frozen = total - sum(p.numel() for _, p in trainable)
-        # A full copy when (nearly) everything trains; a fixed positional table (DiT's frozen
-        # pos_embed) is no reason to give up the teacher module.
-        self.shared = frozen > SHARED_ABOVE * total
-        self.names = [n for n, _ in trainable]
+        self.names = [n for n, p in student.named_parameters() if p.requires_grad]
         object.__setattr__(self, "_student", student)  # the user's model: not a submodule
         self.register_buffer("initted", torch.tensor(False))
         self._ready = False  # mirrors ``initted`` without a device sync per step
-        self.sharded = False
-        if zero.any_partitioned(student):
-            self.model, self.ema = None, None
-            self._to_shards()
-        elif self.shared:
-            self.model = None
-            self.ema = nn.Module()
-            for name, p in trainable:
-                self.ema.register_buffer(_key(name), p.detach().to(dtype=dtype, copy=True))
-        else:
-            self.model = ema_copy(student, dtype)
 
-    # -------------------------------------------------------------- ZeRO-3
-    def adopt_partitioning(self) -> None:
-        """Switch to this rank's slices once the student is partitioned by ZeRO-3 (built before
-        ``deepspeed.initialize``): an EMA already started keeps its values, sliced exactly."""
-        if not self.sharded and zero.any_partitioned(self._student):
-            self._to_shards()
+    def adopted(self) -> TeacherKind:
+        return ShardedEMA.of(self) if zero.any_partitioned(self._student) else self
 
-    @torch.no_grad()
-    def _to_shards(self) -> None:
-        zero.check_supported(self._student)
-        params = dict(self._student.named_parameters())
-        started = self.values() if self.model is not None or self.ema is not None else {}
-        shards = nn.Module()
-        for name in self.names:
-            value = started.get(name)
-            piece = zero.local_shard(params[name], value) if value is not None else zero.shard_of(params[name])
-            shards.register_buffer(_key(name), piece.to(dtype=self.dtype, copy=True))
-        self.model = None
-        self.ema = shards
-        self.shared = True  # the teacher pass runs the student's own modules
-        self.sharded = True
-
-    def slice_owner(self) -> str:
-        """``"rank r of w"``: whose slices a ZeRO-3 state holds (a rank must load its own)."""
-        first = next(p for p in self._student.parameters() if zero.is_partitioned(p))
-        return "rank {} of {}".format(*zero.rank_and_world(first))
-
-    # -------------------------------------------------------------- state
     def _trainable(self) -> list[tuple[str, Tensor]]:
         return [(n, p) for n, p in self._student.named_parameters() if p.requires_grad]
 
@@ -286,23 +299,20 @@ class EMATeacher(nn.Module):
             "adapters (e.g. peft's get_peft_model) and choosing what to freeze"
         )
 
+    def begin(self) -> None:
+        refuse_merged_lora(self._student, "the teacher pass of an owned EMA")
+        self.init_if_needed()
+
+    def check_update(self) -> None:
+        refuse_merged_lora(self._student, "update_teacher()")
+
     @torch.no_grad()
     def init_if_needed(self) -> None:
         """At first use: check the structure, then start the EMA from the student's current weights."""
-        self.adopt_partitioning()
         self.check_structure()
         if self._ready:
             return
-        if self.sharded:
-            for name, p in self._trainable():
-                getattr(self.ema, _key(name)).copy_(zero.shard_of(p))
-        elif self.shared:
-            for name, p in self._trainable():
-                _copy_into(getattr(self.ema, _key(name)), p)
-        else:
-            for (_, t), (_, s) in zip([*self.model.named_parameters(), *self.model.named_buffers()],
-                                      [*self._student.named_parameters(), *self._student.named_buffers()]):
-                _copy_into(t, s)
+        self._start()
         self.initted.fill_(True)
         self._ready = True
 
@@ -313,53 +323,155 @@ class EMATeacher(nn.Module):
             self.init_if_needed()
             return
         self.check_structure()
-        if self.sharded:
-            _lerp_([getattr(self.ema, _key(n)) for n in self.names], [zero.shard_of(p) for _, p in self._trainable()], self.decay)
-        elif self.shared:
-            _lerp_([getattr(self.ema, _key(n)) for n in self.names], [p for _, p in self._trainable()], self.decay)
-        else:
-            update_ema_(self.model, self._student, self.decay)
+        self._step()
 
-    def values(self) -> dict[str, Tensor]:
-        """The EMA value of every averaged parameter, by the student's parameter name (under ZeRO-3:
-        this rank's slice of it)."""
-        if self.shared:
-            return {n: getattr(self.ema, _key(n)) for n in self.names}
-        return dict(self.model.named_parameters())
+    @contextmanager
+    def on_student(self) -> Iterator[nn.Module]:
+        refuse_merged_lora(self._student, "sra.teacher_weights()")
+        self.init_if_needed()
+        with self._swapped(self._student, self.values()) as module:
+            yield module
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    _swapped = staticmethod(swap_in)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "initted" in state_dict:
             self._ready = bool(state_dict[prefix + "initted"])
 
-    # -------------------------------------------------------------- the teacher pass
-    @contextmanager
-    def module_for_pass(self) -> Iterator[nn.Module]:
-        """The module to run the teacher pass on, with the EMA values cast to the student's dtypes."""
-        self.adopt_partitioning()
-        if self.sharded:
-            with zero.swapped_shards(self._student, self.values()) as module:
-                yield module
-            return
-        module = self._student if self.shared else self.model
-        params = dict(self._student.named_parameters())
-        values = {n: v.to(params[n].dtype) for n, v in self.values().items() if v.dtype != params[n].dtype or self.shared}
-        if not values:
-            yield module
-            return
-        with _reparametrize_module(module, values, tie_weights=True, strict=False):
-            yield module
+
+class OwnedCopy(EMATeacher):
+    """Every parameter trains (or frozen ones hold at most ``SHARED_ABOVE`` of the elements): ``model`` is
+    a full copy of the student, the teacher module, as in the paper's code."""
+
+    label = "owned EMA"
+
+    def __init__(self, student: nn.Module, decay: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(student, decay, dtype)
+        self.model = ema_copy(student, dtype)
+
+    def _start(self) -> None:
+        for (_, t), (_, s) in zip([*self.model.named_parameters(), *self.model.named_buffers()],
+                                  [*self._student.named_parameters(), *self._student.named_buffers()]):
+            _copy_into(t, s)
+
+    def _step(self) -> None:
+        update_ema_(self.model, self._student, self.decay)
+
+    def values(self) -> dict[str, Tensor]:
+        """The EMA value of every parameter, by the student's parameter name."""
+        return dict(self.model.named_parameters())
+
+    def module(self) -> nn.Module:
+        return self.model
+
+    def compiled_blocks(self, adapter: Any, layer: int) -> list[nn.Module]:
+        return adapter.blocks(self.model)[: layer - 1]
 
     @contextmanager
-    def student_with_teacher_weights(self) -> Iterator[nn.Module]:
-        """The student computing with the EMA weights (sampling, evaluation); its own come back on exit."""
-        self.init_if_needed()
-        if self.sharded:
-            with zero.swapped_shards(self._student, self.values()) as module:
-                yield module
-            return
-        with swap_in(self._student, self.values()) as module:
-            yield module
+    def pass_module(self) -> Iterator[nn.Module]:
+        params = dict(self._student.named_parameters())
+        values = {n: v.to(params[n].dtype) for n, v in self.values().items() if v.dtype != params[n].dtype}
+        with _reparametrize_module(self.model, values, tie_weights=True, strict=False) if values else nullcontext():
+            yield self.model
+
+
+class SharedEMA(EMATeacher):
+    """Frozen parameters hold more than ``SHARED_ABOVE`` of the elements (LoRA, partial fine-tuning): the
+    buffers ``ema.<name>`` hold the EMA of each trainable parameter; the teacher pass runs the student's
+    own modules with those values swapped in as attributes (never written into the student's tensors)."""
+
+    shared = True
+    label = "shared-weight EMA"
+
+    def __init__(self, student: nn.Module, decay: float, dtype: torch.dtype = torch.float32,
+                 values: dict[str, Tensor] | None = None) -> None:
+        super().__init__(student, decay, dtype)
+        self.ema = nn.Module()
+        params = dict(student.named_parameters())
+        for name in self.names:
+            start = self._source(params[name]) if values is None else values[name]
+            self.ema.register_buffer(_key(name), start.detach().to(dtype=dtype, copy=True))
+
+    @staticmethod
+    def _source(param: Tensor) -> Tensor:
+        """What the EMA averages of a trainable parameter."""
+        return param
+
+    def _start(self) -> None:
+        for name, p in self._trainable():
+            _copy_into(getattr(self.ema, _key(name)), self._source(p))
+
+    def _step(self) -> None:
+        _lerp_([getattr(self.ema, _key(n)) for n in self.names], [self._source(p) for _, p in self._trainable()], self.decay)
+
+    def values(self) -> dict[str, Tensor]:
+        """The EMA value of every averaged parameter, by the student's parameter name."""
+        return {n: getattr(self.ema, _key(n)) for n in self.names}
+
+    def module(self) -> nn.Module:
+        raise _no_module("with frozen parameters the owned EMA keeps only the trainable ones and shares the rest with the model")
+
+    @contextmanager
+    def pass_module(self) -> Iterator[nn.Module]:
+        params = dict(self._student.named_parameters())
+        values = {n: v.to(params[n].dtype) for n, v in self.values().items()}
+        with _reparametrize_module(self._student, values, tie_weights=True, strict=False):
+            yield self._student
+
+
+class ShardedEMA(SharedEMA):
+    """The student is partitioned by DeepSpeed ZeRO-3: the buffers ``ema.<name>`` hold this rank's slice of
+    each EMA (``sra_plugin.zero``), the pass gathers them through the engine's hooks, no rank holds a copy."""
+
+    sharded = True
+
+    def __init__(self, student: nn.Module, decay: float, dtype: torch.dtype = torch.float32,
+                 values: dict[str, Tensor] | None = None) -> None:
+        zero.check_supported(student)
+        params = dict(student.named_parameters())
+        slices = None if values is None else {n: zero.local_shard(params[n], v) for n, v in values.items()}
+        super().__init__(student, decay, dtype, slices)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, kind: EMATeacher) -> "ShardedEMA":
+        """The ZeRO-3 kind of an owned EMA built before ``deepspeed.initialize``: its values sliced exactly."""
+        sharded = cls(kind._student, kind.decay, kind.dtype, kind.values())
+        sharded.initted.copy_(kind.initted)
+        sharded._ready = kind._ready
+        return sharded
+
+    def adopted(self) -> TeacherKind:
+        return self
+
+    _source = staticmethod(zero.shard_of)
+    _swapped = staticmethod(zero.swapped_shards)
+
+    def module(self) -> nn.Module:
+        raise _no_module("under DeepSpeed ZeRO-3 the owned EMA keeps this rank's slice of each weight")
+
+    def pass_module(self) -> AbstractContextManager[nn.Module]:
+        return zero.swapped_shards(self._student, self.values())
+
+    def slice_owner(self) -> str:
+        """``"rank r of w"``: whose slices a ZeRO-3 state holds (a rank must load its own)."""
+        first = next(p for p in self._student.parameters() if zero.is_partitioned(p))
+        return "rank {} of {}".format(*zero.rank_and_world(first))
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "zero3_slice_of_rank": self.slice_owner()}
+
+
+def owned_ema(student: nn.Module, decay: float, dtype: torch.dtype = torch.float32) -> EMATeacher:
+    """The owned EMA's kind for ``student`` as it is now."""
+    if zero.any_partitioned(student):
+        return ShardedEMA(student, decay, dtype)
+    total = sum(p.numel() for p in student.parameters())
+    frozen = sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    # A full copy when (nearly) everything trains; a fixed positional table (DiT's frozen pos_embed) is no
+    # reason to give up the teacher module.
+    return SharedEMA(student, decay, dtype) if frozen > SHARED_ABOVE * total else OwnedCopy(student, decay, dtype)
 
 
 def check_teacher_options(teacher: str | nn.Module, student: nn.Module, ema_decay: float, ema_dtype: torch.dtype,
@@ -385,108 +497,3 @@ def check_teacher_options(teacher: str | nn.Module, student: nn.Module, ema_deca
         raise ValueError("teacher is the model itself: pass its EMA copy, or teacher='ema'")
     check_same_structure(user_teacher, student)
     return user_teacher
-
-
-class TeacherPass:
-    """The target of SRA: the tokens of block ``layer`` of the EMA teacher on ``(x_s, s)``, no gradient,
-    eval mode, the pass stopped after that block. One implementation for the three teacher kinds: the
-    user's EMA model, an owned full copy, and the owned shared-weight EMA (the student's own modules
-    with EMA values, its capture paused meanwhile).
-
-    With ``compile_teacher`` (or a compiled model when it is ``None``) an owned copy's blocks before
-    ``layer`` run compiled; block ``layer`` stays eager: the hook that ends the pass is on it. The
-    compiled calls live here, not on the modules, so a copy or a pickle of the teacher carries none.
-    """
-
-    def __init__(self, student: nn.Module, adapter, layer: int, ema: EMATeacher | None,
-                 user_teacher: nn.Module | None, compile_teacher: bool | dict | None, capture, mode=eval_mode) -> None:
-        self.student, self.adapter, self.layer = student, adapter, layer
-        self.ema, self.user_teacher, self.compile_teacher = ema, user_teacher, compile_teacher
-        self.capture = capture
-        self.mode = mode
-        self.module = student if ema is not None and ema.shared else (user_teacher if user_teacher is not None else ema.model)
-        self.block = adapter.blocks(self.module)[layer - 1]
-        self._compiled_blocks: list | None = None  # built at the first compiled pass
-
-    def teacher_module(self) -> nn.Module:
-        if self.user_teacher is not None:
-            return self.user_teacher
-        self.ema.adopt_partitioning()
-        if self.ema.sharded:
-            raise ValueError(
-                "sra.teacher: under DeepSpeed ZeRO-3 the owned EMA keeps this rank's slice of each weight, so there is "
-                "no separate teacher module; use `with sra.teacher_weights(): model(...)`"
-            )
-        if self.ema.shared:
-            raise ValueError(
-                "sra.teacher: with frozen parameters the owned EMA keeps only the trainable ones and shares the rest "
-                "with the model, so there is no separate teacher module; use `with sra.teacher_weights(): model(...)`"
-            )
-        return self.ema.model
-
-    def begin(self) -> None:
-        """Before a step's pass: an owned EMA starts at first use, and refuses merged LoRA."""
-        if self.ema is not None:
-            refuse_merged_lora(self.student, "the teacher pass of an owned EMA")
-            self.ema.init_if_needed()
-
-    def check_update(self) -> None:
-        """Raise if an EMA step could not be right now (merged LoRA under an owned teacher), whether or not
-        an optimizer step makes one due."""
-        if self.ema is not None:
-            refuse_merged_lora(self.student, "update_teacher()")
-
-    def update(self) -> None:
-        """The EMA step of an owned teacher, after ``check_update`` (a teacher the user keeps is theirs to update)."""
-        if self.ema is not None:
-            self.ema.update()
-
-    @contextmanager
-    def weights_on_student(self) -> Iterator[nn.Module]:
-        """The student computing with the teacher's weights; the training weights come back exactly on exit."""
-        refuse_merged_lora(self.student, "sra.teacher_weights()")
-        if self.user_teacher is not None:
-            refuse_merged_lora(self.user_teacher, "sra.teacher_weights()")
-            with swap_in(self.student, dict(self.user_teacher.named_parameters())):
-                yield self.student
-            return
-        with self.ema.student_with_teacher_weights():
-            yield self.student
-
-    def tokens(self, model: nn.Module, x_s: Tensor, s, args: tuple, kwargs: dict, watched: dict) -> Tensor:
-        t_args, t_kwargs = self.adapter.teacher_inputs(self.student, args, kwargs, watched)
-        if self.user_teacher is not None:
-            with torch.no_grad(), self.mode(self.user_teacher):
-                return run_until(self.user_teacher, self.block, self.adapter, x_s, s, t_args, t_kwargs)
-        with torch.no_grad(), self.ema.module_for_pass() as module, self.mode(module), self._compiled(model):
-            with self.capture.pausing():  # a shared-weight pass runs the student's own hooked modules
-                return run_until(module, self._block_of(module), self.adapter, x_s, s, t_args, t_kwargs)
-
-    def _block_of(self, module: nn.Module) -> nn.Module:
-        """Block ``layer`` of the module the pass runs on. It is not always the module seen at construction:
-        ZeRO-3's first use replaces an owned copy built before ``deepspeed.initialize`` by the student's modules."""
-        if module is not self.module:
-            self.module, self.block = module, self.adapter.blocks(module)[self.layer - 1]
-        return self.block
-
-    def _wants_compiled(self, model: nn.Module) -> bool:
-        if self.compile_teacher is None:
-            return hasattr(model, "_orig_mod") or getattr(self.student, "_compiled_call_impl", None) is not None
-        return bool(self.compile_teacher) or self.compile_teacher == {}
-
-    @contextmanager
-    def _compiled(self, model: nn.Module) -> Iterator[None]:
-        if self.ema is None or self.ema.shared or not self._wants_compiled(model):
-            yield
-            return
-        blocks = self.adapter.blocks(self.ema.model)[: self.layer - 1]
-        if self._compiled_blocks is None:
-            options = self.compile_teacher if isinstance(self.compile_teacher, dict) else {}
-            self._compiled_blocks = [torch.compile(b._call_impl, **options) for b in blocks]
-        for block, call in zip(blocks, self._compiled_blocks):
-            block._compiled_call_impl = call
-        try:
-            yield
-        finally:
-            for block in blocks:
-                block._compiled_call_impl = None

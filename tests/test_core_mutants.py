@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-import sra_plugin.alignment as alignment_module
 import sra_plugin.losses as losses_module
+import sra_plugin.targets as targets_module
 import sra_plugin.teacher as teacher_module
 import sra_plugin.wrappers as wrappers_module
 from examples.models import SiT
@@ -247,7 +247,7 @@ def test_custom_loss_sees_float32_under_autocast():
 
 # ---------------------------------------------------------------- the mutants
 BROKEN = {
-    "eval_mode does not restore modes": (check_modes_are_restored, alignment_module, "eval_mode", eval_mode_without_restore),
+    "eval_mode does not restore modes": (check_modes_are_restored, targets_module, "eval_mode", eval_mode_without_restore),
     "EMA / AveragedModel not unwrapped": (check_ema_wrappers_are_unwrapped, wrappers_module, "_inner", inner_without_ema_wrappers),
     "update skips integer buffers": (check_integer_buffers_reach_the_owned_teacher, teacher_module, "update_ema_", update_ema_floats_only),
     "first-use init skips integer buffers": (check_integer_buffers_reach_the_owned_teacher, teacher_module.EMATeacher,
