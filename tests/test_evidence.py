@@ -171,7 +171,8 @@ def test_gpu_recipe_is_valid_bash() -> None:
     assert len(args.seeds) >= 3 and args.device == "cuda" and args.workers >= 12
     # Every arm of the CPU comparison, composition included (the preset used to stop at sra2).
     assert quality.PRESETS["gpu"]["variants"] == ["none", "sra", "sra-cosine", "sra2", "layersync", "dispersive", "sra+dispersive",
-                                                  "layersync-lora", "dispersive-paper"]  # and the authors' other recipes
+                                                  "layersync-lora", "dispersive-paper",  # the authors' other recipes
+                                                  "sradts"]  # and SRA-DTS
     assert quality.PRESETS["gpu"]["workers"] == len(quality.PRESETS["gpu"]["variants"]) * len(quality.PRESETS["gpu"]["seeds"])
     assert quality.parse_args(["--preset", "gpu", "--variants", "none", "--steps", "7"]).steps == 7  # flags win
 
