@@ -6,7 +6,7 @@ the other digits with every variant, several seeds; quality on the new digits an
 The base (``variant="none"``, seed 0, ``--base-steps`` steps on ``--base-classes``) is trained once and
 cached in ``--run-dir`` (its EMA weights; never committed). Every fine-tune starts from those weights,
 adds peft LoRA of ``--lora-rank`` on the blocks' and final layer's linears (the label table trains too:
-the new digits' embeddings were never trained; ``examples.digits.add_lora``), and trains
+the new digits' embeddings were never trained; ``benchmarks.digits.add_lora``), and trains
 ``--steps`` steps on ``--new-classes`` only. As in ``benchmarks/quality.py``, for each seed every variant
 sees the same batches, times and noise, and is measured on its EMA. Metrics, per split of classes
 (``new``: the fine-tuned digits, ``old``: the base's digits, for forgetting): the Frechet distance of
@@ -33,7 +33,7 @@ import torch
 
 from benchmarks._bench import command_line, device_label, run_jobs, save_gray_png, threads_per_worker
 from benchmarks.quality import _variant_recipe, format_table, markdown_table, plot_curves, summarize
-from examples.digits import (
+from benchmarks.digits import (
     DATASETS,
     MODEL_SIZES,
     VARIANTS,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     clf, clf_acc = load_or_train_classifier(args.classifier, data, epochs=args.classifier_epochs)
     base_state, base_path, base_cpu = base_model(args, data)
     layers = _tune_config(args, args.seeds[0]).layers()
-    from examples.digits import build_sit
+    from benchmarks.digits import build_sit
 
     base = build_sit(args.model_size, image_size=data.image_size)
     base.load_state_dict(base_state)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from examples.digits import MODEL_SIZES, build_sit, load_images
+from benchmarks.digits import MODEL_SIZES, build_sit, load_images
 from sra_plugin import LatentAlignment, LinearPath
 
 

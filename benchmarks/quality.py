@@ -4,13 +4,13 @@
     python benchmarks/quality.py --dataset mnist16 --variants none sra sra-cosine sra2 layersync dispersive sra+dispersive
     python benchmarks/quality.py --preset gpu                      # what benchmarks/gpu_evidence.sh runs
 
-Variants (``examples.digits.VARIANTS``): ``none`` (no alignment), ``sra`` (the paper's recipe: smooth-L1,
+Variants (``benchmarks.digits.VARIANTS``): ``none`` (no alignment), ``sra`` (the paper's recipe: smooth-L1,
 beta 0.05, weight 0.2), ``sra-cosine`` (the official code's current default: ``loss="cosine_tokens"``,
 weight 0.5), ``sra2`` (``LatentAlignment``: block L_s towards the clean image's patches, its default
 loss and weight), ``layersync`` and ``dispersive`` (``LayerSync``, ``Dispersive`` with their defaults: the
 authors' pretraining and release recipes), ``layersync-lora``, ``dispersive-paper`` (the authors' other
 recipes), ``sra+dispersive`` (both terms on one forward). For each seed every variant starts from the same
-weights and sees the same batches, times, noise and label drops (see ``examples.digits.train``); all
+weights and sees the same batches, times, noise and label drops (see ``benchmarks.digits.train``); all
 sample from an EMA with the same decay. Measured on the EMA model after training (and every
 ``--eval-every`` steps, for the curves):
 
@@ -45,7 +45,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from examples.digits import (
+from benchmarks.digits import (
     DATASETS,
     LOSSES,
     MODEL_SIZES,
@@ -173,7 +173,7 @@ def _variant_recipe(args: argparse.Namespace, variant: str) -> str:
 
     import sra_plugin
 
-    from examples.digits import METHOD_CLASSES, term_parts
+    from benchmarks.digits import METHOD_CLASSES, term_parts
 
     parts = []
     for method, loss, weight, options in map(term_parts, VARIANTS[variant]):

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` and `sra_plugi
 import numpy as np
 import torch
 
-from examples.digits import (
+from benchmarks.digits import (
     LOSSES,
     MODEL_SIZES,
     TrainConfig,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import sra_plugin
-from examples import digits as D
+from benchmarks import digits as D
 
 ROOT = Path(__file__).resolve().parents[1]
 

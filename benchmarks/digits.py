@@ -746,4 +746,4 @@ if __name__ == "__main__":
         description="The building blocks of examples/train_digits.py and benchmarks/quality.py; nothing runs "
         "from here: use python examples/train_digits.py"
     ).parse_args()
-    print("examples/digits.py is a module; run python examples/train_digits.py (--help for its flags)")
+    print("benchmarks/digits.py is a module; run python examples/train_digits.py (--help for its flags)")
