@@ -118,3 +118,21 @@ def torchrun(script_and_args: list[str], *, done: str, **run_kwargs) -> subproce
     if proc.returncode != 0 and done in proc.stdout and aborted_at_exit:
         proc = once()
     return proc
+
+
+def spawn_ranks(worker, world: int) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` on ``world`` spawned processes (gloo) and return what each rank
+    saved to ``out_dir/rank{r}.pt`` (one spawn serves every configuration: process start-up dominates)."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(free_port(), out_dir), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def identical(a: dict, b: dict) -> bool:
+    """Two dicts of tensors with the same keys and bitwise equal values."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,19 +6,17 @@ with that turned off (``average_head_grads = False``) the heads drift apart (so 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sra_plugin import LatentAlignment, SelfRepresentationAlignment
 from sra_plugin.schedules import stop_at
-from tests._models import free_port
+from tests._models import identical, spawn_ranks
 
 WORLD, STEPS = 2, 4
 
@@ -113,14 +111,7 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    """One spawn of two processes runs every configuration (process start-up dominates the time)."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
-
-
-def identical(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return spawn_ranks(worker, WORLD)
 
 
 @pytest.mark.slow

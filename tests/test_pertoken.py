@@ -466,16 +466,9 @@ def test_remove_and_context_manager():
 def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
     """After a few steps the alignment is the hand computation with the teacher's weights, for every teacher kind
     (a LoRA model's teacher is an EMA of the adapters on the shared base)."""
-    from tests.test_sradts import lora_sit
+    from tests.test_sradts import teacher_kind_case
 
-    if kind == "lora":
-        model = lora_sit()
-        inner = model.get_base_model()
-    else:
-        model = tiny_sit(class_dropout_prob=0.0)
-        nn.init.normal_(model.final_layer.linear.weight, std=0.05)
-        inner = model
-    user = copy.deepcopy(inner) if kind == "user" else None
+    model, inner, user = teacher_kind_case(kind)
     dts = SRADTS(model, teacher=user if user is not None else "ema", ema_decay=0.5, separate=False, **LAYERS)
     assert kind == "user" or dts.ema.shared == (kind == "lora")
     params = [p for p in inner.parameters() if p.requires_grad] + list(dts.head.parameters())

@@ -7,16 +7,14 @@ keeps its head in step itself). Called with the bare model instead of the wrappe
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests._models import free_port
+from tests._models import identical, spawn_ranks
 
 WORLD, STEPS = 2, 3
 
@@ -76,13 +74,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
-
-
-def identical(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return spawn_ranks(worker, WORLD)
 
 
 @pytest.mark.slow

@@ -254,8 +254,9 @@ def manual_alignment(dts: SRADTS, model: nn.Module, student_tokens_model: nn.Mod
     return 0.5 * (1 - F.cosine_similarity(dts.head(student), target, dim=1)).mean()
 
 
-@pytest.mark.parametrize("kind", ["owned", "user", "lora"])
-def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
+def teacher_kind_case(kind: str):
+    """``(model, inner, user)`` for a teacher kind: a LoRA SiT (``inner`` its base) for ``"lora"``, else a tiny SiT
+    with a non-zero output layer; ``user``: a copy of ``inner`` as the user's EMA for ``"user"``, else None."""
     if kind == "lora":
         model = lora_sit()
         inner = model.get_base_model()
@@ -263,7 +264,12 @@ def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
         model = tiny_sit(class_dropout_prob=0.0)
         nn.init.normal_(model.final_layer.linear.weight, std=0.05)
         inner = model
-    user = copy.deepcopy(inner) if kind == "user" else None
+    return model, inner, copy.deepcopy(inner) if kind == "user" else None
+
+
+@pytest.mark.parametrize("kind", ["owned", "user", "lora"])
+def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
+    model, inner, user = teacher_kind_case(kind)
     dts = SRADTS(model, teacher=user if user is not None else "ema", ema_decay=0.5, **LAYERS)
     if kind == "lora":
         assert dts.ema.shared  # the EMA holds only the LoRA parameters
