@@ -120,16 +120,32 @@ def torchrun(script_and_args: list[str], *, done: str, **run_kwargs) -> subproce
     return proc
 
 
-def spawn_ranks(worker, world: int) -> list[dict]:
-    """Run ``worker(rank, port, out_dir)`` on ``world`` spawned processes (gloo) and return what each rank
-    saved to ``out_dir/rank{r}.pt`` (one spawn serves every configuration: process start-up dominates)."""
+def _gloo_worker(rank: int, port: int, out_dir: str, world: int, train, runs: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {name: train(rank, **kwargs) for name, kwargs in runs.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(train, runs: dict, world: int) -> list[dict]:
+    """On ``world`` spawned gloo processes, ``train(rank, **kwargs)`` for every entry of ``runs``; returns what
+    each rank's runs returned (one spawn serves every configuration: process start-up dominates)."""
     import os
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(free_port(), out_dir), nprocs=world, join=True)
+        mp.spawn(_gloo_worker, args=(free_port(), out_dir, world, train, runs), nprocs=world, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 

@@ -5,7 +5,6 @@ with that turned off (``average_head_grads = False``) the heads drift apart (so 
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -89,18 +88,6 @@ def train(rank: int, wrap_sra: bool = True, sra_first: bool = True, latent: bool
             "step": sra.step, "losses": torch.stack(losses), "head_sync": sra._head_sync.active}
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {name: train(rank, **kwargs) for name, kwargs in RUNS.items()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
-    finally:
-        dist.destroy_process_group()
-
-
 RUNS = {
     "ddp_sra": dict(wrap_sra=True, sra_first=True),
     "plain_sra": dict(wrap_sra=False, sra_first=False),
@@ -111,7 +98,7 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    return spawn_ranks(worker, WORLD)
+    return spawn_ranks(train, RUNS, WORLD)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ keeps its head in step itself). Called with the bare model instead of the wrappe
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -60,21 +59,9 @@ RUNS = {
 }
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {name: train(rank, **kwargs) for name, kwargs in RUNS.items()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # leave together: a rank whose peer already left can be aborted by gloo
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    return spawn_ranks(worker, WORLD)
+    return spawn_ranks(train, RUNS, WORLD)
 
 
 @pytest.mark.slow
