@@ -466,24 +466,12 @@ def test_remove_and_context_manager():
 def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
     """After a few steps the alignment is the hand computation with the teacher's weights, for every teacher kind
     (a LoRA model's teacher is an EMA of the adapters on the shared base)."""
-    from tests.test_sradts import teacher_kind_case
+    from tests.test_sradts import teacher_kind_case, train_teacher_kind
 
     model, inner, user = teacher_kind_case(kind)
     dts = SRADTS(model, teacher=user if user is not None else "ema", ema_decay=0.5, separate=False, **LAYERS)
     assert kind == "user" or dts.ema.shared == (kind == "lora")
-    params = [p for p in inner.parameters() if p.requires_grad] + list(dts.head.parameters())
-    opt = torch.optim.SGD(params, lr=20.0 if kind == "lora" else 0.5)
-    for step in range(3):
-        x0, noise, y, groups, t, s = draw(step)
-        pred, align = dts(model, x0, noise, y, groups=groups, t=t, s=s)
-        (((pred - (noise - x0)) ** 2).mean() + align).backward()
-        opt.step()
-        opt.zero_grad()
-        dts.update_teacher()
-        if user is not None:
-            with torch.no_grad():
-                for pu, pm in zip(user.parameters(), inner.parameters()):
-                    pu.lerp_(pm, 0.5)
+    train_teacher_kind(dts, model, inner, user, kind, draw)
     x0, noise, y, groups, t, s = draw(9)
     x_t, t_tok = per_token_inputs(x0, noise, groups, t)
     x_s, s_tok = per_token_inputs(x0, noise, groups, s)

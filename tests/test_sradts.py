@@ -267,17 +267,12 @@ def teacher_kind_case(kind: str):
     return model, inner, copy.deepcopy(inner) if kind == "user" else None
 
 
-@pytest.mark.parametrize("kind", ["owned", "user", "lora"])
-def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
-    model, inner, user = teacher_kind_case(kind)
-    dts = SRADTS(model, teacher=user if user is not None else "ema", ema_decay=0.5, **LAYERS)
-    if kind == "lora":
-        assert dts.ema.shared  # the EMA holds only the LoRA parameters
-    elif kind == "owned":
-        assert not dts.ema.shared
+def train_teacher_kind(dts, model, inner, user, kind: str, draw, steps: int = 3) -> None:
+    """``steps`` SGD steps of the diffusion MSE + ``dts``'s term on the draws ``draw(0..steps-1)``, the teacher
+    updated after each (a user teacher by a 0.5 lerp towards the model)."""
     params = [p for p in inner.parameters() if p.requires_grad] + list(dts.head.parameters())
     opt = torch.optim.SGD(params, lr=20.0 if kind == "lora" else 0.5)  # LoRA's gradients are small here
-    for step in range(3):
+    for step in range(steps):
         x0, noise, y, groups, t, s = draw(step)
         pred, align = dts(model, x0, noise, y, groups=groups, t=t, s=s)
         (diffusion_per_sample(pred, x0, noise).mean() + align).backward()
@@ -288,6 +283,17 @@ def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
             with torch.no_grad():
                 for pu, pm in zip(user.parameters(), inner.parameters()):
                     pu.lerp_(pm, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["owned", "user", "lora"])
+def test_teacher_kinds_train_and_use_the_teacher_weights(kind):
+    model, inner, user = teacher_kind_case(kind)
+    dts = SRADTS(model, teacher=user if user is not None else "ema", ema_decay=0.5, **LAYERS)
+    if kind == "lora":
+        assert dts.ema.shared  # the EMA holds only the LoRA parameters
+    elif kind == "owned":
+        assert not dts.ema.shared
+    train_teacher_kind(dts, model, inner, user, kind, draw)
     x0, noise, y, groups, t, s = draw(9)
     with torch.no_grad():
         _, align = dts(model, x0, noise, y, groups=groups, t=t, s=s)
